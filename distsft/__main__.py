@@ -1,0 +1,5 @@
+import sys
+
+from distsft.cli import main
+
+sys.exit(main())

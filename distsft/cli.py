@@ -1,0 +1,85 @@
+"""The ``distsft`` command. Thin: parse arguments, call the library, print; user errors become one line."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from distsft import __version__
+from distsft.errors import DistsftError
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="training config YAML (default: the bundled demo)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set train.lr=1e-5 (repeatable)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="distsft", description="Distributed supervised fine-tuning.")
+    parser.add_argument("--version", action="version", version=f"distsft {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("launch", help="train a model (the bundled demo when no --config is given)")
+    _add_config_args(p)
+    p.add_argument("--cluster", help="cluster file (Ray address, workers, resources)")
+    p.add_argument("--local", action="store_true", help="run in this process, world size 1, no Ray")
+
+    p = sub.add_parser("generate", help="chat with a trained model directory")
+    p.add_argument("--model", required=True, help="a Hugging Face model directory, e.g. runs/demo/final")
+    p.add_argument("prompt", help="the user message")
+    p.add_argument("--system", help="an optional system prompt")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    return parser
+
+
+def cmd_launch(args: argparse.Namespace) -> int:
+    from distsft.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if args.cluster:
+        raise DistsftError("--cluster: multi-worker launch on Ray is not available in this version; use --local")
+    from distsft.launch import launch_local
+
+    summary = launch_local(cfg)
+    last = summary.get("last", {})
+    print(
+        f"done: {summary['steps']} steps in {summary['wall_s']:.0f}s, final loss {last.get('loss', float('nan')):.4f}; "
+        f"model written to {summary['final_dir']}"
+    )
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from distsft.generate import generate
+
+    print(generate(args.model, args.prompt, system=args.system, max_new_tokens=args.max_new_tokens))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = {"launch": cmd_launch, "generate": cmd_generate}[args.command]
+    try:
+        return handler(args)
+    except DistsftError as e:
+        print(f"distsft {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    finally:
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())

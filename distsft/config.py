@@ -1,0 +1,340 @@
+"""Typed run configuration: YAML + ``--set`` overrides -> frozen dataclasses, validated once at load.
+
+Every error a user can make in a config file is caught here, before any model, data or process group
+exists, and the message names the file, the line (when the key came from a file), the key, and what is
+allowed. The rest of the code can then trust its config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from distsft.errors import ConfigError
+
+DEMO_DIR = Path(__file__).resolve().parent / "demo"
+DEMO_CONFIG = DEMO_DIR / "config.yaml"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str = "demo"
+    """A local Hugging Face model directory, a hub id, or ``demo`` (the bundled tiny Llama, random init)."""
+    tokenizer: str | None = None
+    """Tokenizer directory or hub id; defaults to ``path`` (the bundled tokenizer for ``demo``)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """``auto``: bf16 on GPUs that support it, fp32 on CPU."""
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    """``auto``: flash_attention_2 on GPU when installed, else sdpa."""
+    trust_remote_code: bool = False
+    gradient_checkpointing: bool = False
+    revision: str | None = None
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    path: str | list[str] = "demo"
+    """A file, a list of files, a directory, a dataset saved with ``save_to_disk``, or ``demo``."""
+    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion"] = "auto"
+    max_seq_len: int = 1024
+    packing: bool = True
+    train_on: Literal["assistant", "last_assistant", "all"] = "assistant"
+    """Which tokens carry labels: every assistant turn, only the last one, or the whole conversation."""
+    too_long: Literal["drop", "truncate"] = "drop"
+    on_error: Literal["fail", "skip"] = "fail"
+    eval_path: str | list[str] | None = None
+    eval_fraction: float = 0.0
+    num_proc: int = 1
+    cache_dir: str | None = None
+    """Where prepared data is cached; defaults to ``~/.cache/distsft``."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    max_steps: int = -1
+    """Optimizer steps to run; -1 means ``epochs`` full passes over the data."""
+    epochs: float = 1.0
+    micro_batch_size: int = 1
+    """Rows per worker per forward pass (a row is one packed sequence of up to ``max_seq_len`` tokens)."""
+    grad_accum_steps: int = 1
+    lr: float = 2e-5
+    min_lr_ratio: float = 0.1
+    """The cosine schedule decays to ``lr * min_lr_ratio``."""
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    zero_stage: int | str = 2
+    """0, 1, 2, 3, ``3_offload``, or a path to a DeepSpeed JSON config (``"auto"`` values are filled in)."""
+    eval_every: int = 0
+    log_every: int = 1
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every_steps: int = 0
+    """Save every N optimizer steps; 0 saves only at the end."""
+    keep_last: int = 2
+
+
+@dataclass(frozen=True)
+class Config:
+    output_dir: str = "runs/demo"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def batch_plan(self, world_size: int) -> BatchPlan:
+        return BatchPlan(self.train.micro_batch_size, self.train.grad_accum_steps, world_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["train"]["adam_betas"] = list(d["train"]["adam_betas"])
+        return d
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """The one place where batch arithmetic lives: global batch = micro batch x grad accumulation x workers."""
+
+    micro_batch_size: int
+    grad_accum_steps: int
+    world_size: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch_size * self.grad_accum_steps * self.world_size
+
+    @property
+    def rows_per_rank(self) -> int:
+        return self.micro_batch_size * self.grad_accum_steps
+
+
+# --- range checks: key -> (predicate, what is allowed) -------------------------------------------------
+_CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
+    "data.max_seq_len": (lambda v: v >= 8, "an integer >= 8"),
+    "data.eval_fraction": (lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
+    "data.num_proc": (lambda v: v >= 1, "an integer >= 1"),
+    "train.max_steps": (lambda v: v == -1 or v >= 1, "-1 (use epochs) or an integer >= 1"),
+    "train.epochs": (lambda v: v > 0, "a number > 0"),
+    "train.micro_batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "train.grad_accum_steps": (lambda v: v >= 1, "an integer >= 1"),
+    "train.lr": (lambda v: v > 0, "a number > 0"),
+    "train.min_lr_ratio": (lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]"),
+    "train.warmup_steps": (lambda v: v >= 0, "an integer >= 0"),
+    "train.weight_decay": (lambda v: v >= 0, "a number >= 0"),
+    "train.adam_betas": (lambda v: all(0.0 <= b < 1.0 for b in v), "two numbers in [0, 1)"),
+    "train.max_grad_norm": (lambda v: v >= 0, "a number >= 0 (0 disables clipping)"),
+    "train.zero_stage": (
+        lambda v: v in (0, 1, 2, 3, "3_offload") or (isinstance(v, str) and v.endswith(".json")),
+        "0, 1, 2, 3, 3_offload, or a path to a DeepSpeed .json config",
+    ),
+    "train.eval_every": (lambda v: v >= 0, "an integer >= 0"),
+    "train.log_every": (lambda v: v >= 1, "an integer >= 1"),
+    "checkpoint.every_steps": (lambda v: v >= 0, "an integer >= 0"),
+    "checkpoint.keep_last": (lambda v: v >= 1, "an integer >= 1"),
+}
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load ``path`` (the bundled demo config when None), apply ``key=value`` overrides, validate."""
+    path = Path(path) if path is not None else DEMO_CONFIG
+    raw, lines = _read_yaml(path)
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_dotted(raw, key, value)
+        lines[key] = None
+    return build_config(raw, source=str(path), lines=lines)
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``a.b=c`` -> ("a.b", c) with YAML typing, so ``1e-5`` is a float and ``[a, b]`` a list."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, for example --set train.lr=1e-5")
+    key, _, text = item.partition("=")
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set {item!r}: the key is empty")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    return key, value
+
+
+def build_config(raw: dict[str, Any], source: str = "<dict>", lines: dict[str, int | None] | None = None) -> Config:
+    return _build(Config, raw, prefix="", source=source, lines=lines or {})
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(dump_config(cfg))
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True)
+
+
+# --- internals -----------------------------------------------------------------------------------------
+def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, int | None]]:
+    """safe_load the file, and remember the line of every key so errors can point at it."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    text = path.read_text(encoding="utf-8")
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: invalid YAML: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        return {}, {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (model, data, train, ...)")
+    lines: dict[str, int | None] = {}
+
+    def walk(n: yaml.Node, prefix: str) -> None:
+        if isinstance(n, yaml.MappingNode):
+            for k, v in n.value:
+                key = f"{prefix}{k.value}"
+                lines[key] = k.start_mark.line + 1
+                walk(v, key + ".")
+
+    walk(node, "")
+    return data, lines
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    d = raw
+    for p in parts[:-1]:
+        nxt = d.get(p)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            d[p] = nxt
+        d = nxt
+    d[parts[-1]] = value
+
+
+def _where(source: str, lines: dict[str, int | None], key: str) -> str:
+    line = lines.get(key)
+    if line is None and key in lines:
+        return "--set"
+    return f"{source}:{line}" if line else source
+
+
+def _build(cls: type, raw: Any, prefix: str, source: str, lines: dict[str, int | None]) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{_where(source, lines, prefix.rstrip('.'))}: {prefix.rstrip('.')} must be a mapping")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            valid = [f"{prefix}{n}" for n in fields]
+            near = difflib.get_close_matches(dotted, valid, n=1, cutoff=0.5)
+            hint = f"; did you mean {near[0]}?" if near else f"; valid keys here: {', '.join(valid)}"
+            raise ConfigError(f"{_where(source, lines, dotted)}: unknown key {dotted!r}{hint}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value, dotted + ".", source, lines)
+            continue
+        try:
+            coerced = _coerce(value, hint)
+        except ValueError as e:
+            raise ConfigError(f"{_where(source, lines, dotted)}: {dotted} = {value!r} is invalid: {e}") from None
+        check = _CHECKS.get(dotted)
+        if check and not check[0](coerced):
+            raise ConfigError(
+                f"{_where(source, lines, dotted)}: {dotted} = {value!r} is out of range; allowed: {check[1]}"
+            )
+        kwargs[key] = coerced
+    return cls(**kwargs)
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    if origin in (list, tuple):
+        return "a list"
+    if tp is type(None):
+        return "null"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """Check ``value`` against the field's annotation, converting only where no meaning is lost."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value in choices:
+            return value
+        near = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        extra = f" (did you mean {near[0]!r}?)" if near else ""
+        raise ValueError(f"expected {_describe(tp)}{extra}")
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg)
+            except ValueError:
+                pass
+        raise ValueError(f"expected {_describe(tp)}")
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ValueError(f"expected {_describe(tp)}")
+        return [_coerce(v, item) for v in value]
+    if origin is tuple:
+        items = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(items):
+            raise ValueError(f"expected a list of {len(items)} values")
+        return tuple(_coerce(v, t) for v, t in zip(value, items, strict=True))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError("expected true or false")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ValueError("expected an integer")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-5" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ValueError("expected a number")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ValueError("expected a string")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ValueError("expected null")
+    raise ValueError(f"unsupported type {tp}")

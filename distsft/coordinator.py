@@ -1,0 +1,62 @@
+"""The driver's view of a run: merge per-rank step records into one line of ``metrics.jsonl``.
+
+One schema for every launch mode: ``--local`` hands a single record per step, a Ray run hands one per
+rank; the merged record is token-weighted where it averages and takes the slowest worker's time for
+throughput, because the slowest worker sets the pace of a synchronous step.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+
+def merge(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Fields that every rank computed identically (loss, grad norm, lr, token counts) come from rank 0."""
+    first = min(records, key=lambda r: r.get("rank", 0))
+    times = [r["step_time_s"] for r in records]
+    slowest = max(times)
+    merged = {k: v for k, v in first.items() if k not in ("rank", "step_time_s")}
+    merged["step_time_s"] = slowest
+    merged["tokens_per_s"] = first["tokens"] / slowest if slowest > 0 else 0.0
+    merged["input_tokens_per_s"] = first["input_tokens"] / slowest if slowest > 0 else 0.0
+    if len(records) > 1:
+        merged["fastest_worker_s"] = min(times)
+        merged["slowest_worker_rank"] = max(records, key=lambda r: r["step_time_s"]).get("rank", 0)
+    return merged
+
+
+class MetricsLog:
+    """Appends merged records to ``metrics.jsonl`` and prints a compact line per logged step."""
+
+    def __init__(
+        self, output_dir: str | Path, total_steps: int | None = None, log_every: int = 1, out: TextIO = sys.stdout
+    ):
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text("")
+        self.total_steps = total_steps
+        self.log_every = log_every
+        self.out = out
+
+    def log(self, records: list[dict[str, Any]] | dict[str, Any]) -> dict[str, Any]:
+        rec = merge(records if isinstance(records, list) else [records])
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(rec) + "\n")
+        step = rec["step"]
+        if step % self.log_every == 0 or step == self.total_steps or "eval_loss" in rec:
+            total = f"/{self.total_steps}" if self.total_steps else ""
+            gn = rec.get("grad_norm")
+            parts = [
+                f"step {step}{total}",
+                f"loss {rec['loss']:.4f}",
+                f"grad_norm {gn:.3f}" if gn is not None else "grad_norm -",
+                f"lr {rec['lr']:.2e}",
+                f"tok/s {rec['tokens_per_s']:.0f}",
+            ]
+            if "eval_loss" in rec:
+                parts.append(f"eval_loss {rec['eval_loss']:.4f}")
+            print("  ".join(parts), file=self.out, flush=True)
+        return rec

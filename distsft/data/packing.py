@@ -1,0 +1,68 @@
+"""Pack examples into rows of at most ``max_len`` tokens (best-fit decreasing), deterministically.
+
+A packed row keeps what training needs to isolate its examples: ``position_ids`` restart at 0 for each
+example, and ``seq_lens`` lists the examples' lengths so the collator can build a block-diagonal causal
+mask (or flash-attention's cumulative sequence lengths). Without packing, every example is its own row
+and the same code paths apply.
+"""
+
+from __future__ import annotations
+
+import bisect
+import random
+from collections.abc import Sequence
+
+from distsft.data.tokenize import Example
+
+
+def best_fit_decreasing(lengths: Sequence[int], max_len: int) -> list[list[int]]:
+    """Bins of example indices; each example goes to the fullest bin it still fits in.
+
+    O(n log n): open bins are kept sorted by remaining space, so the best fit is one bisect away.
+    Ties are broken by index, so the result depends only on ``lengths``.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    bins: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (remaining space, bin id), sorted
+    for i in order:
+        n = lengths[i]
+        if n > max_len:
+            raise ValueError(f"example {i} has {n} tokens, more than max_len={max_len}")
+        k = bisect.bisect_left(free, (n, -1))
+        if k < len(free):
+            space, b = free.pop(k)
+            bins[b].append(i)
+            space -= n
+        else:
+            b, space = len(bins), max_len - n
+            bins.append([i])
+        if space > 0:
+            bisect.insort(free, (space, b))
+    return bins
+
+
+def pack(examples: Sequence[Example], max_len: int, seed: int, packing: bool = True) -> list[dict[str, list[int]]]:
+    """Rows with ``input_ids``, ``labels``, ``position_ids`` and ``seq_lens``, in a seeded random order.
+
+    The shuffle of rows matters: best-fit decreasing puts the longest examples first, and training on
+    rows sorted by length would bias early steps.
+    """
+    if packing:
+        bins = best_fit_decreasing([len(e.input_ids) for e in examples], max_len)
+    else:
+        bins = [[i] for i in range(len(examples))]
+    random.Random(seed).shuffle(bins)
+    rows = []
+    for b in bins:
+        ids: list[int] = []
+        labels: list[int] = []
+        pos: list[int] = []
+        lens: list[int] = []
+        for i in b:
+            e = examples[i]
+            ids += e.input_ids
+            labels += e.labels
+            pos += range(len(e.input_ids))
+            lens.append(len(e.input_ids))
+        rows.append({"input_ids": ids, "labels": labels, "position_ids": pos, "seq_lens": lens})
+    return rows

@@ -1,0 +1,120 @@
+"""Chat template -> ``input_ids`` + ``labels`` with -100 everywhere except what the model should learn.
+
+Masking works for *any* chat template, not only ones with ``{% generation %}`` markers: the conversation
+is rendered to text once, the character span of every assistant turn (its content plus the end-of-turn
+scaffolding the template puts right after it, such as ``<|im_end|>``, ``<|eot_id|>`` or ``</s>``) is
+located by rendering the conversation's prefixes, and tokens are labelled through the fast tokenizer's
+offset mapping. This is the one place where label masking is decided.
+
+Labels follow the Hugging Face convention (same length as ``input_ids``; the model shifts them). The
+first token of every example is always -100: nothing inside the example predicts it, and in a packed row
+this keeps the last token of one example from being trained to predict the first token of the next.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from distsft.data.formats import RowError, Turn
+
+IGNORE_INDEX = -100
+
+# Used when a tokenizer ships no chat template of its own (ChatML, as Qwen and many SFT recipes use).
+DEFAULT_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+)
+
+
+@dataclass(frozen=True)
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+
+    @property
+    def num_supervised(self) -> int:
+        return sum(1 for x in self.labels if x != IGNORE_INDEX)
+
+
+def ensure_chat_template(tokenizer: Any) -> None:
+    if not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    if not getattr(tokenizer, "is_fast", False):
+        raise RowError("assistant-only masking needs a fast tokenizer (offset mapping); this one is not fast")
+
+
+def render(tokenizer: Any, turns: list[Turn], add_generation_prompt: bool = False) -> str:
+    try:
+        return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except Exception as e:  # jinja raise_exception(...) from templates that reject a role order
+        raise RowError(f"chat template rejected the conversation: {e}") from None
+
+
+def assistant_spans(tokenizer: Any, turns: list[Turn], full: str) -> list[tuple[int, int]]:
+    """Character spans ``[start, end)`` of each assistant turn's content + end-of-turn marker in ``full``."""
+    spans: list[tuple[int, int]] = []
+    cursor = 0
+    for i, turn in enumerate(turns):
+        if turn["role"] != "assistant":
+            continue
+        # Where this turn's text starts: right after the prompt the template would give the model.
+        start = cursor
+        try:
+            prefix = render(tokenizer, turns[:i], add_generation_prompt=True) if i else ""
+        except RowError:
+            prefix = ""
+        if prefix and full.startswith(prefix) and len(prefix) >= cursor:
+            start = len(prefix)
+        content = turn["content"]
+        pos = full.find(content, start)
+        if pos < 0:  # templates that trim content (`| trim`)
+            content = content.strip()
+            pos = full.find(content, start)
+        if pos < 0:
+            raise RowError(f"turn {i} (assistant): the chat template does not render its content verbatim")
+        end = pos + len(content)
+        # The end-of-turn scaffolding is whatever the template writes after the content when the turn is
+        # the last one, up to the trailing whitespace that separates turns.
+        upto = render(tokenizer, turns[: i + 1])
+        k = upto.rfind(content)
+        eot = upto[k + len(content) :].rstrip() if k >= 0 else ""
+        if eot and full.startswith(eot, end):
+            end += len(eot)
+        spans.append((pos, end))
+        cursor = end
+    return spans
+
+
+def tokenize_turns(tokenizer: Any, turns: list[Turn], train_on: str = "assistant") -> Example:
+    full = render(tokenizer, turns)
+    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    input_ids: list[int] = list(enc["input_ids"])
+    if train_on == "all":
+        labels = list(input_ids)
+    else:
+        spans = assistant_spans(tokenizer, turns, full)
+        if train_on == "last_assistant":
+            spans = spans[-1:]
+        labels = [IGNORE_INDEX] * len(input_ids)
+        j = 0
+        for t, (s, e) in enumerate(enc["offset_mapping"]):
+            while j < len(spans) and spans[j][1] <= s:
+                j += 1
+            if j < len(spans) and e > spans[j][0] and s < spans[j][1] and e > s:
+                labels[t] = input_ids[t]
+    if labels:
+        labels[0] = IGNORE_INDEX
+    return Example(input_ids=input_ids, labels=labels)
+
+
+def fit_length(example: Example, max_len: int, too_long: str) -> Example | None:
+    """Apply the length policy; None means the example is dropped (too long, or nothing left to learn)."""
+    if len(example.input_ids) <= max_len:
+        return example
+    if too_long != "truncate":
+        return None
+    cut = Example(example.input_ids[:max_len], example.labels[:max_len])
+    return cut if cut.num_supervised else None

@@ -1,0 +1,131 @@
+"""DeepSpeed: render a ``ds_configs/`` file with its ``"auto"`` values filled from our config, and build
+the engine around the model.
+
+The JSON files stay the user-facing knob for everything DeepSpeed-specific (buckets, overlap, offload);
+the values that must agree with our own config (batch sizes, lr, clipping, precision) are ``"auto"`` and
+filled here, so the two can never disagree.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from distsft.config import BatchPlan, Config
+from distsft.errors import ConfigError
+
+DS_CONFIG_DIR = Path(__file__).resolve().parent / "ds_configs"
+STAGE_FILES = {1: "zero1.json", 2: "zero2.json", 3: "zero3.json", "3_offload": "zero3_offload.json"}
+
+
+def ds_config_path(zero_stage: int | str) -> Path:
+    if zero_stage in STAGE_FILES:
+        return DS_CONFIG_DIR / STAGE_FILES[zero_stage]
+    p = Path(str(zero_stage)).expanduser()
+    if not p.is_file():
+        raise ConfigError(f"train.zero_stage: {zero_stage}: DeepSpeed config file not found")
+    return p
+
+
+def render_ds_config(
+    cfg: Config, plan: BatchPlan, dtype: torch.dtype, device: torch.device, hidden_size: int | None = None
+) -> dict[str, Any]:
+    path = ds_config_path(cfg.train.zero_stage)
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+    zero = ds.get("zero_optimization", {})
+    offload_opt = zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
+    h = hidden_size or 0
+    values = {
+        "train_batch_size": plan.global_batch,
+        "train_micro_batch_size_per_gpu": plan.micro_batch_size,
+        "gradient_accumulation_steps": plan.grad_accum_steps,
+        "gradient_clipping": cfg.train.max_grad_norm,
+        "bf16.enabled": dtype == torch.bfloat16,
+        "fp16.enabled": dtype == torch.float16,
+        "optimizer.params.lr": cfg.train.lr,
+        "optimizer.params.betas": list(cfg.train.adam_betas),
+        "optimizer.params.weight_decay": cfg.train.weight_decay,
+        # FusedAdam needs CUDA and DeepSpeedCPUAdam serves offload; plain torch AdamW covers CPU runs.
+        "optimizer.params.torch_adam": device.type == "cpu" and not offload_opt,
+        "zero_optimization.offload_optimizer.pin_memory": device.type == "cuda",
+        "zero_optimization.offload_param.pin_memory": device.type == "cuda",
+        # The sizes Hugging Face's Trainer derives from the hidden size.
+        "zero_optimization.reduce_bucket_size": h * h or int(5e8),
+        "zero_optimization.stage3_prefetch_bucket_size": int(0.9 * h * h) or int(5e7),
+        "zero_optimization.stage3_param_persistence_threshold": 10 * h or int(1e5),
+    }
+    _fill_auto(ds, values, "", path)
+    return ds
+
+
+def _fill_auto(node: dict[str, Any], values: dict[str, Any], prefix: str, path: Path) -> None:
+    for key, val in node.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(val, dict):
+            _fill_auto(val, values, dotted + ".", path)
+        elif val == "auto":
+            if dotted not in values:
+                raise ConfigError(f'{path}: {dotted} is "auto", but distsft has no value for it; set it explicitly')
+            node[key] = values[dotted]
+
+
+def zero_stage_of(ds: dict[str, Any]) -> int:
+    return int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
+def init_distributed(device: torch.device) -> None:
+    """Join the process group: Ray Train has already made one on workers; ``--local`` makes a 1-rank group."""
+    import deepspeed
+
+    if not torch.distributed.is_initialized():
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def lr_lambda(total_steps: int, warmup_steps: int, min_ratio: float):
+    """Linear warmup to the peak, then cosine decay to ``min_ratio`` of it at the last step."""
+
+    def f(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        span = max(1, total_steps - warmup_steps - 1)
+        progress = min(1.0, (step - warmup_steps) / span)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def build_engine(cfg: Config, ds_config: dict[str, Any], build_model, total_steps: int):
+    """``build_model()`` runs while ``HfDeepSpeedConfig`` is alive, so ZeRO-3 builds a partitioned model."""
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+
+    hf_ds = HfDeepSpeedConfig(ds_config)  # noqa: F841 - must stay referenced while the model is built
+    model = build_model()
+    schedule = lr_lambda(total_steps, cfg.train.warmup_steps, cfg.train.min_lr_ratio)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=[p for p in model.parameters() if p.requires_grad],
+        config=ds_config,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+    )
+    return engine, hf_ds

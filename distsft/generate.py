@@ -1,0 +1,36 @@
+"""Greedy chat generation from an exported model directory: the quickest check of what training taught."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from distsft.errors import DistsftError
+
+
+def generate(model_dir: str, prompt: str, system: str | None = None, max_new_tokens: int = 128) -> str:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+    if not (Path(model_dir) / "config.json").is_file():
+        raise DistsftError(f"--model {model_dir}: not a model directory (no config.json)")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    if not tokenizer.chat_template:
+        from distsft.data.tokenize import DEFAULT_CHAT_TEMPLATE
+
+        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(
+            **ids,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()

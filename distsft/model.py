@@ -1,0 +1,97 @@
+"""Load the tokenizer and the causal LM: a local HF directory, a hub id, or the bundled demo.
+
+Nothing here knows about ranks or engines: under ZeRO-3 the caller keeps an ``HfDeepSpeedConfig``
+alive before calling :func:`load_model`, which makes ``from_pretrained`` / ``from_config`` build the
+model partitioned (``deepspeed.zero.Init``) instead of materialising a full copy per worker.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from distsft.config import DEMO_DIR, ModelConfig
+from distsft.errors import ConfigError
+
+DEMO_MODEL = DEMO_DIR / "model"
+DEMO_TOKENIZER = DEMO_DIR / "tokenizer"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
+    if cfg.dtype != "auto":
+        return DTYPES[cfg.dtype]
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def resolve_attn(cfg: ModelConfig, device: torch.device) -> str:
+    if cfg.attn_implementation != "auto":
+        if cfg.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+            raise ConfigError("model.attn_implementation = flash_attention_2, but flash-attn is not installed")
+        return cfg.attn_implementation
+    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def _source(path: str) -> str:
+    """A local path must exist; anything else is treated as a hub id (needs network or the HF cache)."""
+    p = Path(path).expanduser()
+    if p.exists():
+        return str(p)
+    if path.startswith((".", "/", "~")) or path.count("/") > 1:
+        raise ConfigError(f"model.path: {path}: no such directory")
+    return path
+
+
+def load_tokenizer(cfg: ModelConfig) -> Any:
+    from transformers import AutoTokenizer
+
+    if cfg.tokenizer:
+        src = str(DEMO_TOKENIZER) if cfg.tokenizer == "demo" else _source(cfg.tokenizer)
+    else:
+        src = str(DEMO_TOKENIZER) if cfg.path == "demo" else _source(cfg.path)
+    tok = AutoTokenizer.from_pretrained(src, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
+    if tok.pad_token_id is None:
+        # Padding never reaches the loss or attention (labels -100, block mask), so EOS is a safe pad.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model_config(cfg: ModelConfig) -> Any:
+    from transformers import AutoConfig
+
+    src = str(DEMO_MODEL) if cfg.path == "demo" else _source(cfg.path)
+    return AutoConfig.from_pretrained(src, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
+
+
+def load_model(cfg: ModelConfig, dtype: torch.dtype, attn_implementation: str, seed: int) -> Any:
+    """The demo is randomly initialised from its config (seeded, so every worker builds the same model)."""
+    from transformers import AutoModelForCausalLM
+
+    if cfg.path == "demo":
+        config = load_model_config(cfg)
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            _source(cfg.path),
+            dtype=dtype,
+            attn_implementation=attn_implementation,
+            trust_remote_code=cfg.trust_remote_code,
+            revision=cfg.revision,
+        )
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    return model
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """Works under ZeRO-3 too, where partitioned parameters carry their full size in ``ds_numel``."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())

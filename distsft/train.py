@@ -1,0 +1,169 @@
+"""The training loop: run unchanged by ``--local`` (world size 1) and by every Ray worker.
+
+Loss normalisation is exact: the loss of an optimizer step is the sum of token losses over every
+supervised token of the global batch, divided by their global count. Each rank counts its supervised
+tokens for the whole step up front and all-reduces the count, then back-propagates
+``sum_of_token_losses * (grad_accum * world_size) / global_count`` per micro-batch; DeepSpeed divides by
+``grad_accum`` in ``backward`` and averages gradients over ranks, which cancels the factor.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from distsft.config import Config
+from distsft.data.collate import collate
+from distsft.data.sampler import rank_micro_batches, step_rows, total_steps
+from distsft.data.tokenize import IGNORE_INDEX
+from distsft.engine import build_engine, init_distributed, render_ds_config
+from distsft.export import gathered_state_dict, save_hf
+from distsft.model import (
+    count_parameters,
+    load_model,
+    load_model_config,
+    load_tokenizer,
+    resolve_attn,
+    resolve_dtype,
+)
+
+
+@dataclass
+class WorkerContext:
+    """What the loop needs to know about where it runs; the launcher fills it in."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    report: Callable[[dict[str, Any]], None] = lambda record: None
+    """Receives this rank's per-step record; the coordinator merges records across ranks."""
+
+
+def pick_device(local_rank: int) -> torch.device:
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def token_loss_sum(engine: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over supervised tokens, and their count (labels shift here)."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = engine(**inputs, use_cache=False).logits
+    labels = batch["labels"][:, 1:]
+    loss = F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    return loss, int((labels != IGNORE_INDEX).sum())
+
+
+def all_sum(values: Sequence[float], device: torch.device) -> list[float]:
+    t = torch.tensor(list(values), dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def train(cfg: Config, train_rows: list[dict], eval_rows: list[dict], ctx: WorkerContext) -> dict[str, Any]:
+    device = pick_device(ctx.local_rank)
+    init_distributed(device)
+    seed_everything(cfg.train.seed)
+    plan = cfg.batch_plan(ctx.world_size)
+    steps = total_steps(len(train_rows), plan, cfg.train.max_steps, cfg.train.epochs)
+    dtype = resolve_dtype(cfg.model, device)
+    attn = resolve_attn(cfg.model, device)
+    tokenizer = load_tokenizer(cfg.model)
+
+    hidden = getattr(load_model_config(cfg.model), "hidden_size", None)
+    ds_config = render_ds_config(cfg, plan, dtype, device, hidden)
+    engine, _hf_ds = build_engine(
+        cfg, ds_config, lambda: load_model(cfg.model, dtype, attn, cfg.train.seed), total_steps=steps
+    )
+    n_params = count_parameters(engine.module)
+
+    def to_device(rows: list[dict]) -> dict[str, torch.Tensor]:
+        batch = collate(rows, tokenizer.pad_token_id, attn, dtype)
+        return {k: v.to(device) for k, v in batch.items()}
+
+    start = time.perf_counter()
+    summary: dict[str, Any] = {"steps": steps, "parameters": n_params}
+    for step in range(steps):
+        engine.train()
+        t0 = time.perf_counter()
+        micro = rank_micro_batches(step_rows(len(train_rows), plan, step, cfg.train.seed), plan, ctx.rank)
+        batches = [to_device([train_rows[i] for i in mb]) for mb in micro]
+        local_sup = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+        local_tokens = sum(len(train_rows[i]["input_ids"]) for mb in micro for i in mb)
+        (global_sup,) = all_sum([local_sup], device)
+        scale = plan.grad_accum_steps * plan.world_size / max(global_sup, 1.0)
+        lr = engine.get_lr()[0]  # the rate this step's update uses; the scheduler moves on in step()
+        loss_sum = 0.0
+        for b in batches:
+            loss, _ = token_loss_sum(engine, b)
+            engine.backward(loss * scale)
+            engine.step()
+            loss_sum += loss.item()
+        step_time = time.perf_counter() - t0
+        g_loss, g_tokens = all_sum([loss_sum, local_tokens], device)
+        grad_norm = engine.get_global_grad_norm()
+        record = {
+            "step": step + 1,
+            "loss": g_loss / max(global_sup, 1.0),
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "lr": lr,
+            "tokens": int(global_sup),
+            "input_tokens": int(g_tokens),
+            "step_time_s": step_time,
+            "elapsed_s": time.perf_counter() - start,
+            "rank": ctx.rank,
+        }
+        if eval_rows and cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0:
+            record["eval_loss"] = evaluate(engine, eval_rows, plan.micro_batch_size, ctx, to_device, device)
+        ctx.report(record)
+        summary["last"] = record
+
+    if eval_rows:
+        summary["eval_loss"] = evaluate(engine, eval_rows, plan.micro_batch_size, ctx, to_device, device)
+    sd = gathered_state_dict(engine)
+    if sd is not None:
+        save_hf(engine.module, sd, tokenizer, f"{cfg.output_dir}/final")
+    if dist.is_initialized():
+        dist.barrier()
+    return summary
+
+
+@torch.no_grad()
+def evaluate(engine: Any, rows: list[dict], micro_batch: int, ctx: WorkerContext, to_device, device) -> float:
+    """Token-weighted loss over every eval row; rows are dealt round-robin so ranks share the work.
+
+    Every rank runs the same number of forward passes (a rank short of rows repeats an empty-label batch),
+    because ZeRO-3 forwards are collectives.
+    """
+    engine.eval()
+    mine = rows[ctx.rank :: ctx.world_size]
+    n_batches = -(-len(rows) // (ctx.world_size * micro_batch))
+    loss_sum, count = 0.0, 0
+    for i in range(n_batches):
+        chunk = mine[i * micro_batch : (i + 1) * micro_batch]
+        if chunk:
+            loss, n = token_loss_sum(engine, to_device(chunk))
+            loss_sum, count = loss_sum + loss.item(), count + n
+        else:
+            token_loss_sum(engine, to_device(rows[:1]))
+    total, tokens = all_sum([loss_sum, count], device)
+    engine.train()
+    return total / max(tokens, 1.0)
