@@ -83,16 +83,20 @@ def zero_stage_of(ds: dict[str, Any]) -> int:
 
 
 def init_distributed(device: torch.device) -> None:
-    """Join the process group: Ray Train has already made one on workers; ``--local`` makes a 1-rank group."""
+    """Join the process group: Ray Train has already made one on workers; ``--local`` makes a 1-rank group.
+
+    The local group is made with an explicit loopback address instead of ``MASTER_*`` environment
+    variables, so nothing leaks into child processes (which would then fight over the same port).
+    """
     import deepspeed
 
+    backend = "nccl" if device.type == "cuda" else "gloo"
     if not torch.distributed.is_initialized():
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("LOCAL_RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
+        os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed reads it; harmless to inherit
+        torch.distributed.init_process_group(
+            backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1
+        )
+    deepspeed.init_distributed(dist_backend=backend, verbose=False)
 
 
 def _free_port() -> int:

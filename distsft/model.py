@@ -8,6 +8,8 @@ model partitioned (``deepspeed.zero.Init``) instead of materialising a full copy
 from __future__ import annotations
 
 import importlib.util
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -70,22 +72,46 @@ def load_model_config(cfg: ModelConfig) -> Any:
     return AutoConfig.from_pretrained(src, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
 
 
+def cache_root() -> Path:
+    return Path(os.environ.get("DISTSFT_CACHE", Path.home() / ".cache" / "distsft")).expanduser()
+
+
+def materialize_demo(seed: int) -> Path:
+    """The demo's seeded random init, written once as an HF directory and then loaded like any model.
+
+    Building the weights outside ZeRO-3 partitioning (the model is a few MB) makes the initial weights
+    identical whatever the ZeRO stage or worker count, which the equivalence tests rely on; and workers
+    then go through the same ``from_pretrained`` path as real models.
+    """
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    out = cache_root() / f"demo-init-seed{seed}"
+    if (out / "config.json").is_file():
+        return out
+    config = load_model_config(ModelConfig(path="demo"))
+    torch.manual_seed(seed)
+    model = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)](config)  # plain construction: never partitioned
+    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
+    model.save_pretrained(tmp, safe_serialization=True)
+    try:
+        tmp.rename(out)
+    except OSError:  # another process finished first; its copy is identical
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
 def load_model(cfg: ModelConfig, dtype: torch.dtype, attn_implementation: str, seed: int) -> Any:
-    """The demo is randomly initialised from its config (seeded, so every worker builds the same model)."""
+    """The demo is a seeded random init (see :func:`materialize_demo`); everything else is pretrained."""
     from transformers import AutoModelForCausalLM
 
-    if cfg.path == "demo":
-        config = load_model_config(cfg)
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(
-            _source(cfg.path),
-            dtype=dtype,
-            attn_implementation=attn_implementation,
-            trust_remote_code=cfg.trust_remote_code,
-            revision=cfg.revision,
-        )
+    src = str(materialize_demo(seed)) if cfg.path == "demo" else _source(cfg.path)
+    model = AutoModelForCausalLM.from_pretrained(
+        src,
+        dtype=dtype,
+        attn_implementation=attn_implementation,
+        trust_remote_code=cfg.trust_remote_code,
+        revision=None if cfg.path == "demo" else cfg.revision,
+    )
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False

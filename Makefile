@@ -1,0 +1,17 @@
+# The two commands the README promises; both set everything up on a fresh machine.
+.PHONY: demo test lint setup
+
+setup:
+	@scripts/setup.sh
+
+demo: setup
+	.venv/bin/distsft launch
+
+test: setup
+	.venv/bin/ruff check distsft tests benchmarks scripts
+	.venv/bin/ruff format --check distsft tests benchmarks scripts
+	.venv/bin/python -m pytest -q -W ignore::FutureWarning -W ignore::DeprecationWarning
+
+lint: setup
+	.venv/bin/ruff check --fix distsft tests benchmarks scripts
+	.venv/bin/ruff format distsft tests benchmarks scripts

@@ -1,0 +1,113 @@
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from distsft.config import BatchPlan, Config, build_config, dump_config, load_config, parse_override
+from distsft.errors import ConfigError
+
+
+def write(tmp_path, text: str):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_demo_config_loads_with_defaults():
+    cfg = load_config()
+    assert cfg.model.path == "demo" and cfg.data.path == "demo"
+    assert cfg.train.micro_batch_size >= 1
+
+
+def test_unknown_key_names_file_line_and_nearest_key(tmp_path):
+    p = write(tmp_path, "output_dir: x\ntrain:\n  lr: 1.0e-4\n  micro_bach_size: 2\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    msg = str(e.value)
+    assert f"{p}:4" in msg
+    assert "train.micro_bach_size" in msg
+    assert "did you mean train.micro_batch_size" in msg
+
+
+def test_unknown_section_suggests_nearest(tmp_path):
+    p = write(tmp_path, "trian:\n  lr: 1.0\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'trian'; did you mean train\?"):
+        load_config(p)
+
+
+def test_wrong_type_names_key_and_allowed(tmp_path):
+    p = write(tmp_path, "data:\n  packing: maybe\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert f"{p}:2" in str(e.value) and "data.packing" in str(e.value) and "true or false" in str(e.value)
+
+
+def test_out_of_range_names_key_and_allowed(tmp_path):
+    p = write(tmp_path, "train:\n  micro_batch_size: 0\n")
+    with pytest.raises(ConfigError, match=r"train.micro_batch_size = 0 is out of range; allowed: an integer >= 1"):
+        load_config(p)
+
+
+def test_literal_typo_suggests_choice(tmp_path):
+    p = write(tmp_path, "data:\n  format: alpacca\n")
+    with pytest.raises(ConfigError, match="did you mean 'alpaca'"):
+        load_config(p)
+
+
+def test_invalid_yaml_names_line(tmp_path):
+    p = write(tmp_path, "train:\n  lr: [1, 2\n")
+    with pytest.raises(ConfigError, match=r"c.yaml:\d+: invalid YAML"):
+        load_config(p)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_overrides_are_typed():
+    cfg = load_config(
+        None,
+        ["train.lr=1e-5", "train.micro_batch_size=3", "data.packing=false", "data.path=[a.jsonl, b.jsonl]"],
+    )
+    assert cfg.train.lr == 1e-5 and isinstance(cfg.train.lr, float)
+    assert cfg.train.micro_batch_size == 3
+    assert cfg.data.packing is False
+    assert cfg.data.path == ["a.jsonl", "b.jsonl"]
+
+
+def test_override_errors_point_at_set():
+    with pytest.raises(ConfigError, match=r"--set: train.epochs = -1 is out of range"):
+        load_config(None, ["train.epochs=-1"])
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        parse_override("train.lr")
+    with pytest.raises(ConfigError, match="did you mean train.lr"):
+        load_config(None, ["train.lrr=1"])
+
+
+def test_zero_stage_accepts_stages_and_json_paths():
+    assert build_config({"train": {"zero_stage": 3}}).train.zero_stage == 3
+    assert build_config({"train": {"zero_stage": "3_offload"}}).train.zero_stage == "3_offload"
+    assert build_config({"train": {"zero_stage": "my.json"}}).train.zero_stage == "my.json"
+    with pytest.raises(ConfigError, match="train.zero_stage"):
+        build_config({"train": {"zero_stage": 4}})
+
+
+def test_batch_arithmetic_lives_in_one_place():
+    cfg = build_config({"train": {"micro_batch_size": 3, "grad_accum_steps": 4}})
+    plan = cfg.batch_plan(world_size=8)
+    assert plan == BatchPlan(3, 4, 8)
+    assert plan.global_batch == 96 and plan.rows_per_rank == 12
+
+
+def test_dump_round_trips():
+    cfg = load_config(None, ["train.lr=0.5"])
+    again = build_config(yaml.safe_load(dump_config(cfg)))
+    assert again == cfg
+    assert isinstance(again, Config)
+
+
+def test_config_is_frozen():
+    cfg = load_config()
+    with pytest.raises(AttributeError):
+        cfg.train.lr = 1.0  # type: ignore[misc]
