@@ -8,8 +8,8 @@ import sys
 
 import pytest
 import torch
-
 from conftest import REPO
+
 from distsft.config import load_config
 from distsft.launch import launch_local, prepare_data
 
