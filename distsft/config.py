@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +22,11 @@ from distsft.errors import ConfigError
 
 DEMO_DIR = Path(__file__).resolve().parent / "demo"
 DEMO_CONFIG = DEMO_DIR / "config.yaml"
+
+
+def cache_home() -> Path:
+    """Where distsft caches prepared data and the demo's initial weights (``$DISTSFT_CACHE``)."""
+    return Path(os.environ.get("DISTSFT_CACHE", Path.home() / ".cache" / "distsft")).expanduser()
 
 
 @dataclass(frozen=True)
@@ -39,9 +45,20 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class DataSource:
+    """One entry of ``data.path`` when it needs its own format: ``{path: x.jsonl, format: alpaca}``."""
+
+    path: str
+    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion"] = "auto"
+    split: str = "train"
+    """For hub datasets and saved ``DatasetDict`` directories: which split to read."""
+
+
+@dataclass(frozen=True)
 class DataConfig:
-    path: str | list[str] = "demo"
-    """A file, a list of files, a directory, a dataset saved with ``save_to_disk``, or ``demo``."""
+    path: str | list[str | DataSource] = "demo"
+    """A file, a directory, a dataset saved with ``save_to_disk``, a hub dataset id, ``demo``, or a list of
+    these (entries may be ``{path, format, split}`` mappings)."""
     format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion"] = "auto"
     max_seq_len: int = 1024
     packing: bool = True
@@ -49,7 +66,7 @@ class DataConfig:
     """Which tokens carry labels: every assistant turn, only the last one, or the whole conversation."""
     too_long: Literal["drop", "truncate"] = "drop"
     on_error: Literal["fail", "skip"] = "fail"
-    eval_path: str | list[str] | None = None
+    eval_path: str | list[str | DataSource] | None = None
     eval_fraction: float = 0.0
     num_proc: int = 1
     cache_dir: str | None = None
@@ -273,6 +290,8 @@ def _describe(tp: Any) -> str:
         return " or ".join(_describe(a) for a in typing.get_args(tp))
     if origin in (list, tuple):
         return "a list"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping (" + ", ".join(f.name for f in dataclasses.fields(tp)) + ")"
     if tp is type(None):
         return "null"
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
@@ -292,19 +311,46 @@ def _coerce(value: Any, tp: Any) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        specific = None
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _coerce(value, arg)
-            except ValueError:
-                pass
+            except ValueError as e:
+                # Keep the detailed reason of the branch whose shape the value has (a list, a mapping).
+                shaped = (isinstance(value, list) and typing.get_origin(arg) is list) or (
+                    isinstance(value, dict) and dataclasses.is_dataclass(arg)
+                )
+                specific = e if shaped else specific
+        if specific is not None:
+            raise specific
         raise ValueError(f"expected {_describe(tp)}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ValueError(f"expected a mapping with keys {', '.join(f.name for f in dataclasses.fields(tp))}")
+        try:
+            return _build(tp, value, prefix="", source="", lines={})
+        except ConfigError as e:
+            raise ValueError(str(e).lstrip(": ")) from None
+        except TypeError:
+            missing = [
+                f.name
+                for f in dataclasses.fields(tp)
+                if f.name not in value and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            ]
+            raise ValueError(f"missing key(s): {', '.join(missing)}") from None
     if origin is list:
         (item,) = typing.get_args(tp)
         if not isinstance(value, list):
             raise ValueError(f"expected {_describe(tp)}")
-        return [_coerce(v, item) for v in value]
+        out = []
+        for i, v in enumerate(value):
+            try:
+                out.append(_coerce(v, item))
+            except ValueError as e:
+                raise ValueError(f"item {i}: {e}") from None
+        return out
     if origin is tuple:
         items = typing.get_args(tp)
         if not isinstance(value, (list, tuple)) or len(value) != len(items):

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from distsft.config import DEMO_DIR, ModelConfig
+from distsft.config import DEMO_DIR, ModelConfig, cache_home
 from distsft.errors import ConfigError
 
 DEMO_MODEL = DEMO_DIR / "model"
@@ -72,10 +72,6 @@ def load_model_config(cfg: ModelConfig) -> Any:
     return AutoConfig.from_pretrained(src, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("DISTSFT_CACHE", Path.home() / ".cache" / "distsft")).expanduser()
-
-
 def materialize_demo(seed: int) -> Path:
     """The demo's seeded random init, written once as an HF directory and then loaded like any model.
 
@@ -85,7 +81,7 @@ def materialize_demo(seed: int) -> Path:
     """
     from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
 
-    out = cache_root() / f"demo-init-seed{seed}"
+    out = cache_home() / f"demo-init-seed{seed}"
     if (out / "config.json").is_file():
         return out
     config = load_model_config(ModelConfig(path="demo"))

@@ -154,16 +154,16 @@ def evaluate(engine: Any, rows: list[dict], micro_batch: int, ctx: WorkerContext
     because ZeRO-3 forwards are collectives.
     """
     engine.eval()
-    mine = rows[ctx.rank :: ctx.world_size]
+    mine = list(range(ctx.rank, len(rows), ctx.world_size))
     n_batches = -(-len(rows) // (ctx.world_size * micro_batch))
     loss_sum, count = 0.0, 0
     for i in range(n_batches):
         chunk = mine[i * micro_batch : (i + 1) * micro_batch]
         if chunk:
-            loss, n = token_loss_sum(engine, to_device(chunk))
+            loss, n = token_loss_sum(engine, to_device([rows[j] for j in chunk]))
             loss_sum, count = loss_sum + loss.item(), count + n
         else:
-            token_loss_sum(engine, to_device(rows[:1]))
+            token_loss_sum(engine, to_device([rows[0]]))
     total, tokens = all_sum([loss_sum, count], device)
     engine.train()
     return total / max(tokens, 1.0)

@@ -25,15 +25,17 @@ class RowError(ValueError):
 
 
 def detect_format(row: dict[str, Any]) -> str:
-    if "messages" in row:
+    """By which keys hold a value (tables fill absent keys with None, so presence alone is not enough)."""
+    has = {k for k, v in row.items() if v is not None}
+    if "messages" in has:
         return "messages"
-    if "conversations" in row:
+    if "conversations" in has:
         return "sharegpt"
-    if "instruction" in row and "output" in row:
+    if {"instruction", "output"} <= has:
         return "alpaca"
-    if "prompt" in row and "completion" in row:
+    if {"prompt", "completion"} <= has:
         return "prompt_completion"
-    keys = ", ".join(sorted(row)) or "none"
+    keys = ", ".join(sorted(has)) or "none"
     raise RowError(
         f"no recognisable format (keys: {keys}); expected messages, conversations, instruction/output "
         "or prompt/completion"
