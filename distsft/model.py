@@ -109,9 +109,18 @@ def load_model(cfg: ModelConfig, dtype: torch.dtype, attn_implementation: str, s
         revision=None if cfg.path == "demo" else cfg.revision,
     )
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     model.config.use_cache = False
     return model
+
+
+def enable_activation_checkpointing(model: Any) -> None:
+    """Non-reentrant checkpointing, which passes the 4D packing mask through unchanged."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def count_parameters(model: torch.nn.Module) -> int:
