@@ -33,6 +33,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cluster", help="cluster file (Ray address, workers, resources)")
     p.add_argument("--local", action="store_true", help="run in this process, world size 1, no Ray")
 
+    p = sub.add_parser("prepare", help="prepare (or reuse the cached) training data and print its statistics")
+    _add_config_args(p)
+    p.add_argument("--show", type=int, default=0, metavar="N", help="print N packed rows, supervised text highlighted")
+    p.add_argument(
+        "--dump", metavar="FILE", help="write every packed row as JSON lines (input_ids, labels, position_ids)"
+    )
+
+    p = sub.add_parser("eval", help="token-weighted loss of a model directory on data.eval_path (else data.path)")
+    _add_config_args(p)
+    p.add_argument("--model", required=True, help="a Hugging Face model directory, e.g. runs/demo/final")
+
     p = sub.add_parser("generate", help="chat with a trained model directory")
     p.add_argument("--model", required=True, help="a Hugging Face model directory, e.g. runs/demo/final")
     p.add_argument("prompt", help="the user message")
@@ -58,6 +69,41 @@ def cmd_launch(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare(args: argparse.Namespace) -> int:
+    import time
+
+    from distsft.config import load_config
+    from distsft.data.inspect import dump_rows, show_rows
+    from distsft.launch import prepare_data
+    from distsft.model import load_tokenizer
+
+    cfg = load_config(args.config, args.overrides)
+    t0 = time.perf_counter()
+    data = prepare_data(cfg)
+    stats = data.stats.as_dict()
+    stats["cache"] = "hit" if data.cache_hit else "built"
+    stats["seconds"] = round(time.perf_counter() - t0, 3)
+    width = max(map(len, stats))
+    for k, v in stats.items():
+        print(f"{k:<{width}}  {v:.1%}" if k == "packing_efficiency" else f"{k:<{width}}  {v}")
+    if args.show:
+        show_rows(data.train, args.show, load_tokenizer(cfg.model), sys.stdout, color=sys.stdout.isatty())
+    if args.dump:
+        print(f"wrote {dump_rows(data.train, args.dump)} packed rows to {args.dump}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from distsft.config import load_config
+    from distsft.evaluate import evaluate_dir
+
+    cfg = load_config(args.config, args.overrides)
+    print(json.dumps(evaluate_dir(cfg, args.model)))
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from distsft.generate import generate
 
@@ -67,7 +113,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"launch": cmd_launch, "generate": cmd_generate}[args.command]
+    handler = {
+        "launch": cmd_launch,
+        "prepare": cmd_prepare,
+        "eval": cmd_eval,
+        "generate": cmd_generate,
+    }[args.command]
     try:
         return handler(args)
     except DistsftError as e:

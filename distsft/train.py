@@ -18,7 +18,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from distsft.config import Config
 from distsft.data.collate import collate
@@ -26,6 +25,7 @@ from distsft.data.sampler import rank_micro_batches, step_rows, total_steps
 from distsft.data.tokenize import IGNORE_INDEX
 from distsft.engine import build_engine, init_distributed, render_ds_config
 from distsft.export import gathered_state_dict, save_hf
+from distsft.loss import token_loss_sum
 from distsft.model import (
     count_parameters,
     load_model,
@@ -58,17 +58,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def token_loss_sum(engine: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy over supervised tokens, and their count (labels shift here)."""
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = engine(**inputs, use_cache=False).logits
-    labels = batch["labels"][:, 1:]
-    loss = F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-    return loss, int((labels != IGNORE_INDEX).sum())
 
 
 def all_sum(values: Sequence[float], device: torch.device) -> list[float]:

@@ -1,7 +1,10 @@
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+
+import pytest
 
 from conftest import REPO
 
@@ -9,7 +12,7 @@ from conftest import REPO
 def test_help_lists_every_command(cli):
     code, out, _ = cli("--help")
     assert code == 0
-    for command in ("launch", "generate"):
+    for command in ("launch", "prepare", "eval", "generate"):
         assert command in out
 
 
@@ -47,3 +50,62 @@ def test_console_script_entry_point_runs():
         [sys.executable, "-m", "distsft", "--version"], cwd=REPO, capture_output=True, text=True, timeout=60
     )
     assert r.returncode == 0 and r.stdout.startswith("distsft ")
+
+
+SMALL = str(REPO / "tests" / "fixtures" / "support_small.jsonl")
+
+
+def test_prepare_prints_stats_shows_and_dumps_rows(cli, tmp_path):
+    dump = tmp_path / "rows.jsonl"
+    code, out, err = cli(
+        "prepare", "--set", f"data.path={SMALL}", "--set", f"output_dir={tmp_path}", "--show", "2", "--dump", str(dump)
+    )
+    assert code == 0, err
+    assert "rows_read           24" in out and "packing_efficiency" in out
+    assert out.count("=== packed row") == 2 and "⟦" in out and "<|im_end|>⟧" in out
+    rows = [json.loads(x) for x in dump.read_text().splitlines()]
+    assert rows and all(len(r["input_ids"]) == len(r["labels"]) == len(r["position_ids"]) for r in rows)
+    code, out2, _ = cli("prepare", "--set", f"data.path={SMALL}", "--set", f"output_dir={tmp_path}")
+    assert "cache               hit" in out2
+
+
+def test_prepare_reports_bad_rows_and_exits_nonzero(cli, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": []}\n{oops\n')
+    code, out, err = cli("prepare", "--set", f"data.path={bad}", "--set", f"output_dir={tmp_path}")
+    assert code == 2
+    assert f"{bad}:1: empty conversation" in err and f"{bad}:2: invalid JSON" in err and "Traceback" not in err
+
+
+@pytest.fixture(scope="module")
+def random_model_dir(tmp_path_factory):
+    """An untrained demo-architecture model directory with the demo tokenizer (no training needed)."""
+    import shutil
+
+    from distsft.model import DEMO_TOKENIZER, materialize_demo
+
+    out = tmp_path_factory.mktemp("model")
+    shutil.copytree(materialize_demo(0), out, dirs_exist_ok=True)
+    shutil.copytree(DEMO_TOKENIZER, out, dirs_exist_ok=True)
+    return out
+
+
+def test_eval_prints_json_loss_and_packing_does_not_change_it(cli, tmp_path, random_model_dir):
+    results = {}
+    for packing in ("true", "false"):
+        code, out, err = cli(
+            "eval",
+            "--model",
+            str(random_model_dir),
+            "--set",
+            f"data.path={SMALL}",
+            "--set",
+            f"data.packing={packing}",
+            "--set",
+            f"data.cache_dir={tmp_path}",
+        )
+        assert code == 0, err
+        results[packing] = json.loads(out.strip().splitlines()[-1])
+    assert results["true"]["tokens"] == results["false"]["tokens"] > 0
+    assert results["true"]["loss"] == pytest.approx(results["false"]["loss"], rel=1e-5)
+    assert 5 < results["true"]["loss"] < 10  # an untrained model over a ~3k vocabulary: about ln(3072)

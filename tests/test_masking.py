@@ -6,11 +6,11 @@ import json
 from collections import Counter
 
 import pytest
+from templating import FAMILIES, family_tokenizer, supervised_spans
 
 from distsft.data.formats import to_turns
 from distsft.data.packing import pack
 from distsft.data.tokenize import IGNORE_INDEX, tokenize_turns
-from templating import FAMILIES, family_tokenizer, supervised_spans
 
 CONVERSATIONS = [
     [

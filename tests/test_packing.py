@@ -98,7 +98,7 @@ def tiny_model(attn: str, checkpointing: bool):
 
 
 def loss_and_logits(model, rows, attn):
-    from distsft.train import token_loss_sum
+    from distsft.loss import token_loss_sum
 
     batch = collate(rows, pad_id=0, attn_implementation=attn, dtype=torch.float32)
     logits = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits
@@ -160,3 +160,28 @@ def test_without_the_block_mask_examples_would_leak():
         ).logits
     second = slice(row["seq_lens"][0], sum(row["seq_lens"]))
     assert not torch.allclose(isolated[0, second], plain[0, second], atol=1e-4)
+
+
+def _has_flash_attn() -> bool:
+    import importlib.util
+
+    return torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _has_flash_attn(), reason="needs a CUDA GPU with flash-attn installed")
+def test_flash_attention_varlen_isolates_packed_examples():
+    """flash_attention_2 gets no mask: restarting position_ids become varlen sequence boundaries."""
+    examples = make_examples([7, 19, 4, 30])
+    row = pack(examples, max_len=64, seed=0)[0]
+    model = tiny_model("flash_attention_2", False).to("cuda", torch.bfloat16)
+    batch = {k: v.cuda() for k, v in collate([row], 0, "flash_attention_2", torch.bfloat16).items()}
+    assert "attention_mask" not in batch
+    with torch.no_grad():
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits.float()
+        start = 0
+        for n in row["seq_lens"]:
+            ids = batch["input_ids"][:, start : start + n]
+            alone = model(input_ids=ids, position_ids=torch.arange(n, device="cuda")[None]).logits.float()
+            torch.testing.assert_close(packed[:, start : start + n], alone, rtol=2e-2, atol=2e-2)
+            start += n
