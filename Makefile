@@ -8,8 +8,8 @@ demo: setup
 	.venv/bin/distsft launch
 
 test: setup
-	.venv/bin/ruff check distsft tests benchmarks scripts
-	.venv/bin/ruff format --check distsft tests benchmarks scripts
+	.venv/bin/ruff check --no-cache distsft tests benchmarks scripts
+	.venv/bin/ruff format --no-cache --check distsft tests benchmarks scripts
 	.venv/bin/python -m pytest -q -W ignore::FutureWarning -W ignore::DeprecationWarning
 
 lint: setup
