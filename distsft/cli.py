@@ -30,8 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("launch", help="train a model (the bundled demo when no --config is given)")
     _add_config_args(p)
-    p.add_argument("--cluster", help="cluster file (Ray address, workers, resources)")
-    p.add_argument("--local", action="store_true", help="run in this process, world size 1, no Ray")
+    p.add_argument("--cluster", help="cluster file (Ray address, workers, resources); default: a local Ray instance")
+    p.add_argument("--local", action="store_true", help="run in this process, world size 1, no Ray (debug mode)")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved plan and exit; needs no cluster")
 
     p = sub.add_parser("prepare", help="prepare (or reuse the cached) training data and print its statistics")
     _add_config_args(p)
@@ -53,14 +54,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
+    from distsft.cluster import load_cluster, resolve_local_workers
     from distsft.config import load_config
 
     cfg = load_config(args.config, args.overrides)
-    if args.cluster:
-        raise DistsftError("--cluster: multi-worker launch on Ray is not available in this version; use --local")
-    from distsft.launch import launch_local
+    if args.local and args.cluster:
+        raise DistsftError("--local runs without Ray, so it takes no --cluster file")
+    if args.local:
+        import dataclasses
 
-    summary = launch_local(cfg)
+        cluster = resolve_local_workers(dataclasses.replace(load_cluster(None), workers_per_node=1))
+    else:
+        cluster = load_cluster(args.cluster)
+    if args.dry_run:
+        from distsft.plan import dry_run
+
+        print("\n".join(dry_run(cfg, cluster, local=args.local)))
+        return 0
+    from distsft.launch import launch_local, launch_ray
+
+    summary = launch_local(cfg) if args.local else launch_ray(cfg, cluster)
     last = summary.get("last", {})
     print(
         f"done: {summary['steps']} steps in {summary['wall_s']:.0f}s, final loss {last.get('loss', float('nan')):.4f}; "

@@ -42,6 +42,9 @@ class ModelConfig:
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
     revision: str | None = None
+    config_path: str | None = None
+    """A ``config.json`` of the architecture for ``--dry-run`` planning when the driver cannot read
+    ``model.path`` (weights only on the nodes, or no hub access); training always uses ``model.path``."""
 
 
 @dataclass(frozen=True)
@@ -164,13 +167,7 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Load ``path`` (the bundled demo config when None), apply ``key=value`` overrides, validate."""
-    path = Path(path) if path is not None else DEMO_CONFIG
-    raw, lines = _read_yaml(path)
-    for item in overrides:
-        key, value = parse_override(item)
-        _set_dotted(raw, key, value)
-        lines[key] = None
-    return build_config(raw, source=str(path), lines=lines)
+    return load_typed(Config, path if path is not None else DEMO_CONFIG, overrides)
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -190,6 +187,16 @@ def parse_override(item: str) -> tuple[str, Any]:
 
 def build_config(raw: dict[str, Any], source: str = "<dict>", lines: dict[str, int | None] | None = None) -> Config:
     return _build(Config, raw, prefix="", source=source, lines=lines or {})
+
+
+def load_typed(cls: type, path: str | Path, overrides: list[str] | tuple[str, ...] = (), checks=None) -> Any:
+    """Load any of our YAML files (run configs, cluster files) into the frozen dataclass ``cls``."""
+    raw, lines = _read_yaml(Path(path))
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_dotted(raw, key, value)
+        lines[key] = None
+    return _build(cls, raw, prefix="", source=str(path), lines=lines, checks=checks)
 
 
 def save_config(cfg: Config, path: Path) -> None:
@@ -250,7 +257,8 @@ def _where(source: str, lines: dict[str, int | None], key: str) -> str:
     return f"{source}:{line}" if line else source
 
 
-def _build(cls: type, raw: Any, prefix: str, source: str, lines: dict[str, int | None]) -> Any:
+def _build(cls: type, raw: Any, prefix: str, source: str, lines: dict[str, int | None], checks=None) -> Any:
+    checks = _CHECKS if checks is None else checks
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -267,13 +275,13 @@ def _build(cls: type, raw: Any, prefix: str, source: str, lines: dict[str, int |
             raise ConfigError(f"{_where(source, lines, dotted)}: unknown key {dotted!r}{hint}")
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
-            kwargs[key] = _build(hint, value, dotted + ".", source, lines)
+            kwargs[key] = _build(hint, value, dotted + ".", source, lines, checks)
             continue
         try:
             coerced = _coerce(value, hint)
         except ValueError as e:
             raise ConfigError(f"{_where(source, lines, dotted)}: {dotted} = {value!r} is invalid: {e}") from None
-        check = _CHECKS.get(dotted)
+        check = checks.get(dotted)
         if check and not check[0](coerced):
             raise ConfigError(
                 f"{_where(source, lines, dotted)}: {dotted} = {value!r} is out of range; allowed: {check[1]}"
@@ -290,6 +298,8 @@ def _describe(tp: Any) -> str:
         return " or ".join(_describe(a) for a in typing.get_args(tp))
     if origin in (list, tuple):
         return "a list"
+    if origin is dict:
+        return "a mapping"
     if dataclasses.is_dataclass(tp):
         return "a mapping (" + ", ".join(f.name for f in dataclasses.fields(tp)) + ")"
     if tp is type(None):
@@ -351,6 +361,13 @@ def _coerce(value: Any, tp: Any) -> Any:
             except ValueError as e:
                 raise ValueError(f"item {i}: {e}") from None
         return out
+    if origin is dict:
+        key_tp, val_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ValueError("expected a mapping")
+        return {_coerce(k, key_tp): _coerce(v, val_tp) for k, v in value.items()}
+    if tp is Any:
+        return value
     if origin is tuple:
         items = typing.get_args(tp)
         if not isinstance(value, (list, tuple)) or len(value) != len(items):

@@ -18,7 +18,7 @@ def merge(records: list[dict[str, Any]]) -> dict[str, Any]:
     first = min(records, key=lambda r: r.get("rank", 0))
     times = [r["step_time_s"] for r in records]
     slowest = max(times)
-    merged = {k: v for k, v in first.items() if k not in ("rank", "step_time_s")}
+    merged = {k: v for k, v in first.items() if k not in ("rank", "step_time_s", "node")}
     merged["step_time_s"] = slowest
     merged["tokens_per_s"] = first["tokens"] / slowest if slowest > 0 else 0.0
     merged["input_tokens_per_s"] = first["input_tokens"] / slowest if slowest > 0 else 0.0
@@ -28,13 +28,36 @@ def merge(records: list[dict[str, Any]]) -> dict[str, Any]:
     return merged
 
 
+def format_record(rec: dict[str, Any], total_steps: int | None) -> str:
+    total = f"/{total_steps}" if total_steps else ""
+    gn = rec.get("grad_norm")
+    parts = [
+        f"step {rec['step']}{total}",
+        f"loss {rec['loss']:.4f}",
+        f"grad_norm {gn:.3f}" if gn is not None else "grad_norm -",
+        f"lr {rec['lr']:.2e}",
+        f"tok/s {rec['tokens_per_s']:.0f}",
+    ]
+    if "eval_loss" in rec:
+        parts.append(f"eval_loss {rec['eval_loss']:.4f}")
+    return "  ".join(parts)
+
+
+def should_print(rec: dict[str, Any], total_steps: int | None, log_every: int) -> bool:
+    return rec["step"] % log_every == 0 or rec["step"] == total_steps or "eval_loss" in rec
+
+
 class MetricsLog:
-    """Appends merged records to ``metrics.jsonl`` and prints a compact line per logged step."""
+    """Appends merged records to ``metrics.jsonl``; prints a compact line per logged step unless ``out`` is None."""
 
     def __init__(
-        self, output_dir: str | Path, total_steps: int | None = None, log_every: int = 1, out: TextIO = sys.stdout
+        self,
+        output_dir: str | Path,
+        total_steps: int | None = None,
+        log_every: int = 1,
+        out: TextIO | None = sys.stdout,
     ):
-        self.path = Path(output_dir) / "metrics.jsonl"
+        self.path = Path(output_dir).resolve() / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text("")
         self.total_steps = total_steps
@@ -45,18 +68,26 @@ class MetricsLog:
         rec = merge(records if isinstance(records, list) else [records])
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(rec) + "\n")
-        step = rec["step"]
-        if step % self.log_every == 0 or step == self.total_steps or "eval_loss" in rec:
-            total = f"/{self.total_steps}" if self.total_steps else ""
-            gn = rec.get("grad_norm")
-            parts = [
-                f"step {step}{total}",
-                f"loss {rec['loss']:.4f}",
-                f"grad_norm {gn:.3f}" if gn is not None else "grad_norm -",
-                f"lr {rec['lr']:.2e}",
-                f"tok/s {rec['tokens_per_s']:.0f}",
-            ]
-            if "eval_loss" in rec:
-                parts.append(f"eval_loss {rec['eval_loss']:.4f}")
-            print("  ".join(parts), file=self.out, flush=True)
+        if self.out is not None and should_print(rec, self.total_steps, self.log_every):
+            print(format_record(rec, self.total_steps), file=self.out, flush=True)
         return rec
+
+
+def make_ray_coordinator(log: MetricsLog):
+    """A Ray Train callback: it runs in the Train controller (on the driver's node) and receives every
+    worker's report of a step at once, which is exactly what :func:`merge` needs."""
+    from ray.train.v2.api.callback import UserCallback
+
+    class RayCoordinator(UserCallback):
+        def __init__(self) -> None:
+            self.log = log
+            self.placement: dict[int, str] = {}
+
+        def after_report(self, run_context, metrics, checkpoint) -> None:
+            if not self.placement:
+                self.placement = {m["rank"]: m.get("node", "?") for m in metrics}
+                placement_file = self.log.path.parent / "workers.json"
+                placement_file.write_text(json.dumps({str(k): v for k, v in sorted(self.placement.items())}))
+            self.log.log(list(metrics))
+
+    return RayCoordinator()

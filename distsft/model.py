@@ -99,6 +99,9 @@ def materialize_demo(seed: int) -> Path:
 def load_model(cfg: ModelConfig, dtype: torch.dtype, attn_implementation: str, seed: int) -> Any:
     """The demo is a seeded random init (see :func:`materialize_demo`); everything else is pretrained."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
     src = str(materialize_demo(seed)) if cfg.path == "demo" else _source(cfg.path)
     model = AutoModelForCausalLM.from_pretrained(

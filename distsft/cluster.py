@@ -1,0 +1,125 @@
+"""Cluster files: where the workers run and with what, validated like run configs.
+
+A cluster file says how to reach Ray and how to place workers; it never says what to train. Values of
+``env`` are passed to workers but never printed (they often hold tokens).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from distsft.config import load_typed
+from distsft.errors import ConfigError
+
+CLUSTER_DIR = Path(__file__).resolve().parent.parent / "cluster"
+
+
+@dataclass(frozen=True)
+class WorkerResources:
+    cpus: float = 1.0
+    gpus: float = 0.0
+    memory_gb: float | None = None
+    accelerator_type: str | None = None
+    """Ray's accelerator type label, e.g. ``A100-80G`` or ``H100``: workers only go to such nodes."""
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    address: str | None = None
+    """``null``: start a Ray instance on this machine; ``auto``: join the one running here (``ray start``);
+    ``ray://head:10001``: a remote cluster through Ray Client; or ``head:6379``."""
+    num_nodes: int = 1
+    workers_per_node: int = 0
+    """0: one per GPU of this machine, or 2 CPU workers where it has none (local Ray only)."""
+    resources_per_worker: WorkerResources = field(default_factory=WorkerResources)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """Ray placement-group strategy for the workers' bundles; PACK fills a node before the next."""
+    storage_path: str | None = None
+    """Where checkpoints go: a local path, an NFS mount shared by all nodes, or ``s3://``/``gs://`` URI.
+    Defaults to ``output_dir`` (fine on one node)."""
+    env: dict[str, str] = field(default_factory=dict)
+    """Environment for workers, e.g. NCCL_* settings or HF_TOKEN; values are never printed."""
+    runtime_env: dict[str, Any] = field(default_factory=dict)
+    """Passed to Ray as the workers' runtime_env (pip, working_dir, ...)."""
+    max_failures: int = 0
+    """Worker-group restarts after a worker or node dies (Ray Train FailureConfig)."""
+    placement_timeout_s: float = 120.0
+    """How long to wait for the cluster to offer every worker's resources before failing."""
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    dashboard_host: str = "127.0.0.1"
+    """For a Ray instance distsft starts: where its dashboard listens (loopback unless you open it)."""
+    num_cpus: int | None = None
+    """For a Ray instance distsft starts: CPUs it may use (default: all of this machine's)."""
+
+    @property
+    def num_workers(self) -> int:
+        return self.num_nodes * self.workers_per_node
+
+    @property
+    def use_gpu(self) -> bool:
+        return self.resources_per_worker.gpus > 0
+
+    def bundle(self) -> dict[str, float]:
+        """One worker's Ray resources."""
+        r = self.resources_per_worker
+        b: dict[str, float] = {"CPU": r.cpus}
+        if r.gpus:
+            b["GPU"] = r.gpus
+        if r.memory_gb:
+            b["memory"] = r.memory_gb * 1024**3
+        if r.accelerator_type:
+            b[f"accelerator_type:{r.accelerator_type}"] = 0.001
+        return b
+
+    def redacted(self) -> dict[str, Any]:
+        """For printing: env values replaced, so secrets never reach a log."""
+        import dataclasses
+
+        d = dataclasses.asdict(self)
+        d["env"] = {k: "<set>" for k in self.env}
+        rt = dict(d.get("runtime_env") or {})
+        if "env_vars" in rt:
+            rt["env_vars"] = {k: "<set>" for k in rt["env_vars"]}
+        d["runtime_env"] = rt
+        return d
+
+
+_CHECKS = {
+    "num_nodes": (lambda v: v >= 1, "an integer >= 1"),
+    "workers_per_node": (lambda v: v >= 0, "an integer >= 0 (0: one per local GPU, or 2 on CPU)"),
+    "resources_per_worker.cpus": (lambda v: v > 0, "a number > 0"),
+    "resources_per_worker.gpus": (lambda v: v >= 0, "a number >= 0"),
+    "resources_per_worker.memory_gb": (lambda v: v is None or v > 0, "a number > 0"),
+    "max_failures": (lambda v: v >= -1, "-1 (unlimited) or an integer >= 0"),
+    "placement_timeout_s": (lambda v: v > 0, "a number of seconds > 0"),
+    "num_cpus": (lambda v: v is None or v >= 1, "an integer >= 1"),
+}
+
+
+def load_cluster(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> ClusterConfig:
+    """The file's cluster, or the embedded default (a local Ray instance) when ``path`` is None."""
+    if path is None:
+        from distsft.config import _build
+
+        return resolve_local_workers(_build(ClusterConfig, {}, "", "<default>", {}, _CHECKS))
+    cluster = load_typed(ClusterConfig, path, overrides, checks=_CHECKS)
+    if cluster.address not in (None, "local") and cluster.workers_per_node == 0:
+        raise ConfigError(f"{path}: workers_per_node must be set for a remote cluster (address {cluster.address})")
+    return resolve_local_workers(cluster)
+
+
+def resolve_local_workers(cluster: ClusterConfig) -> ClusterConfig:
+    """Fill ``workers_per_node: 0`` from this machine: one worker per GPU, or 2 CPU workers."""
+    import dataclasses
+
+    if cluster.workers_per_node:
+        return cluster
+    import torch
+
+    gpus = torch.cuda.device_count()
+    res = cluster.resources_per_worker
+    if gpus:
+        res = dataclasses.replace(res, gpus=max(res.gpus, 1.0))
+    return dataclasses.replace(cluster, workers_per_node=gpus or 2, resources_per_worker=res)
