@@ -18,8 +18,10 @@ def merge(records: list[dict[str, Any]]) -> dict[str, Any]:
     first = min(records, key=lambda r: r.get("rank", 0))
     times = [r["step_time_s"] for r in records]
     slowest = max(times)
-    merged = {k: v for k, v in first.items() if k not in ("rank", "step_time_s", "node")}
+    merged = {k: v for k, v in first.items() if k not in ("rank", "step_time_s", "node", "node_id")}
     merged["step_time_s"] = slowest
+    if "peak_mem_mb" in first:
+        merged["peak_mem_mb"] = max(r["peak_mem_mb"] for r in records)
     merged["tokens_per_s"] = first["tokens"] / slowest if slowest > 0 else 0.0
     merged["input_tokens_per_s"] = first["input_tokens"] / slowest if slowest > 0 else 0.0
     if len(records) > 1:
@@ -85,9 +87,9 @@ def make_ray_coordinator(log: MetricsLog):
 
         def after_report(self, run_context, metrics, checkpoint) -> None:
             if not self.placement:
-                self.placement = {m["rank"]: m.get("node", "?") for m in metrics}
+                self.placement = {m["rank"]: {"node": m.get("node"), "node_id": m.get("node_id")} for m in metrics}
                 placement_file = self.log.path.parent / "workers.json"
-                placement_file.write_text(json.dumps({str(k): v for k, v in sorted(self.placement.items())}))
+                placement_file.write_text(json.dumps({str(k): v for k, v in sorted(self.placement.items())}, indent=1))
             self.log.log(list(metrics))
 
     return RayCoordinator()

@@ -151,8 +151,10 @@ def ray_worker_loop(config: dict[str, Any]) -> None:
     if config["eval"] is not None:
         eval_rows = datasets.Dataset(InMemoryTable(ray.get(config["eval"])), fingerprint="distsft-eval")
 
+    node_id = ray.get_runtime_context().get_node_id()
+
     def report(record: dict[str, Any]) -> None:
-        ray.train.report({**record, "node": node})
+        ray.train.report({**record, "node": node, "node_id": node_id})
 
     wctx = WorkerContext(rank=rank, world_size=ctx.get_world_size(), local_rank=ctx.get_local_rank(), report=report)
     try:

@@ -9,6 +9,7 @@ tokens for the whole step up front and all-reduces the count, then back-propagat
 
 from __future__ import annotations
 
+import os
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -60,6 +61,22 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak accelerator memory on GPU; peak resident host memory (what ZeRO-3 saves on CPU) otherwise."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def inject_fault(rank: int, step: int) -> None:
+    """Failure injection for tests: ``DISTSFT_FAIL_AT=RANK:STEP`` makes that rank raise at that step."""
+    spec = os.environ.get("DISTSFT_FAIL_AT")
+    if spec and spec == f"{rank}:{step}":
+        raise RuntimeError(f"injected failure (DISTSFT_FAIL_AT={spec})")
+
+
 def all_sum(values: Sequence[float], device: torch.device) -> list[float]:
     t = torch.tensor(list(values), dtype=torch.float64, device=device)
     if dist.is_initialized() and dist.get_world_size() > 1:
@@ -101,6 +118,7 @@ def train(cfg: Config, train_rows: list[dict], eval_rows: list[dict], ctx: Worke
         scale = plan.grad_accum_steps * plan.world_size / max(global_sup, 1.0)
         lr = engine.get_lr()[0]  # the rate this step's update uses; the scheduler moves on in step()
         loss_sum = 0.0
+        inject_fault(ctx.rank, step + 1)
         for b in batches:
             loss, _ = token_loss_sum(engine, b)
             engine.backward(loss * scale)
@@ -118,6 +136,7 @@ def train(cfg: Config, train_rows: list[dict], eval_rows: list[dict], ctx: Worke
             "input_tokens": int(g_tokens),
             "step_time_s": step_time,
             "elapsed_s": time.perf_counter() - start,
+            "peak_mem_mb": peak_memory_mb(device),
             "rank": ctx.rank,
         }
         if eval_rows and cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0:

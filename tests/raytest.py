@@ -1,0 +1,60 @@
+"""Helpers for the Ray tests: small configs whose runs can be compared step by step."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import torch
+from conftest import REPO
+
+from distsft.cluster import ClusterConfig, WorkerResources
+from distsft.config import load_config
+
+SMALL = str(REPO / "tests" / "fixtures" / "support_small.jsonl")
+
+
+def run_cfg(out, *overrides: str):
+    base = [
+        f"output_dir={out}",
+        f"data.path={SMALL}",
+        "data.max_seq_len=256",
+        "data.eval_fraction=0",
+        "train.max_steps=2",
+        "train.lr=1e-4",
+        "train.warmup_steps=0",
+        "train.log_every=1",
+    ]
+    return load_config(None, base + list(overrides))
+
+
+def cluster(workers: int, nodes: int = 1, **kw) -> ClusterConfig:
+    return ClusterConfig(num_nodes=nodes, workers_per_node=workers, resources_per_worker=WorkerResources(cpus=1), **kw)
+
+
+def metrics(out) -> list[dict]:
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_weights(out) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    (path,) = (out / "final").glob("*.safetensors")
+    return load_file(path)
+
+
+def assert_same_run(a, b, rel: float = 1e-5, atol: float = 1e-5) -> None:
+    ma, mb = metrics(a), metrics(b)
+    assert [r["step"] for r in ma] == [r["step"] for r in mb]
+    for ra, rb in zip(ma, mb, strict=True):
+        assert ra["tokens"] == rb["tokens"], (ra, rb)
+        assert abs(ra["loss"] - rb["loss"]) <= rel * abs(ra["loss"]), (ra["step"], ra["loss"], rb["loss"])
+        assert abs(ra["grad_norm"] - rb["grad_norm"]) <= rel * abs(ra["grad_norm"]), (ra["step"], ra, rb)
+    wa, wb = final_weights(a), final_weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=atol, msg=k)
+
+
+def with_env(c: ClusterConfig, **env: str) -> ClusterConfig:
+    return dataclasses.replace(c, env={**c.env, **env})
