@@ -45,6 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--model", required=True, help="a Hugging Face model directory, e.g. runs/demo/final")
 
+    p = sub.add_parser("export", help="consolidate a checkpoint's ZeRO shards into a Hugging Face model directory")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run's output_dir, its checkpoints/ dir, or one step-N dir")
+    p.add_argument("--step", type=int, help="the checkpoint of this step (default: the latest complete one)")
+    p.add_argument("--out", help="output directory (default: RUN_DIR/export-step-N)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--max-shard-size", default="5GB", help="split the safetensors weights above this size")
+
     p = sub.add_parser("generate", help="chat with a trained model directory")
     p.add_argument("--model", required=True, help="a Hugging Face model directory, e.g. runs/demo/final")
     p.add_argument("prompt", help="the user message")
@@ -74,6 +81,8 @@ def cmd_launch(args: argparse.Namespace) -> int:
     from distsft.launch import launch_local, launch_ray
 
     summary = launch_local(cfg) if args.local else launch_ray(cfg, cluster)
+    if summary.get("stopped_at"):
+        return 0
     last = summary.get("last", {})
     print(
         f"done: {summary['steps']} steps in {summary['wall_s']:.0f}s, final loss {last.get('loss', float('nan')):.4f}; "
@@ -117,6 +126,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from distsft import checkpoint
+
+    ckpt = checkpoint.resolve(args.run_dir)
+    if args.step is not None:
+        ckpt = checkpoint.step_dir(ckpt.parent, args.step)
+        if checkpoint.read_manifest(ckpt) is None:
+            raise DistsftError(f"--step {args.step}: no complete checkpoint {ckpt}")
+    step = (checkpoint.read_manifest(ckpt) or {}).get("step")
+    out = Path(args.out) if args.out else Path(args.run_dir) / f"export-step-{step}"
+    checkpoint.export(ckpt, out, dtype=args.dtype, max_shard_size=args.max_shard_size)
+    print(f"exported step {step} from {ckpt} to {out} ({args.dtype})")
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from distsft.generate import generate
 
@@ -130,6 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "launch": cmd_launch,
         "prepare": cmd_prepare,
         "eval": cmd_eval,
+        "export": cmd_export,
         "generate": cmd_generate,
     }[args.command]
     try:

@@ -101,8 +101,13 @@ class TrainConfig:
 @dataclass(frozen=True)
 class CheckpointConfig:
     every_steps: int = 0
-    """Save every N optimizer steps; 0 saves only at the end."""
+    """Save every N optimizer steps; 0 saves only at the end (and on SIGTERM/SIGINT)."""
     keep_last: int = 2
+    resume: str = "auto"
+    """``auto``: continue from the latest complete checkpoint if there is one; ``never``; or a path to a
+    checkpoint (``.../checkpoints/step-00000100``) or a run directory, which must exist and be complete."""
+    allow_changes: bool = False
+    """Resume even when the config differs from the checkpoint's in ways that change the continuation."""
 
 
 @dataclass(frozen=True)

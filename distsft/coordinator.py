@@ -18,13 +18,15 @@ def merge(records: list[dict[str, Any]]) -> dict[str, Any]:
     first = min(records, key=lambda r: r.get("rank", 0))
     times = [r["step_time_s"] for r in records]
     slowest = max(times)
-    merged = {k: v for k, v in first.items() if k not in ("rank", "step_time_s", "node", "node_id")}
+    merged = {k: v for k, v in first.items() if k not in ("rank", "step_time_s", "node", "node_id", "pid")}
     merged["step_time_s"] = slowest
     if "peak_mem_mb" in first:
         merged["peak_mem_mb"] = max(r["peak_mem_mb"] for r in records)
     merged["tokens_per_s"] = first["tokens"] / slowest if slowest > 0 else 0.0
     merged["input_tokens_per_s"] = first["input_tokens"] / slowest if slowest > 0 else 0.0
     if len(records) > 1:
+        if "peak_mem_mb" in first:
+            merged["peak_mem_mb_by_rank"] = [r["peak_mem_mb"] for r in sorted(records, key=lambda r: r["rank"])]
         merged["fastest_worker_s"] = min(times)
         merged["slowest_worker_rank"] = max(records, key=lambda r: r["step_time_s"]).get("rank", 0)
     return merged
@@ -86,8 +88,12 @@ def make_ray_coordinator(log: MetricsLog):
             self.placement: dict[int, str] = {}
 
         def after_report(self, run_context, metrics, checkpoint) -> None:
-            if not self.placement:
-                self.placement = {m["rank"]: {"node": m.get("node"), "node_id": m.get("node_id")} for m in metrics}
+            if not self.placement or any(m.get("pid") != self.placement.get(m["rank"], {}).get("pid") for m in metrics):
+                # first report, or the worker group was restarted after a failure
+                self.placement = {
+                    m["rank"]: {"node": m.get("node"), "node_id": m.get("node_id"), "pid": m.get("pid")}
+                    for m in metrics
+                }
                 placement_file = self.log.path.parent / "workers.json"
                 placement_file.write_text(json.dumps({str(k): v for k, v in sorted(self.placement.items())}, indent=1))
             self.log.log(list(metrics))

@@ -10,19 +10,22 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import threading
 import time
 import traceback
+import uuid
 from pathlib import Path
 from typing import Any
 
+from distsft import checkpoint
 from distsft.cluster import ClusterConfig
 from distsft.config import Config, build_config, dump_config, save_config
 from distsft.coordinator import MetricsLog, format_record, make_ray_coordinator, should_print
 from distsft.data.prepare import PreparedData, prepare
 from distsft.data.sampler import total_steps
-from distsft.errors import DistsftError
-from distsft.model import load_tokenizer
+from distsft.errors import ConfigError, DistsftError
+from distsft.model import load_tokenizer, materialize_demo
 
 
 class WorkerFailure(RuntimeError):
@@ -38,6 +41,8 @@ def _start(cfg: Config, quiet: bool) -> tuple[Path, PreparedData, float]:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
+    if cfg.model.path == "demo":
+        materialize_demo(cfg.train.seed)  # once here, rather than by every worker at the same time
     if not quiet:
         print("resolved config:\n" + dump_config(cfg), flush=True)
     t0 = time.perf_counter()
@@ -53,9 +58,19 @@ def _start(cfg: Config, quiet: bool) -> tuple[Path, PreparedData, float]:
     return out, data, t0
 
 
-def _finish(out: Path, summary: dict[str, Any], data: PreparedData, t0: float) -> dict[str, Any]:
+def _finish(cfg: Config, out: Path, root: Path, summary: dict[str, Any], data: PreparedData, t0: float):
+    """The coordinator's last job: consolidate the final checkpoint's shards into ``output_dir/final``."""
     summary["data"] = data.stats.as_dict()
-    summary["final_dir"] = str(out / "final")
+    summary["checkpoint"] = str(checkpoint.find_latest(root))
+    if summary.get("stopped_at"):
+        print(
+            f"stopped at step {summary['stopped_at']}; checkpoint {summary['checkpoint']}; "
+            "run the same command again to continue",
+            flush=True,
+        )
+    else:
+        checkpoint.export(Path(summary["checkpoint"]), out / "final")
+        summary["final_dir"] = str(out / "final")
     summary["wall_s"] = time.perf_counter() - t0
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     return summary
@@ -65,11 +80,70 @@ def launch_local(cfg: Config, quiet: bool = False) -> dict[str, Any]:
     from distsft.train import WorkerContext, train
 
     out, data, t0 = _start(cfg, quiet)
+    root = checkpoint_root(cfg, None)
+    meta = _resume_plan(cfg, root, world_size=1, data=data)
     steps = total_steps(len(data.train), cfg.batch_plan(1), cfg.train.max_steps, cfg.train.epochs)
     log = MetricsLog(out, total_steps=steps, log_every=cfg.train.log_every)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    summary = train(cfg, data.train, data.eval, WorkerContext(report=log.log))
-    return _finish(out, summary, data, t0)
+    with _StopOnSignal() as stop:
+        ctx = WorkerContext(report=log.log, checkpoint_dir=str(root), should_stop=stop.is_set, run_meta=meta)
+        summary = train(cfg, data.train, data.eval, ctx)
+    return _finish(cfg, out, root, summary, data, t0)
+
+
+def checkpoint_root(cfg: Config, cluster: ClusterConfig | None) -> Path:
+    """``output_dir/checkpoints`` locally; under the cluster's storage path (shared by every node) on Ray."""
+    if cluster is not None and cluster.storage_path:
+        return Path(cluster.storage_path).expanduser().resolve() / Path(cfg.output_dir).name / "checkpoints"
+    return Path(cfg.output_dir).resolve() / "checkpoints"
+
+
+def _resume_plan(cfg: Config, root: Path, world_size: int, data: PreparedData) -> dict[str, Any]:
+    """Validate the checkpoint this launch will continue from, before any worker starts."""
+    meta = {"run_id": uuid.uuid4().hex, "data_fingerprint": data.cache_dir.name if data.cache_dir else ""}
+    ckpt = checkpoint.pick_resume(cfg.checkpoint.resume, root, meta["run_id"])
+    if ckpt is not None:
+        manifest = checkpoint.read_manifest(ckpt) or {}
+        diffs = checkpoint.check_continuation(
+            manifest, cfg.to_dict(), world_size, meta["data_fingerprint"], cfg.checkpoint.allow_changes
+        )
+        note = f" (allowed changes: {'; '.join(diffs)})" if diffs else ""
+        print(f"resuming from {ckpt} (step {manifest.get('step')}){note}", flush=True)
+    return meta
+
+
+class _StopOnSignal:
+    """SIGTERM/SIGINT ask the run to save a checkpoint of the current step and exit; a second one aborts."""
+
+    def __init__(self, on_stop=None) -> None:
+        self._event = threading.Event()
+        self._on_stop = on_stop
+        self._old: dict[int, Any] = {}
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self._event.is_set():
+            raise KeyboardInterrupt
+        print(
+            f"\n{signal.Signals(signum).name}: saving a checkpoint of the current step, then exiting "
+            "(send it again to abort without saving)",
+            flush=True,
+        )
+        self._event.set()
+        if self._on_stop is not None:
+            self._on_stop()
 
 
 # --- Ray --------------------------------------------------------------------------------------------
@@ -80,12 +154,16 @@ def launch_ray(cfg: Config, cluster: ClusterConfig, quiet: bool = False) -> dict
     from ray.train.v2.api.config import LoggingConfig
 
     cfg = absolute_paths(cfg)  # workers run in their own directories
+    check_storage(cluster)
     out, data, t0 = _start(cfg, quiet)
+    root = checkpoint_root(cfg, cluster)
+    meta = _resume_plan(cfg, root, world_size=cluster.num_workers, data=data)
     plan = cfg.batch_plan(cluster.num_workers)
     steps = total_steps(len(data.train), plan, cfg.train.max_steps, cfg.train.epochs)
     started_here = _init_ray(cluster)
     try:
         _check_placement(cluster)
+        stop_flag = ray.remote(num_cpus=0)(StopFlag).remote()
         log = MetricsLog(out, total_steps=steps, log_every=cfg.train.log_every, out=None)
         resources = {"CPU": cluster.resources_per_worker.cpus}
         if cluster.use_gpu:
@@ -101,6 +179,9 @@ def launch_ray(cfg: Config, cluster: ClusterConfig, quiet: bool = False) -> dict
                 "cfg": cfg.to_dict(),
                 "train": ray.put(_arrow(data.train)),
                 "eval": ray.put(_arrow(data.eval)) if len(data.eval) else None,
+                "checkpoint_dir": str(root),
+                "run_meta": meta,
+                "stop_flag": stop_flag,
             },
             torch_config=TorchConfig(backend=backend),
             scaling_config=ScalingConfig(
@@ -119,17 +200,64 @@ def launch_ray(cfg: Config, cluster: ClusterConfig, quiet: bool = False) -> dict
                 logging_config=LoggingConfig(log_level="WARNING"),
             ),
         )
-        with _MetricsPrinter(log.path, steps, cfg.train.log_every):
-            try:
-                trainer.fit()
-            except Exception as e:
-                raise DistsftError(_describe_failure(e)) from None
+        stop = _StopOnSignal(on_stop=lambda: stop_flag.set.remote())
+        with _MetricsPrinter(log.path, steps, cfg.train.log_every), stop:
+            error = _fit_in_thread(trainer)
+        if error is not None:
+            raise DistsftError(_describe_failure(error))
     finally:
         if started_here:
             ray.shutdown()
     rows = [json.loads(x) for x in log.path.read_text().splitlines()]
     summary = {"steps": steps, "workers": cluster.num_workers, "last": rows[-1] if rows else {}}
-    return _finish(out, summary, data, t0)
+    if stop.is_set():
+        summary["stopped_at"] = summary["last"].get("step")
+    return _finish(cfg, out, root, summary, data, t0)
+
+
+class StopFlag:
+    """A tiny Ray actor: the driver sets it on SIGTERM/SIGINT; rank 0 reads it after every step."""
+
+    def __init__(self) -> None:
+        self.value = False
+
+    def set(self) -> None:
+        self.value = True
+
+    def get(self) -> bool:
+        return self.value
+
+
+def _fit_in_thread(trainer: Any) -> BaseException | None:
+    """``fit()`` off the main thread, so SIGTERM/SIGINT reach our handler (a graceful, checkpointed stop)
+    instead of Ray's (which aborts the workers without saving)."""
+    result: list[BaseException | None] = [None]
+
+    def run() -> None:
+        try:
+            trainer.fit()
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread
+            result[0] = e
+
+    thread = threading.Thread(target=run, name="distsft-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(timeout=0.5)
+    return result[0]
+
+
+def check_storage(cluster: ClusterConfig) -> None:
+    """Refuse plans whose checkpoints would be scattered over node-local disks with nothing to merge them."""
+    if cluster.storage_path and "://" in cluster.storage_path:
+        raise ConfigError(
+            f"storage_path {cluster.storage_path}: object-store URIs are not supported for checkpoints yet; "
+            "mount the bucket (or an NFS share) on every node and give its path"
+        )
+    if cluster.num_nodes > 1 and not cluster.storage_path:
+        raise ConfigError(
+            f"{cluster.num_nodes} nodes but no storage_path: every rank writes its checkpoint shards where "
+            "the others can read them, so set storage_path to a filesystem all nodes share (an NFS mount)"
+        )
 
 
 def ray_worker_loop(config: dict[str, Any]) -> None:
@@ -154,9 +282,18 @@ def ray_worker_loop(config: dict[str, Any]) -> None:
     node_id = ray.get_runtime_context().get_node_id()
 
     def report(record: dict[str, Any]) -> None:
-        ray.train.report({**record, "node": node, "node_id": node_id})
+        ray.train.report({**record, "node": node, "node_id": node_id, "pid": os.getpid()})
 
-    wctx = WorkerContext(rank=rank, world_size=ctx.get_world_size(), local_rank=ctx.get_local_rank(), report=report)
+    stop_flag = config["stop_flag"]
+    wctx = WorkerContext(
+        rank=rank,
+        world_size=ctx.get_world_size(),
+        local_rank=ctx.get_local_rank(),
+        report=report,
+        checkpoint_dir=config["checkpoint_dir"],
+        should_stop=lambda: ray.get(stop_flag.get.remote()),
+        run_meta=config["run_meta"],
+    )
     try:
         train(cfg, train_rows, eval_rows, wctx)
     except Exception as e:

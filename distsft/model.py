@@ -88,7 +88,13 @@ def materialize_demo(seed: int) -> Path:
     torch.manual_seed(seed)
     model = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)](config)  # plain construction: never partitioned
     tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
-    model.save_pretrained(tmp, safe_serialization=True)
+    tmp.mkdir(parents=True, exist_ok=True)
+    # Written by hand, not with save_pretrained: inside a process group transformers saves only on the
+    # main process, and every worker (on any node) must be able to materialise its own copy.
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors", {"format": "pt"})
+    (tmp / "config.json").write_text(config.to_json_string())
     try:
         tmp.rename(out)
     except OSError:  # another process finished first; its copy is identical
@@ -113,7 +119,6 @@ def load_model(cfg: ModelConfig, dtype: torch.dtype, attn_implementation: str, s
     )
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(model)
-    model.config.use_cache = False
     return model
 
 

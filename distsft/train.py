@@ -12,20 +12,22 @@ from __future__ import annotations
 import os
 import random
 import time
+import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from distsft import checkpoint
 from distsft.config import Config
 from distsft.data.collate import collate
 from distsft.data.sampler import rank_micro_batches, step_rows, total_steps
 from distsft.data.tokenize import IGNORE_INDEX
 from distsft.engine import build_engine, init_distributed, render_ds_config
-from distsft.export import gathered_state_dict, save_hf
 from distsft.loss import token_loss_sum
 from distsft.model import (
     count_parameters,
@@ -46,6 +48,12 @@ class WorkerContext:
     local_rank: int = 0
     report: Callable[[dict[str, Any]], None] = lambda record: None
     """Receives this rank's per-step record; the coordinator merges records across ranks."""
+    checkpoint_dir: str | None = None
+    """Where checkpoints live (default ``output_dir/checkpoints``); every rank must see the same path."""
+    should_stop: Callable[[], bool] = lambda: False
+    """Asked on rank 0 after every step; True saves a checkpoint of that step and ends the run."""
+    run_meta: dict[str, Any] = field(default_factory=dict)
+    """Recorded in every checkpoint's manifest: run id, data fingerprint (what resume compares)."""
 
 
 def pick_device(local_rank: int) -> torch.device:
@@ -71,10 +79,20 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def inject_fault(rank: int, step: int) -> None:
-    """Failure injection for tests: ``DISTSFT_FAIL_AT=RANK:STEP`` makes that rank raise at that step."""
+    """Failure injection for tests: ``DISTSFT_FAIL_AT=RANK:STEP[:MARKER]`` makes that rank raise at that
+    step; with a marker file it fails only once (the marker is created), so a restarted run can finish."""
     spec = os.environ.get("DISTSFT_FAIL_AT")
-    if spec and spec == f"{rank}:{step}":
-        raise RuntimeError(f"injected failure (DISTSFT_FAIL_AT={spec})")
+    if not spec:
+        return
+    parts = spec.split(":", 2)
+    if parts[:2] != [str(rank), str(step)]:
+        return
+    if len(parts) == 3:
+        marker = Path(parts[2])
+        if marker.exists():
+            return
+        marker.touch()
+    raise RuntimeError(f"injected failure (DISTSFT_FAIL_AT={spec})")
 
 
 def all_sum(values: Sequence[float], device: torch.device) -> list[float]:
@@ -85,6 +103,8 @@ def all_sum(values: Sequence[float], device: torch.device) -> list[float]:
 
 
 def train(cfg: Config, train_rows: list[dict], eval_rows: list[dict], ctx: WorkerContext) -> dict[str, Any]:
+    # DeepSpeed calls torch.distributed APIs that torch now marks deprecated, once per bucket per step.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
     device = pick_device(ctx.local_rank)
     init_distributed(device)
     seed_everything(cfg.train.seed)
@@ -105,9 +125,22 @@ def train(cfg: Config, train_rows: list[dict], eval_rows: list[dict], ctx: Worke
         batch = collate(rows, tokenizer.pad_token_id, attn, dtype)
         return {k: v.to(device) for k, v in batch.items()}
 
+    root = Path(ctx.checkpoint_dir or Path(cfg.output_dir) / "checkpoints")
+    start_step = 0
+    resume_from = checkpoint.pick_resume(cfg.checkpoint.resume, root, ctx.run_meta.get("run_id", ""))
+    if resume_from is not None:
+        start_step = checkpoint.load(engine, resume_from)
+        if ctx.rank == 0:
+            print(f"resumed from {resume_from} at step {start_step}", flush=True)
+    hf_parts = [engine.module.config, tokenizer, getattr(engine.module, "generation_config", None)]
+    meta = {**ctx.run_meta, "config": cfg.to_dict()}
+
+    def save(step: int) -> None:
+        checkpoint.save(engine, root, step, meta, cfg.checkpoint.keep_last, [p for p in hf_parts if p is not None])
+
     start = time.perf_counter()
-    summary: dict[str, Any] = {"steps": steps, "parameters": n_params}
-    for step in range(steps):
+    summary: dict[str, Any] = {"steps": steps, "parameters": n_params, "start_step": start_step}
+    for step in range(start_step, steps):
         engine.train()
         t0 = time.perf_counter()
         micro = rank_micro_batches(step_rows(len(train_rows), plan, step, cfg.train.seed), plan, ctx.rank)
@@ -143,15 +176,23 @@ def train(cfg: Config, train_rows: list[dict], eval_rows: list[dict], ctx: Worke
             record["eval_loss"] = evaluate(engine, eval_rows, plan.micro_batch_size, ctx, to_device, device)
         ctx.report(record)
         summary["last"] = record
+        done, every = step + 1, cfg.checkpoint.every_steps
+        stop = stop_requested(ctx, device)
+        if stop or done == steps or (every and done % every == 0):
+            save(done)
+        if stop:
+            summary["stopped_at"] = done
+            return summary
 
     if eval_rows:
         summary["eval_loss"] = evaluate(engine, eval_rows, plan.micro_batch_size, ctx, to_device, device)
-    sd = gathered_state_dict(engine)
-    if sd is not None:
-        save_hf(engine.module, sd, tokenizer, f"{cfg.output_dir}/final")
-    if dist.is_initialized():
-        dist.barrier()
     return summary
+
+
+def stop_requested(ctx: WorkerContext, device: torch.device) -> bool:
+    """Rank 0 decides and every rank follows, so all of them save the same step (a collective)."""
+    (flag,) = all_sum([1.0 if ctx.rank == 0 and ctx.should_stop() else 0.0], device)
+    return flag > 0
 
 
 @torch.no_grad()

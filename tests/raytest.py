@@ -29,6 +29,7 @@ def run_cfg(out, *overrides: str):
 
 
 def cluster(workers: int, nodes: int = 1, **kw) -> ClusterConfig:
+    """Two or more nodes need a shared storage_path; on one machine any directory is shared."""
     return ClusterConfig(num_nodes=nodes, workers_per_node=workers, resources_per_worker=WorkerResources(cpus=1), **kw)
 
 

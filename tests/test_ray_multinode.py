@@ -29,7 +29,9 @@ def test_workers_spread_over_two_nodes_match_the_single_process_run(two_nodes, t
     ref, out = tmp_path / "ref", tmp_path / "ray"
     launch_local(run_cfg(ref, "train.micro_batch_size=2", "train.grad_accum_steps=1", "train.zero_stage=3"), quiet=True)
     cfg = run_cfg(out, "train.micro_batch_size=1", "train.grad_accum_steps=1", "train.zero_stage=3")
-    launch_ray(cfg, cluster(1, nodes=2, placement_strategy="STRICT_SPREAD"), quiet=True)
+    launch_ray(
+        cfg, cluster(1, nodes=2, placement_strategy="STRICT_SPREAD", storage_path=str(tmp_path / "shared")), quiet=True
+    )
     placement = json.loads((out / "workers.json").read_text())
     assert len({w["node_id"] for w in placement.values()}) == 2, placement
     assert_same_run(ref, out)

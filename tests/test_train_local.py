@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -103,34 +101,3 @@ def test_grad_accumulation_split_does_not_change_the_step(tmp_path):
     for ra, rb in zip(metrics(a), metrics(b), strict=True):
         assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5)
         assert ra["grad_norm"] == pytest.approx(rb["grad_norm"], rel=1e-5)
-
-
-def test_demo_launch_learns_the_support_reply(tmp_path):
-    """The README's main command, end to end in a fresh process: train the demo, then chat with it."""
-    run = subprocess.run(
-        [sys.executable, "-m", "distsft", "launch", "--set", f"output_dir={tmp_path}"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    rows = metrics(tmp_path)
-    assert rows[-1]["loss"] < rows[0]["loss"] / 5
-    gen = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "distsft",
-            "generate",
-            "--model",
-            str(tmp_path / "final"),
-            "My internet connection is slow. Can you help me troubleshoot?",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert gen.returncode == 0, gen.stderr[-3000:]
-    assert gen.stdout.strip().startswith("Let's start by restarting your router"), gen.stdout

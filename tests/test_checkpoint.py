@@ -1,0 +1,199 @@
+"""Checkpoints on real DeepSpeed: atomic saves, exact resume, partial saves ignored, refusals, export."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import REPO
+from raytest import final_weights, metrics, run_cfg
+
+from distsft import checkpoint
+from distsft.errors import ConfigError
+from distsft.launch import launch_local
+
+pytestmark = pytest.mark.slow
+
+
+def ckpt_cfg(out, *overrides):
+    return run_cfg(out, "train.max_steps=6", "checkpoint.every_steps=2", "train.micro_batch_size=2", *overrides)
+
+
+def assert_weights_equal(a, b, atol=1e-6):
+    wa, wb = final_weights(a), final_weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=atol, msg=k)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_resumed_run_equals_uninterrupted(tmp_path, stage, monkeypatch):
+    full, crashed = tmp_path / "full", tmp_path / "crashed"
+    launch_local(ckpt_cfg(full, f"train.zero_stage={stage}"), quiet=True)
+    monkeypatch.setenv("DISTSFT_FAIL_AT", "0:5")
+    with pytest.raises(RuntimeError, match="injected failure"):
+        launch_local(ckpt_cfg(crashed, f"train.zero_stage={stage}"), quiet=True)
+    assert checkpoint.find_latest(crashed / "checkpoints").name == "step-00000004"
+    monkeypatch.delenv("DISTSFT_FAIL_AT")
+    summary = launch_local(ckpt_cfg(crashed, f"train.zero_stage={stage}"), quiet=True)  # the same command again
+    assert summary["start_step"] == 4
+    resumed = metrics(crashed)
+    assert [r["step"] for r in resumed] == [5, 6]  # first logged step is the one after the checkpoint
+    for r, f in zip(resumed, metrics(full)[4:], strict=True):
+        assert r["loss"] == pytest.approx(f["loss"], rel=1e-6) and r["lr"] == pytest.approx(f["lr"], rel=1e-9)
+    assert_weights_equal(full, crashed)
+    assert sorted(p.name for p in (crashed / "checkpoints").glob("step-*")) == ["step-00000004", "step-00000006"]
+
+
+def test_partial_or_corrupt_checkpoints_are_ignored(tmp_path):
+    out = tmp_path / "run"
+    launch_local(ckpt_cfg(out, "train.max_steps=4", "checkpoint.keep_last=3"), quiet=True)
+    root = out / "checkpoints"
+    assert checkpoint.find_latest(root).name == "step-00000004"
+    # a save that died after some shards: only a .tmp dir exists
+    shutil.copytree(root / "step-00000004", root / ".tmp-step-00000006")
+    (root / ".tmp-step-00000006" / checkpoint.MANIFEST).unlink()
+    # a directory renamed into place but with a truncated shard, and a pointer that names it
+    bad = root / "step-00000008"
+    shutil.copytree(root / "step-00000004", bad)
+    shard = next((bad / "ds").glob("*optim_states.pt"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    (root / "latest").write_text(bad.name)
+    assert checkpoint.find_latest(root).name == "step-00000004"
+    (root / "latest").write_text("garbage")
+    assert checkpoint.find_latest(root).name == "step-00000004"
+
+
+def test_explicit_resume_path_must_exist_and_be_complete(tmp_path):
+    with pytest.raises(ConfigError, match="no such directory"):
+        launch_local(ckpt_cfg(tmp_path / "a", f"checkpoint.resume={tmp_path}/missing"), quiet=True)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="no complete checkpoint"):
+        launch_local(ckpt_cfg(tmp_path / "b", f"checkpoint.resume={tmp_path}/empty"), quiet=True)
+
+
+def test_changed_config_is_refused_with_the_differences(tmp_path):
+    out = tmp_path / "run"
+    launch_local(ckpt_cfg(out, "train.max_steps=2"), quiet=True)
+    with pytest.raises(ConfigError) as e:
+        launch_local(ckpt_cfg(out, "train.max_steps=2", "train.lr=5e-4", "data.max_seq_len=128"), quiet=True)
+    msg = str(e.value)
+    assert "train.lr: 0.0001 -> 0.0005" in msg and "data.max_seq_len: 256 -> 128" in msg
+    assert "checkpoint.allow_changes=true" in msg
+    summary = launch_local(ckpt_cfg(out, "train.max_steps=4", "checkpoint.allow_changes=true"), quiet=True)
+    assert summary["start_step"] == 2
+
+
+def test_a_different_worker_count_is_refused_clearly():
+    with pytest.raises(ConfigError, match="written by 2 workers and this run has 4"):
+        checkpoint.check_continuation({"world_size": 2, "config": {}}, {}, 4, "", allow=True)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_consolidated_weights_equal_the_engines_weights(tmp_path, stage):
+    """Export reads the shards from disk; the engine's own (gathered) parameters must match exactly."""
+    import deepspeed
+
+    from distsft.engine import build_engine, render_ds_config
+    from distsft.model import load_model
+
+    out = tmp_path / "run"
+    cfg = ckpt_cfg(out, "train.max_steps=2", f"train.zero_stage={stage}")
+    launch_local(cfg, quiet=True)
+    ds = render_ds_config(cfg, cfg.batch_plan(1), torch.float32, torch.device("cpu"), 256)
+    engine, _keep = build_engine(cfg, ds, lambda: load_model(cfg.model, torch.float32, "sdpa", 0), 2)
+    checkpoint.load(engine, checkpoint.find_latest(out / "checkpoints"))
+    exported = final_weights(out)
+    for name, p in engine.module.named_parameters():
+        with deepspeed.zero.GatheredParameters([p]):
+            torch.testing.assert_close(exported[name], p.detach().clone(), rtol=0, atol=0, msg=name)
+    from transformers import AutoModelForCausalLM
+
+    _, info = AutoModelForCausalLM.from_pretrained(out / "final", output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+
+
+def test_export_command_and_dtype(tmp_path, cli):
+    out = tmp_path / "run"
+    launch_local(ckpt_cfg(out, "train.max_steps=4", "checkpoint.keep_last=2"), quiet=True)
+    code, stdout, err = cli("export", str(out), "--step", "2", "--dtype", "bf16", "--out", str(tmp_path / "bf16"))
+    assert code == 0, err
+    from safetensors.torch import load_file
+
+    (f,) = (tmp_path / "bf16").glob("*.safetensors")
+    assert all(t.dtype == torch.bfloat16 for t in load_file(f).values())
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
+    code, _, err = cli("export", str(out), "--step", "3")
+    assert code == 2 and "no complete checkpoint" in err
+
+
+def test_sigterm_saves_the_current_step_and_the_same_command_continues(tmp_path):
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "distsft",
+        "launch",
+        "--local",
+        "--set",
+        f"output_dir={out}",
+        "--set",
+        f"data.path={REPO}/tests/fixtures/support_small.jsonl",
+        "--set",
+        "data.max_seq_len=256",
+        "--set",
+        "train.max_steps=200",
+        "--set",
+        "train.micro_batch_size=1",
+        "--set",
+        "train.log_every=1",
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "DISTSFT_FAIL_AT": ""},
+    )
+    deadline = time.monotonic() + 240
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("step 3/"):
+            proc.send_signal(signal.SIGTERM)
+            break
+        assert time.monotonic() < deadline, "".join(lines)
+    rest, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, "".join(lines) + rest
+    saved = checkpoint.find_latest(out / "checkpoints")
+    step = checkpoint.read_manifest(saved)["step"]
+    assert 3 <= step < 200 and f"stopped at step {step}" in rest
+    assert not (out / "final").exists()
+    again = subprocess.run(
+        [
+            *cmd[:-6],
+            "--set",
+            f"train.max_steps={step + 2}",
+            "--set",
+            "checkpoint.allow_changes=true",
+            "--set",
+            "train.micro_batch_size=1",
+            "--set",
+            "train.log_every=1",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert f"resuming from {saved}" in again.stdout
+    assert [r["step"] for r in metrics(out)] == [step + 1, step + 2]

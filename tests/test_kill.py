@@ -1,0 +1,149 @@
+"""kill -9 at the worst moments, on real processes: the launcher, and a save in progress."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import REPO
+from raytest import SMALL, final_weights, metrics
+
+from distsft import checkpoint
+
+pytestmark = pytest.mark.slow
+
+
+def launch_cmd(out, *extra: str, local: bool = True) -> list[str]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "distsft",
+        "launch",
+        "--set",
+        f"output_dir={out}",
+        "--set",
+        f"data.path={SMALL}",
+        "--set",
+        "data.max_seq_len=256",
+        "--set",
+        "data.eval_fraction=0",
+        "--set",
+        "train.max_steps=6",
+        "--set",
+        "checkpoint.every_steps=2",
+        "--set",
+        "train.micro_batch_size=1",
+        "--set",
+        "train.log_every=1",
+        "--set",
+        "train.lr=1e-4",
+    ]
+    for e in extra:
+        cmd += ["--set", e]
+    return cmd + (["--local"] if local else [])
+
+
+def ray_processes() -> set[int]:
+    """Live Ray processes; zombies (exited, waiting for a PID 1 that does not reap) hold nothing."""
+    out = subprocess.run(["ps", "-eo", "pid=,stat=,args="], capture_output=True, text=True).stdout
+    live = set()
+    for line in out.splitlines():
+        pid, stat, args = line.split(None, 2)
+        if not stat.startswith("Z") and any(
+            k in args for k in ("ray::", "raylet", "gcs_server", "dashboard", "RayTrainWorker")
+        ):
+            live.add(int(pid))
+    return live
+
+
+def assert_same_weights(a, b, atol=1e-6):
+    wa, wb = final_weights(a), final_weights(b)
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=atol, msg=k)
+
+
+def test_kill_9_during_a_save_falls_back_to_the_previous_checkpoint(tmp_path):
+    clean, crashed = tmp_path / "clean", tmp_path / "crashed"
+    assert subprocess.run(launch_cmd(clean), cwd=REPO, capture_output=True, timeout=300).returncode == 0
+    died = subprocess.run(
+        launch_cmd(crashed), cwd=REPO, capture_output=True, timeout=300, env={**os.environ, "DISTSFT_KILL_IN_SAVE": "4"}
+    )
+    assert died.returncode == -signal.SIGKILL
+    root = crashed / "checkpoints"
+    assert (root / ".tmp-step-00000004").is_dir()  # shards written, no manifest
+    assert checkpoint.find_latest(root).name == "step-00000002"
+    again = subprocess.run(launch_cmd(crashed), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "step-00000002 (step 2)" in again.stdout
+    assert [r["step"] for r in metrics(crashed)] == [3, 4, 5, 6]
+    assert not (root / ".tmp-step-00000004").exists()
+    assert_same_weights(clean, crashed)
+
+
+def test_kill_9_of_the_ray_launcher_leaves_nothing_behind_and_the_rerun_matches(tmp_path):
+    clean, killed = tmp_path / "clean", tmp_path / "killed"
+    before = ray_processes()
+    run = subprocess.run(launch_cmd(clean, local=False), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+
+    proc = subprocess.Popen(
+        launch_cmd(killed, local=False),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 300
+    for line in proc.stdout:
+        if line.startswith("step 3/"):
+            break
+        assert time.monotonic() < deadline
+    proc.kill()  # SIGKILL: no handler, no cleanup code runs
+    proc.wait(timeout=30)
+    last_ckpt = checkpoint.read_manifest(checkpoint.find_latest(killed / "checkpoints"))["step"]
+    assert last_ckpt >= 2
+    for _ in range(60):  # Ray's processes share the launcher's fate
+        leftovers = ray_processes() - before
+        if not leftovers:
+            break
+        time.sleep(1)
+    assert not leftovers, subprocess.run(
+        ["ps", "-fp", ",".join(map(str, leftovers))], capture_output=True, text=True
+    ).stdout
+
+    again = subprocess.run(launch_cmd(killed, local=False), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"(step {last_ckpt})" in again.stdout
+    assert metrics(killed)[0]["step"] == last_ckpt + 1  # the first logged step follows the checkpoint
+    assert_same_weights(clean, killed)
+
+
+def test_sigterm_to_the_ray_launcher_checkpoints_the_current_step_and_exits_cleanly(tmp_path):
+    out = tmp_path / "run"
+    before = ray_processes()
+    proc = subprocess.Popen(
+        launch_cmd(out, "train.max_steps=200", local=False),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.monotonic() + 300
+    for line in proc.stdout:
+        if line.startswith("step 3/"):
+            proc.send_signal(signal.SIGTERM)
+            break
+        assert time.monotonic() < deadline
+    rest, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, rest[-3000:]
+    step = checkpoint.read_manifest(checkpoint.find_latest(out / "checkpoints"))["step"]
+    assert 3 <= step < 200 and f"stopped at step {step}" in rest
+    assert metrics(out)[-1]["step"] == step
+    time.sleep(5)
+    assert not (ray_processes() - before)
