@@ -160,7 +160,7 @@ def launch_ray(cfg: Config, cluster: ClusterConfig, quiet: bool = False) -> dict
     meta = _resume_plan(cfg, root, world_size=cluster.num_workers, data=data)
     plan = cfg.batch_plan(cluster.num_workers)
     steps = total_steps(len(data.train), plan, cfg.train.max_steps, cfg.train.epochs)
-    started_here = _init_ray(cluster)
+    started_here = _init_ray(cluster, out)
     try:
         _check_placement(cluster)
         stop_flag = ray.remote(num_cpus=0)(StopFlag).remote()
@@ -201,13 +201,15 @@ def launch_ray(cfg: Config, cluster: ClusterConfig, quiet: bool = False) -> dict
             ),
         )
         stop = _StopOnSignal(on_stop=lambda: stop_flag.set.remote())
+        on_tick = (lambda: record_ray_processes(out)) if started_here else None
         with _MetricsPrinter(log.path, steps, cfg.train.log_every), stop:
-            error = _fit_in_thread(trainer)
+            error = _fit_in_thread(trainer, on_tick)
         if error is not None:
             raise DistsftError(_describe_failure(error))
     finally:
         if started_here:
             ray.shutdown()
+            (out / RAY_STATE).unlink(missing_ok=True)
     rows = [json.loads(x) for x in log.path.read_text().splitlines()]
     summary = {"steps": steps, "workers": cluster.num_workers, "last": rows[-1] if rows else {}}
     if stop.is_set():
@@ -228,7 +230,7 @@ class StopFlag:
         return self.value
 
 
-def _fit_in_thread(trainer: Any) -> BaseException | None:
+def _fit_in_thread(trainer: Any, on_tick=None) -> BaseException | None:
     """``fit()`` off the main thread, so SIGTERM/SIGINT reach our handler (a graceful, checkpointed stop)
     instead of Ray's (which aborts the workers without saving)."""
     result: list[BaseException | None] = [None]
@@ -241,8 +243,12 @@ def _fit_in_thread(trainer: Any) -> BaseException | None:
 
     thread = threading.Thread(target=run, name="distsft-fit", daemon=True)
     thread.start()
+    last = 0.0
     while thread.is_alive():
         thread.join(timeout=0.5)
+        if on_tick is not None and time.monotonic() - last > 5:
+            on_tick()
+            last = time.monotonic()
     return result[0]
 
 
@@ -338,7 +344,10 @@ def _storage_path(cfg: Config, cluster: ClusterConfig) -> str:
     return str((Path(cfg.output_dir) / "ray").resolve())
 
 
-def _init_ray(cluster: ClusterConfig) -> bool:
+RAY_STATE = ".ray-local.json"
+
+
+def _init_ray(cluster: ClusterConfig, out: Path) -> bool:
     """Connect to the cluster file's Ray, or start one here with its dashboard on loopback."""
     import ray
 
@@ -346,13 +355,62 @@ def _init_ray(cluster: ClusterConfig) -> bool:
         return False
     kwargs: dict[str, Any] = {"log_to_driver": True, "logging_level": "WARNING"}
     if cluster.address in (None, "local"):
+        _reap_killed_run(out)
         ray.init(num_cpus=cluster.num_cpus, dashboard_host=cluster.dashboard_host, **kwargs)
+        record_ray_processes(out)
     else:
         try:
             ray.init(address=cluster.address, **kwargs)
         except Exception as e:
             raise DistsftError(f"cluster address {cluster.address}: cannot connect to Ray: {e}") from None
     return True
+
+
+def record_ray_processes(out: Path) -> None:
+    """Note the Ray processes this launcher started (its descendants, with their start times), so a
+    later launch can stop whatever a SIGKILL of this one leaves behind."""
+    import psutil
+
+    me = psutil.Process()
+    procs = []
+    for child in me.children(recursive=True):
+        try:
+            procs.append([child.pid, child.create_time()])
+        except psutil.NoSuchProcess:
+            pass
+    state = {"launcher_pid": me.pid, "processes": procs}
+    tmp = out / (RAY_STATE + ".tmp")
+    tmp.write_text(json.dumps(state))
+    os.replace(tmp, out / RAY_STATE)
+
+
+def _reap_killed_run(out: Path) -> None:
+    """A launcher killed with SIGKILL cannot stop the Ray instance it started; most of it dies with it,
+    but agents whose parent lingers as a zombie may not. The next launch in the same output_dir stops
+    the processes the killed one recorded, and refuses to run beside a launcher that is still alive."""
+    import psutil
+
+    state = out / RAY_STATE
+    if not state.is_file():
+        return
+    info = json.loads(state.read_text())
+    pid = info.get("launcher_pid")
+    if pid and psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE and pid != os.getpid():
+        raise DistsftError(f"another launch (pid {pid}) is running in {out}; stop it first or use another output_dir")
+    stale = []
+    for pid, created in info.get("processes", []):
+        try:
+            proc = psutil.Process(pid)
+            if abs(proc.create_time() - created) < 1e-3 and proc.status() != psutil.STATUS_ZOMBIE:
+                stale.append(proc)  # the same process, not a new one that reused the pid
+        except psutil.NoSuchProcess:
+            pass
+    for proc in stale:
+        proc.kill()
+    psutil.wait_procs(stale, timeout=10)
+    if stale:
+        print(f"stopped {len(stale)} leftover Ray processes of an earlier launch that was killed", flush=True)
+    state.unlink(missing_ok=True)
 
 
 def _check_placement(cluster: ClusterConfig) -> None:
