@@ -88,14 +88,17 @@ def make_ray_coordinator(log: MetricsLog):
             self.placement: dict[int, str] = {}
 
         def after_report(self, run_context, metrics, checkpoint) -> None:
-            if not self.placement or any(m.get("pid") != self.placement.get(m["rank"], {}).get("pid") for m in metrics):
+            """``metrics[i]`` is worker i's batch of per-step records; they line up step by step."""
+            batches = [m["records"] for m in metrics]
+            first = [b[0] for b in batches]
+            if not self.placement or any(r.get("pid") != self.placement.get(r["rank"], {}).get("pid") for r in first):
                 # first report, or the worker group was restarted after a failure
                 self.placement = {
-                    m["rank"]: {"node": m.get("node"), "node_id": m.get("node_id"), "pid": m.get("pid")}
-                    for m in metrics
+                    r["rank"]: {"node": r.get("node"), "node_id": r.get("node_id"), "pid": r.get("pid")} for r in first
                 }
                 placement_file = self.log.path.parent / "workers.json"
                 placement_file.write_text(json.dumps({str(k): v for k, v in sorted(self.placement.items())}, indent=1))
-            self.log.log(list(metrics))
+            for step_records in zip(*batches, strict=True):
+                self.log.log(list(step_records))
 
     return RayCoordinator()

@@ -287,8 +287,19 @@ def ray_worker_loop(config: dict[str, Any]) -> None:
 
     node_id = ray.get_runtime_context().get_node_id()
 
+    # ray.train.report synchronises all workers with the controller (about a second on a busy CPU), so
+    # records travel in batches: every log_every steps, before each checkpoint and at the end.
+    pending: list[dict[str, Any]] = []
+
+    def flush() -> None:
+        if pending:
+            ray.train.report({"records": list(pending)})
+            pending.clear()
+
     def report(record: dict[str, Any]) -> None:
-        ray.train.report({**record, "node": node, "node_id": node_id, "pid": os.getpid()})
+        pending.append({**record, "node": node, "node_id": node_id, "pid": os.getpid()})
+        if record["step"] % cfg.train.log_every == 0 or "eval_loss" in record:
+            flush()
 
     stop_flag = config["stop_flag"]
     wctx = WorkerContext(
@@ -296,6 +307,7 @@ def ray_worker_loop(config: dict[str, Any]) -> None:
         world_size=ctx.get_world_size(),
         local_rank=ctx.get_local_rank(),
         report=report,
+        flush=flush,
         checkpoint_dir=config["checkpoint_dir"],
         should_stop=lambda: ray.get(stop_flag.get.remote()),
         run_meta=config["run_meta"],

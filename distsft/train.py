@@ -54,6 +54,8 @@ class WorkerContext:
     """Asked on rank 0 after every step; True saves a checkpoint of that step and ends the run."""
     run_meta: dict[str, Any] = field(default_factory=dict)
     """Recorded in every checkpoint's manifest: run id, data fingerprint (what resume compares)."""
+    flush: Callable[[], None] = lambda: None
+    """Sends records ``report`` buffered; called by every rank at the same steps (before saves, at the end)."""
 
 
 def pick_device(local_rank: int) -> torch.device:
@@ -179,6 +181,7 @@ def train(cfg: Config, train_rows: list[dict], eval_rows: list[dict], ctx: Worke
         done, every = step + 1, cfg.checkpoint.every_steps
         stop = stop_requested(ctx, device)
         if stop or done == steps or (every and done % every == 0):
+            ctx.flush()
             save(done)
         if stop:
             summary["stopped_at"] = done
@@ -186,6 +189,7 @@ def train(cfg: Config, train_rows: list[dict], eval_rows: list[dict], ctx: Worke
 
     if eval_rows:
         summary["eval_loss"] = evaluate(engine, eval_rows, plan.micro_batch_size, ctx, to_device, device)
+    ctx.flush()
     return summary
 
 
