@@ -78,10 +78,6 @@ def _fill_auto(node: dict[str, Any], values: dict[str, Any], prefix: str, path: 
             node[key] = values[dotted]
 
 
-def zero_stage_of(ds: dict[str, Any]) -> int:
-    return int(ds.get("zero_optimization", {}).get("stage", 0))
-
-
 def init_distributed(device: torch.device) -> None:
     """Join the process group: Ray Train has already made one on workers; ``--local`` makes a 1-rank group.
 

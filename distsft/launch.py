@@ -155,6 +155,10 @@ def launch_ray(cfg: Config, cluster: ClusterConfig, quiet: bool = False) -> dict
 
     cfg = absolute_paths(cfg)  # workers run in their own directories
     check_storage(cluster)
+    if not quiet:
+        import yaml
+
+        print("cluster:\n" + yaml.safe_dump(cluster.redacted(), sort_keys=False), flush=True)
     out, data, t0 = _start(cfg, quiet)
     root = checkpoint_root(cfg, cluster)
     meta = _resume_plan(cfg, root, world_size=cluster.num_workers, data=data)

@@ -6,27 +6,15 @@ import json
 
 import pytest
 import torch
-from conftest import REPO
+from raytest import run_cfg
 
-from distsft.config import load_config
 from distsft.launch import launch_local, prepare_data
 
 pytestmark = pytest.mark.slow
 
 
 def small_cfg(tmp_path, *overrides: str):
-    base = [
-        f"output_dir={tmp_path}",
-        f"data.path={REPO}/tests/fixtures/support_small.jsonl",
-        "data.max_seq_len=256",
-        "data.eval_fraction=0",
-        "train.max_steps=2",
-        "train.micro_batch_size=4",
-        "train.lr=1e-4",
-        "train.warmup_steps=0",
-        "train.eval_every=0",
-    ]
-    return load_config(None, base + list(overrides))
+    return run_cfg(tmp_path, "train.micro_batch_size=4", "train.eval_every=0", *overrides)
 
 
 def metrics(out) -> list[dict]:

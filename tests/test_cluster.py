@@ -1,0 +1,80 @@
+"""Cluster files and --dry-run: validated like configs, plans printed without a cluster, secrets hidden."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import REPO
+
+from distsft.cluster import ClusterConfig, load_cluster
+from distsft.errors import ConfigError
+from distsft.launch import check_storage
+
+
+def write(tmp_path, text):
+    p = tmp_path / "cluster.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_shipped_cluster_files_load():
+    a100 = load_cluster(REPO / "cluster" / "a100.yaml")
+    assert a100.num_workers == 16 and a100.use_gpu and a100.bundle()["GPU"] == 1
+    assert load_cluster(REPO / "cluster" / "h100.yaml").num_workers == 32
+    assert load_cluster(REPO / "cluster" / "local.yaml").num_workers == 2
+
+
+def test_unknown_key_names_file_line_and_nearest(tmp_path):
+    p = write(tmp_path, "num_nodes: 2\nresources_per_worker:\n  gpu: 1\n")
+    with pytest.raises(
+        ConfigError,
+        match=rf"{p}:3: unknown key 'resources_per_worker.gpu'; did you mean "
+        r"resources_per_worker.gpus\?",
+    ):
+        load_cluster(p)
+
+
+def test_wrong_types_and_ranges_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="placement_strategy.*did you mean 'SPREAD'"):
+        load_cluster(write(tmp_path, "placement_strategy: SPRED\n"))
+    with pytest.raises(ConfigError, match="num_nodes = 0 is out of range"):
+        load_cluster(write(tmp_path, "num_nodes: 0\n"))
+    with pytest.raises(ConfigError, match="env.*expected a string"):
+        load_cluster(write(tmp_path, "env:\n  NCCL_DEBUG: [1, 2]\n"))
+
+
+def test_remote_cluster_needs_workers_per_node(tmp_path):
+    with pytest.raises(ConfigError, match="workers_per_node must be set for a remote cluster"):
+        load_cluster(write(tmp_path, "address: auto\nnum_nodes: 2\n"))
+
+
+def test_multi_node_without_shared_storage_is_refused_before_start():
+    with pytest.raises(ConfigError, match="2 nodes but no storage_path"):
+        check_storage(ClusterConfig(num_nodes=2, workers_per_node=8))
+    with pytest.raises(ConfigError, match="object-store URIs are not supported"):
+        check_storage(ClusterConfig(num_nodes=2, workers_per_node=8, storage_path="s3://bucket/x"))
+    check_storage(ClusterConfig(num_nodes=2, workers_per_node=8, storage_path="/shared"))
+
+
+def test_dry_run_prints_the_a100_plan_for_16_workers(cli):
+    code, out, err = cli(
+        "launch",
+        "--config",
+        str(REPO / "configs" / "llama3-8b-zero3.yaml"),
+        "--cluster",
+        str(REPO / "cluster" / "a100.yaml"),
+        "--dry-run",
+    )
+    assert code == 0, err
+    assert "workers:        16 (8 per node)" in out and "global batch 128 rows" in out
+    assert "8.03B parameters" in out and "GiB per GPU" in out and "stage 3" in out
+
+
+def test_secrets_in_env_are_never_printed(cli, tmp_path):
+    p = write(
+        tmp_path, "env:\n  HF_TOKEN: hf_supersecret123\nruntime_env:\n  env_vars:\n    WANDB_API_KEY: wb_secret\n"
+    )
+    code, out, err = cli("launch", "--cluster", str(p), "--dry-run")
+    assert code == 0, err
+    assert "HF_TOKEN" in out and "hf_supersecret123" not in out + err
+    redacted = str(load_cluster(p).redacted())
+    assert "hf_supersecret123" not in redacted and "wb_secret" not in redacted
