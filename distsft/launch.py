@@ -169,11 +169,8 @@ def launch_ray(cfg: Config, cluster: ClusterConfig, quiet: bool = False) -> dict
         _check_placement(cluster)
         stop_flag = ray.remote(num_cpus=0)(StopFlag).remote()
         log = MetricsLog(out, total_steps=steps, log_every=cfg.train.log_every, out=None)
-        resources = {"CPU": cluster.resources_per_worker.cpus}
-        if cluster.use_gpu:
-            resources["GPU"] = cluster.resources_per_worker.gpus
-        if cluster.resources_per_worker.memory_gb:
-            resources["memory"] = cluster.resources_per_worker.memory_gb * 1024**3
+        # The placement-check bundle, less the accelerator label (ScalingConfig takes that on its own).
+        resources = {k: v for k, v in cluster.bundle().items() if not k.startswith("accelerator_type:")}
         runtime_env = dict(cluster.runtime_env)
         runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), **cluster.env, "TOKENIZERS_PARALLELISM": "false"}
         backend = cluster.backend if cluster.backend != "auto" else ("nccl" if cluster.use_gpu else "gloo")

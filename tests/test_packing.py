@@ -50,9 +50,12 @@ def test_best_fit_decreasing_is_near_optimal_and_deterministic(case):
     max_len, lengths = case
     bins = best_fit_decreasing(lengths, max_len)
     assert bins == best_fit_decreasing(lengths, max_len)
-    lower_bound = -(-sum(lengths) // max_len)
-    # BFD uses at most 11/9 OPT + 6/9 bins (Dósa 2007); OPT >= the volume bound.
-    assert len(bins) <= 11 / 9 * lower_bound + 1
+    assert len(bins) >= -(-sum(lengths) // max_len)  # never below the volume bound
+    # Any-fit packing leaves at most one bin half full or less: the first item of a later such bin
+    # would have fitted into the earlier one. (A bound against the volume alone does not hold in
+    # general, since the optimum itself can exceed it.)
+    loads = [sum(lengths[i] for i in b) for b in bins]
+    assert sum(1 for load in loads if 2 * load <= max_len) <= 1
 
 
 def test_pack_is_deterministic_per_seed_and_shuffled_across_seeds():

@@ -194,21 +194,14 @@ def _examples(
             load_from_cache_file=False,
             desc=f"tokenising {Path(src.path).name}",
         )
-        status = out["status"]
-        for i, s in enumerate(status):
+        # Whole columns, read once: per-row access would decode every row's token lists again.
+        for s, line, reason in zip(out["status"], out[LINE], out["reason"], strict=True):
             if s == BLANK:
                 continue
             stats.rows_read += 1
             if s == REJECTED:
                 stats.rejected += 1
-                rejected.append(
-                    {
-                        "file": src.path,
-                        "line": out[i][LINE],
-                        "where": src.where(out[i][LINE]),
-                        "reason": out[i]["reason"],
-                    }
-                )
+                rejected.append({"file": src.path, "line": line, "where": src.where(line), "reason": reason})
             elif s == TOO_LONG:
                 stats.too_long += 1
         kept = out.filter(lambda s: s == KEPT, input_columns="status")
