@@ -80,14 +80,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
         return 0
     from distsft.launch import launch_local, launch_ray
 
-    summary = launch_local(cfg) if args.local else launch_ray(cfg, cluster)
-    if summary.get("stopped_at"):
-        return 0
-    last = summary.get("last", {})
-    print(
-        f"done: {summary['steps']} steps in {summary['wall_s']:.0f}s, final loss {last.get('loss', float('nan')):.4f}; "
-        f"model written to {summary['final_dir']}"
-    )
+    launch_local(cfg) if args.local else launch_ray(cfg, cluster)  # both print the run's summary
     return 0
 
 

@@ -111,12 +111,36 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True)
+class LoggingConfig:
+    """What the driver shows and writes while a run goes; ``metrics.jsonl`` is always written."""
+
+    progress: Literal["auto", "bar", "lines", "none"] = "auto"
+    """``auto``: a progress bar on a terminal, plain lines (every ``train.log_every`` steps) otherwise."""
+    tensorboard: bool = True
+    """Event files in ``output_dir`` (``tensorboard --logdir output_dir``)."""
+    wandb_project: str | None = None
+    """Log to Weights & Biases under this project (needs ``pip install wandb``; the key comes from the
+    environment or ``wandb login``, never from this file)."""
+    wandb_entity: str | None = None
+    mlflow_experiment: str | None = None
+    """Log to MLflow under this experiment (needs ``pip install mlflow``)."""
+    mlflow_tracking_uri: str | None = None
+    """Default: ``$MLFLOW_TRACKING_URI``, else MLflow's local ``./mlruns``."""
+    peak_tflops: float | None = None
+    """Peak dense TFLOP/s of one device for MFU; default from the GPU's name (A100 312, H100 989, ...).
+    Unknown devices (and CPUs) report no MFU unless this is set."""
+    plot: bool = True
+    """Draw ``output_dir/loss.png`` (train and eval loss) at the end."""
+
+
+@dataclass(frozen=True)
 class Config:
     output_dir: str = "runs/demo"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def batch_plan(self, world_size: int) -> BatchPlan:
         return BatchPlan(self.train.micro_batch_size, self.train.grad_accum_steps, world_size)
@@ -167,6 +191,7 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "train.log_every": (lambda v: v >= 1, "an integer >= 1"),
     "checkpoint.every_steps": (lambda v: v >= 0, "an integer >= 0"),
     "checkpoint.keep_last": (lambda v: v >= 1, "an integer >= 1"),
+    "logging.peak_tflops": (lambda v: v is None or v > 0, "a number > 0 (TFLOP/s of one device)"),
 }
 
 

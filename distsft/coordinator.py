@@ -8,9 +8,10 @@ throughput, because the slowest worker sets the pace of a synchronous step.
 from __future__ import annotations
 
 import json
-import sys
+import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 
 def merge(records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -18,8 +19,15 @@ def merge(records: list[dict[str, Any]]) -> dict[str, Any]:
     first = min(records, key=lambda r: r.get("rank", 0))
     times = [r["step_time_s"] for r in records]
     slowest = max(times)
-    merged = {k: v for k, v in first.items() if k not in ("rank", "step_time_s", "node", "node_id", "pid")}
+    drop = ("rank", "step_time_s", "node", "node_id", "pid", "peak_flops", "world_size")
+    merged = {k: v for k, v in first.items() if k not in drop}
     merged["step_time_s"] = slowest
+    if "flops" in first:
+        # Model FLOP/s per device over the slowest worker's time: a synchronous step takes that long for all.
+        per_device = first["flops"] / (slowest * first.get("world_size", len(records))) if slowest > 0 else 0.0
+        merged["tflops_per_device"] = per_device / 1e12
+        peak = first.get("peak_flops")
+        merged["mfu"] = per_device / peak if peak else None
     if "peak_mem_mb" in first:
         merged["peak_mem_mb"] = max(r["peak_mem_mb"] for r in records)
     merged["tokens_per_s"] = first["tokens"] / slowest if slowest > 0 else 0.0
@@ -42,6 +50,8 @@ def format_record(rec: dict[str, Any], total_steps: int | None) -> str:
         f"lr {rec['lr']:.2e}",
         f"tok/s {rec['tokens_per_s']:.0f}",
     ]
+    if rec.get("mfu") is not None:
+        parts.append(f"mfu {rec['mfu']:.1%}")
     if "eval_loss" in rec:
         parts.append(f"eval_loss {rec['eval_loss']:.4f}")
     return "  ".join(parts)
@@ -51,29 +61,53 @@ def should_print(rec: dict[str, Any], total_steps: int | None, log_every: int) -
     return rec["step"] % log_every == 0 or rec["step"] == total_steps or "eval_loss" in rec
 
 
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """Complete records of ``metrics.jsonl`` (a line still being written is skipped)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / METRICS_FILE
+    if not p.is_file():
+        return []
+    out = []
+    for line in p.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return out
+
+
+METRICS_FILE = "metrics.jsonl"
+
+
 class MetricsLog:
-    """Appends merged records to ``metrics.jsonl``; prints a compact line per logged step unless ``out`` is None."""
+    """Appends merged records to ``metrics.jsonl`` and hands each to ``on_record`` (the driver's display).
+
+    A resumed run keeps the records up to the step it resumes from (``keep_through``), so the file, and the
+    loss curve drawn from it, covers the whole run; records past that step are dropped because the run
+    does those steps again.
+    """
 
     def __init__(
         self,
         output_dir: str | Path,
-        total_steps: int | None = None,
-        log_every: int = 1,
-        out: TextIO | None = sys.stdout,
+        keep_through: int = 0,
+        on_record: Callable[[dict[str, Any]], None] | None = None,
     ):
-        self.path = Path(output_dir).resolve() / "metrics.jsonl"
+        self.path = Path(output_dir).resolve() / METRICS_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text("")
-        self.total_steps = total_steps
-        self.log_every = log_every
-        self.out = out
+        kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= keep_through] if keep_through else []
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        os.replace(tmp, self.path)
+        self.on_record = on_record
 
     def log(self, records: list[dict[str, Any]] | dict[str, Any]) -> dict[str, Any]:
         rec = merge(records if isinstance(records, list) else [records])
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(rec) + "\n")
-        if self.out is not None and should_print(rec, self.total_steps, self.log_every):
-            print(format_record(rec, self.total_steps), file=self.out, flush=True)
+        if self.on_record is not None:
+            self.on_record(rec)
         return rec
 
 

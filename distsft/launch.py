@@ -21,11 +21,13 @@ from typing import Any
 from distsft import checkpoint
 from distsft.cluster import ClusterConfig
 from distsft.config import Config, build_config, dump_config, save_config
-from distsft.coordinator import MetricsLog, format_record, make_ray_coordinator, should_print
+from distsft.coordinator import MetricsLog, make_ray_coordinator, read_metrics
 from distsft.data.prepare import PreparedData, prepare
 from distsft.data.sampler import total_steps
 from distsft.errors import ConfigError, DistsftError
 from distsft.model import load_tokenizer, materialize_demo
+from distsft.report import Follower, Reporter, check_logging
+from distsft.summary import format_summary, plot_loss, summarize
 
 
 class WorkerFailure(RuntimeError):
@@ -38,6 +40,7 @@ def prepare_data(cfg: Config) -> PreparedData:
 
 
 def _start(cfg: Config, quiet: bool) -> tuple[Path, PreparedData, float]:
+    check_logging(cfg.logging)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
@@ -58,8 +61,11 @@ def _start(cfg: Config, quiet: bool) -> tuple[Path, PreparedData, float]:
     return out, data, t0
 
 
-def _finish(cfg: Config, out: Path, root: Path, summary: dict[str, Any], data: PreparedData, t0: float):
-    """The coordinator's last job: consolidate the final checkpoint's shards into ``output_dir/final``."""
+def _finish(
+    cfg: Config, out: Path, root: Path, summary: dict[str, Any], data: PreparedData, t0: float, start_step: int
+) -> dict[str, Any]:
+    """The coordinator's last job: consolidate the final checkpoint's shards into ``output_dir/final``,
+    then summarise the run and draw its loss curve."""
     summary["data"] = data.stats.as_dict()
     summary["checkpoint"] = str(checkpoint.find_latest(root))
     if summary.get("stopped_at"):
@@ -72,7 +78,13 @@ def _finish(cfg: Config, out: Path, root: Path, summary: dict[str, Any], data: P
         checkpoint.export(Path(summary["checkpoint"]), out / "final")
         summary["final_dir"] = str(out / "final")
     summary["wall_s"] = time.perf_counter() - t0
+    records = read_metrics(out)
+    summary.update(summarize(records, start_step))
+    if cfg.logging.plot and records:
+        summary["loss_plot"] = str(plot_loss(records, out / "loss.png", title=f"{out.name}: loss"))
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    if not summary.get("stopped_at"):
+        print(format_summary(summary), flush=True)
     return summary
 
 
@@ -81,14 +93,18 @@ def launch_local(cfg: Config, quiet: bool = False) -> dict[str, Any]:
 
     out, data, t0 = _start(cfg, quiet)
     root = checkpoint_root(cfg, None)
-    meta = _resume_plan(cfg, root, world_size=1, data=data)
+    meta, start_step = _resume_plan(cfg, root, world_size=1, data=data)
     steps = total_steps(len(data.train), cfg.batch_plan(1), cfg.train.max_steps, cfg.train.epochs)
-    log = MetricsLog(out, total_steps=steps, log_every=cfg.train.log_every)
+    reporter = Reporter(cfg, steps, start_step)
+    log = MetricsLog(out, keep_through=start_step, on_record=reporter)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    with _StopOnSignal() as stop:
-        ctx = WorkerContext(report=log.log, checkpoint_dir=str(root), should_stop=stop.is_set, run_meta=meta)
-        summary = train(cfg, data.train, data.eval, ctx)
-    return _finish(cfg, out, root, summary, data, t0)
+    try:
+        with _StopOnSignal() as stop:
+            ctx = WorkerContext(report=log.log, checkpoint_dir=str(root), should_stop=stop.is_set, run_meta=meta)
+            summary = train(cfg, data.train, data.eval, ctx)
+    finally:
+        reporter.close()
+    return _finish(cfg, out, root, summary, data, t0, start_step)
 
 
 def checkpoint_root(cfg: Config, cluster: ClusterConfig | None) -> Path:
@@ -98,8 +114,9 @@ def checkpoint_root(cfg: Config, cluster: ClusterConfig | None) -> Path:
     return Path(cfg.output_dir).resolve() / "checkpoints"
 
 
-def _resume_plan(cfg: Config, root: Path, world_size: int, data: PreparedData) -> dict[str, Any]:
-    """Validate the checkpoint this launch will continue from, before any worker starts."""
+def _resume_plan(cfg: Config, root: Path, world_size: int, data: PreparedData) -> tuple[dict[str, Any], int]:
+    """Validate the checkpoint this launch will continue from, before any worker starts; returns the run's
+    metadata and the step it starts after (0 for a fresh run)."""
     meta = {"run_id": uuid.uuid4().hex, "data_fingerprint": data.cache_dir.name if data.cache_dir else ""}
     ckpt = checkpoint.pick_resume(cfg.checkpoint.resume, root, meta["run_id"])
     if ckpt is not None:
@@ -109,7 +126,8 @@ def _resume_plan(cfg: Config, root: Path, world_size: int, data: PreparedData) -
         )
         note = f" (allowed changes: {'; '.join(diffs)})" if diffs else ""
         print(f"resuming from {ckpt} (step {manifest.get('step')}){note}", flush=True)
-    return meta
+        return meta, int(manifest.get("step") or 0)
+    return meta, 0
 
 
 class _StopOnSignal:
@@ -161,14 +179,14 @@ def launch_ray(cfg: Config, cluster: ClusterConfig, quiet: bool = False) -> dict
         print("cluster:\n" + yaml.safe_dump(cluster.redacted(), sort_keys=False), flush=True)
     out, data, t0 = _start(cfg, quiet)
     root = checkpoint_root(cfg, cluster)
-    meta = _resume_plan(cfg, root, world_size=cluster.num_workers, data=data)
+    meta, start_step = _resume_plan(cfg, root, world_size=cluster.num_workers, data=data)
     plan = cfg.batch_plan(cluster.num_workers)
     steps = total_steps(len(data.train), plan, cfg.train.max_steps, cfg.train.epochs)
     started_here = _init_ray(cluster, out)
     try:
         _check_placement(cluster)
         stop_flag = ray.remote(num_cpus=0)(StopFlag).remote()
-        log = MetricsLog(out, total_steps=steps, log_every=cfg.train.log_every, out=None)
+        log = MetricsLog(out, keep_through=start_step)
         # The placement-check bundle, less the accelerator label (ScalingConfig takes that on its own).
         resources = {k: v for k, v in cluster.bundle().items() if not k.startswith("accelerator_type:")}
         runtime_env = dict(cluster.runtime_env)
@@ -203,19 +221,24 @@ def launch_ray(cfg: Config, cluster: ClusterConfig, quiet: bool = False) -> dict
         )
         stop = _StopOnSignal(on_stop=lambda: stop_flag.set.remote())
         on_tick = (lambda: record_ray_processes(out)) if started_here else None
-        with _MetricsPrinter(log.path, steps, cfg.train.log_every), stop:
-            error = _fit_in_thread(trainer, on_tick)
+        reporter = Reporter(cfg, steps, start_step)
+        try:
+            with Follower(log.path, reporter), stop:
+                error = _fit_in_thread(trainer, on_tick)
+        finally:
+            reporter.close()
         if error is not None:
             raise DistsftError(_describe_failure(error))
     finally:
         if started_here:
             ray.shutdown()
             (out / RAY_STATE).unlink(missing_ok=True)
-    rows = [json.loads(x) for x in log.path.read_text().splitlines()]
-    summary = {"steps": steps, "workers": cluster.num_workers, "last": rows[-1] if rows else {}}
+    rows = read_metrics(log.path)
+    summary = {"steps": steps, "workers": cluster.num_workers, "start_step": start_step}
+    summary["last"] = rows[-1] if rows else {}
     if stop.is_set():
         summary["stopped_at"] = summary["last"].get("step")
-    return _finish(cfg, out, root, summary, data, t0)
+    return _finish(cfg, out, root, summary, data, t0, start_step)
 
 
 class StopFlag:
@@ -469,39 +492,3 @@ def _describe_failure(e: Exception) -> str:
             text[start:] if start >= 0 else f"rank {rank}: {text}"
         )
     return f"training failed: {e}"
-
-
-class _MetricsPrinter:
-    """Prints the coordinator's merged records on the driver as they land in metrics.jsonl."""
-
-    def __init__(self, path: Path, total_steps: int, log_every: int) -> None:
-        self.path, self.total, self.every = path, total_steps, log_every
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._pos = 0
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._drain()
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.5):
-            self._drain()
-
-    def _drain(self) -> None:
-        if not self.path.exists():
-            return
-        with open(self.path, "rb") as f:
-            f.seek(self._pos)
-            for line in f:
-                if not line.endswith(b"\n"):
-                    break  # a record still being written; read it next time
-                self._pos += len(line)
-                rec = json.loads(line)
-                if should_print(rec, self.total, self.every):
-                    print(format_record(rec, self.total), flush=True)

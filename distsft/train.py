@@ -28,6 +28,7 @@ from distsft.data.collate import collate
 from distsft.data.sampler import rank_micro_batches, step_rows, total_steps
 from distsft.data.tokenize import IGNORE_INDEX
 from distsft.engine import build_engine, init_distributed, render_ds_config
+from distsft.flops import flops_model, peak_flops, rows_flops
 from distsft.loss import token_loss_sum
 from distsft.model import (
     count_parameters,
@@ -122,6 +123,9 @@ def train(cfg: Config, train_rows: list[dict], eval_rows: list[dict], ctx: Worke
         cfg, ds_config, lambda: load_model(cfg.model, dtype, attn, cfg.train.seed), total_steps=steps
     )
     n_params = count_parameters(engine.module)
+    fm = flops_model(engine.module, n_params)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    peak = peak_flops(device_name, cfg.logging.peak_tflops)
 
     def to_device(rows: list[dict]) -> dict[str, torch.Tensor]:
         batch = collate(rows, tokenizer.pad_token_id, attn, dtype)
@@ -141,14 +145,16 @@ def train(cfg: Config, train_rows: list[dict], eval_rows: list[dict], ctx: Worke
         checkpoint.save(engine, root, step, meta, cfg.checkpoint.keep_last, [p for p in hf_parts if p is not None])
 
     start = time.perf_counter()
-    summary: dict[str, Any] = {"steps": steps, "parameters": n_params, "start_step": start_step}
+    summary: dict[str, Any] = {"steps": steps, "parameters": n_params, "start_step": start_step, "device": device_name}
     for step in range(start_step, steps):
         engine.train()
         t0 = time.perf_counter()
         micro = rank_micro_batches(step_rows(len(train_rows), plan, step, cfg.train.seed), plan, ctx.rank)
-        batches = [to_device([train_rows[i] for i in mb]) for mb in micro]
+        micro_rows = [[train_rows[i] for i in mb] for mb in micro]
+        batches = [to_device(rows) for rows in micro_rows]
         local_sup = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
-        local_tokens = sum(len(train_rows[i]["input_ids"]) for mb in micro for i in mb)
+        local_tokens = sum(len(r["input_ids"]) for rows in micro_rows for r in rows)
+        local_flops = sum(rows_flops(fm, rows) for rows in micro_rows)
         (global_sup,) = all_sum([local_sup], device)
         scale = plan.grad_accum_steps * plan.world_size / max(global_sup, 1.0)
         lr = engine.get_lr()[0]  # the rate this step's update uses; the scheduler moves on in step()
@@ -160,7 +166,7 @@ def train(cfg: Config, train_rows: list[dict], eval_rows: list[dict], ctx: Worke
             engine.step()
             loss_sum += loss.item()
         step_time = time.perf_counter() - t0
-        g_loss, g_tokens = all_sum([loss_sum, local_tokens], device)
+        g_loss, g_tokens, g_flops = all_sum([loss_sum, local_tokens, local_flops], device)
         grad_norm = engine.get_global_grad_norm()
         record = {
             "step": step + 1,
@@ -169,12 +175,16 @@ def train(cfg: Config, train_rows: list[dict], eval_rows: list[dict], ctx: Worke
             "lr": lr,
             "tokens": int(global_sup),
             "input_tokens": int(g_tokens),
+            "flops": g_flops,
+            "peak_flops": peak,
+            "world_size": ctx.world_size,
             "step_time_s": step_time,
             "elapsed_s": time.perf_counter() - start,
             "peak_mem_mb": peak_memory_mb(device),
             "rank": ctx.rank,
         }
-        if eval_rows and cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0:
+        every_eval = cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0
+        if eval_rows and (every_eval or step + 1 == steps):  # the last step always has an eval loss
             record["eval_loss"] = evaluate(engine, eval_rows, plan.micro_batch_size, ctx, to_device, device)
         ctx.report(record)
         summary["last"] = record
@@ -187,8 +197,8 @@ def train(cfg: Config, train_rows: list[dict], eval_rows: list[dict], ctx: Worke
             summary["stopped_at"] = done
             return summary
 
-    if eval_rows:
-        summary["eval_loss"] = evaluate(engine, eval_rows, plan.micro_batch_size, ctx, to_device, device)
+    if eval_rows and "last" in summary:
+        summary["eval_loss"] = summary["last"]["eval_loss"]
     ctx.flush()
     return summary
 

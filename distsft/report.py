@@ -1,0 +1,255 @@
+"""What the driver shows and writes while a run goes: a progress bar (or plain lines), TensorBoard, and
+optionally Weights & Biases or MLflow.
+
+Everything here consumes the coordinator's merged records and nothing else, so a ``--local`` run (records
+handed over in-process) and a Ray run (records followed in ``metrics.jsonl``, which the Ray Train
+controller writes) look the same. A sink that fails (a tracking server going away) is switched off with a
+warning; it never stops training.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TextIO
+
+from distsft.config import Config, LoggingConfig
+from distsft.coordinator import format_record, should_print
+from distsft.errors import ConfigError
+
+# metrics.jsonl key -> TensorBoard / W&B / MLflow tag
+SCALARS = {
+    "loss": "train/loss",
+    "grad_norm": "train/grad_norm",
+    "lr": "train/lr",
+    "eval_loss": "eval/loss",
+    "tokens_per_s": "perf/supervised_tokens_per_s",
+    "input_tokens_per_s": "perf/input_tokens_per_s",
+    "mfu": "perf/mfu",
+    "tflops_per_device": "perf/tflops_per_device",
+    "step_time_s": "perf/step_time_s",
+    "peak_mem_mb": "perf/peak_mem_mb",
+}
+
+
+def check_logging(cfg: LoggingConfig) -> None:
+    """Fail before any work when the config asks for a tracker that is not installed."""
+    for key, value, package in (
+        ("logging.wandb_project", cfg.wandb_project, "wandb"),
+        ("logging.mlflow_experiment", cfg.mlflow_experiment, "mlflow"),
+    ):
+        if value and importlib.util.find_spec(package) is None:
+            raise ConfigError(f"{key} is set but the {package} package is not installed: pip install {package}")
+
+
+def format_duration(seconds: float) -> str:
+    s = int(round(seconds))
+    h, rem = divmod(s, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+class Progress:
+    """A tqdm bar (step, loss, tokens/s, MFU, ETA) on a terminal; plain lines with an ETA otherwise."""
+
+    def __init__(
+        self, total_steps: int, start_step: int, log_every: int, mode: str = "auto", out: TextIO | None = None
+    ) -> None:
+        self.out = out or sys.stdout  # log lines belong on stdout (where the rest of the run's output goes)
+        if mode == "auto":
+            mode = "bar" if self.out.isatty() else "lines"
+        self.mode, self.total, self.every = mode, total_steps, log_every
+        self._first: tuple[int, float] | None = None  # (step, elapsed_s) of this launch's first record
+        self._bar = None
+        if mode == "bar":
+            from tqdm.auto import tqdm
+
+            # The ETA comes from the workers' own step clock (``elapsed_s``), not from when records reach the
+            # driver: Ray delivers them in batches, and start-up would skew a wall-clock rate.
+            self._bar = tqdm(
+                total=total_steps,
+                initial=start_step,
+                unit="step",
+                file=self.out,
+                dynamic_ncols=True,
+                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]",
+            )
+
+    def eta_s(self, rec: dict[str, Any]) -> float | None:
+        if self._first is None:
+            self._first = (rec["step"] - 1, rec["elapsed_s"] - rec["step_time_s"])
+        done = rec["step"] - self._first[0]
+        if done <= 0 or not self.total:
+            return None
+        return (rec["elapsed_s"] - self._first[1]) / done * (self.total - rec["step"])
+
+    def __call__(self, rec: dict[str, Any]) -> None:
+        eta = self.eta_s(rec)
+        if self._bar is not None:
+            post = {"loss": f"{rec['loss']:.4f}", "tok/s": f"{rec['tokens_per_s']:.0f}"}
+            if rec.get("mfu") is not None:
+                post["mfu"] = f"{rec['mfu']:.1%}"
+            if eta is not None:
+                post["eta"] = format_duration(eta)
+            self._bar.set_postfix(post, refresh=False)
+            self._bar.update(rec["step"] - self._bar.n)
+            if "eval_loss" in rec:
+                self._bar.write(format_record(rec, self.total), file=self.out)
+        elif self.mode == "lines" and should_print(rec, self.total, self.every):
+            line = format_record(rec, self.total)
+            if eta is not None and rec["step"] != self.total:
+                line += f"  eta {format_duration(eta)}"
+            print(line, file=self.out, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+class TensorBoardSink:
+    def __init__(self, output_dir: Path, start_step: int) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        # purge_step hides events of steps a resumed run repeats (written by the launch that crashed).
+        self.writer = SummaryWriter(log_dir=str(output_dir), purge_step=start_step + 1 if start_step else None)
+
+    def __call__(self, rec: dict[str, Any]) -> None:
+        for key, tag in SCALARS.items():
+            if rec.get(key) is not None:
+                self.writer.add_scalar(tag, rec[key], rec["step"])
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandbSink:
+    """A resumed run continues the same W&B run (its id is kept in ``output_dir/wandb_run_id``)."""
+
+    def __init__(self, cfg: Config, output_dir: Path, resuming: bool) -> None:
+        import wandb
+
+        id_file = output_dir / "wandb_run_id"
+        run_id = id_file.read_text().strip() if resuming and id_file.is_file() else wandb.util.generate_id()
+        id_file.write_text(run_id)
+        self.wandb = wandb
+        self.run = wandb.init(
+            project=cfg.logging.wandb_project,
+            entity=cfg.logging.wandb_entity,
+            name=output_dir.name,
+            id=run_id,
+            resume="allow",
+            dir=str(output_dir),
+            config=cfg.to_dict(),
+        )
+
+    def __call__(self, rec: dict[str, Any]) -> None:
+        self.run.log({tag: rec[k] for k, tag in SCALARS.items() if rec.get(k) is not None}, step=rec["step"])
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class MlflowSink:
+    def __init__(self, cfg: Config, output_dir: Path) -> None:
+        import mlflow
+
+        if cfg.logging.mlflow_tracking_uri:
+            mlflow.set_tracking_uri(cfg.logging.mlflow_tracking_uri)
+        mlflow.set_experiment(cfg.logging.mlflow_experiment)
+        self.mlflow = mlflow
+        self.run = mlflow.start_run(run_name=output_dir.name)
+        mlflow.log_params({k: str(v)[:500] for k, v in _flatten(cfg.to_dict()).items()})
+
+    def __call__(self, rec: dict[str, Any]) -> None:
+        metrics = {tag.replace("/", "_"): rec[k] for k, tag in SCALARS.items() if rec.get(k) is not None}
+        self.mlflow.log_metrics(metrics, step=rec["step"])
+
+    def close(self) -> None:
+        self.mlflow.end_run()
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+class Reporter:
+    """The driver's sinks for merged records: progress display, TensorBoard, W&B, MLflow."""
+
+    def __init__(self, cfg: Config, total_steps: int, start_step: int, out: TextIO | None = None) -> None:
+        output_dir = Path(cfg.output_dir)
+        lc = cfg.logging
+        self.sinks: list[Any] = []
+        if lc.progress != "none":
+            self.sinks.append(Progress(total_steps, start_step, cfg.train.log_every, lc.progress, out))
+        factories: list[tuple[str, Callable[[], Any]]] = []
+        if lc.tensorboard:
+            factories.append(("tensorboard", lambda: TensorBoardSink(output_dir, start_step)))
+        if lc.wandb_project:
+            factories.append(("wandb", lambda: WandbSink(cfg, output_dir, resuming=start_step > 0)))
+        if lc.mlflow_experiment:
+            factories.append(("mlflow", lambda: MlflowSink(cfg, output_dir)))
+        for name, make in factories:
+            try:
+                self.sinks.append(make())
+            except Exception as e:  # noqa: BLE001 - a tracker must not stop training
+                print(f"warning: {name} logging is off: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+
+    def __call__(self, rec: dict[str, Any]) -> None:
+        for sink in list(self.sinks):
+            try:
+                sink(rec)
+            except Exception as e:  # noqa: BLE001
+                self.sinks.remove(sink)
+                print(f"warning: {type(sink).__name__} switched off: {e}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            try:
+                sink.close()
+            except Exception as e:  # noqa: BLE001
+                print(f"warning: closing {type(sink).__name__}: {e}", file=sys.stderr, flush=True)
+        self.sinks = []
+
+
+class Follower:
+    """Hands each record appended to ``metrics.jsonl`` (by the Ray Train controller) to ``handler``."""
+
+    def __init__(self, path: Path, handler: Callable[[dict[str, Any]], None], poll_s: float = 0.5) -> None:
+        self.path, self.handler, self.poll_s = path, handler, poll_s
+        self._pos = path.stat().st_size if path.exists() else 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="distsft-follow", daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._drain()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            self._drain()
+
+    def _drain(self) -> None:
+        if not self.path.exists():
+            return
+        with open(self.path, "rb") as f:
+            f.seek(self._pos)
+            for line in f:
+                if not line.endswith(b"\n"):
+                    break  # a record still being written; read it next time
+                self._pos += len(line)
+                self.handler(json.loads(line))
