@@ -1,0 +1,367 @@
+"""distsft vs TRL's SFTTrainer: one epoch of the same data on the same model, supervised tokens per second.
+
+    .venv/bin/pip install -e .[bench]          # TRL
+    .venv/bin/python benchmarks/throughput.py  # CPU: the demo model, about 10 minutes on 2 cores
+    .venv/bin/python benchmarks/throughput.py --preset gpu-0.7b   # one GPU, bf16, ~0.7B random-init Llama
+
+Data: the bundled support conversations plus a long-tailed mix of synthetic conversations (log-normal
+lengths up to ``--max-seq-len``), tokenised ONCE by distsft's pipeline; TRL receives exactly those
+examples pre-tokenised (``input_ids`` + ``labels``), so both train on the same supervised tokens.
+
+Runs, each in its own process so none inherits another's threads or allocator state:
+  distsft-local   ``launch --local`` (packed rows, block-diagonal attention)
+  distsft-ray     Ray Train, one worker (the same loop, plus Ray's reporting)
+  trl-padding     SFTTrainer defaults: batches padded to their longest example
+  trl-packing     SFTTrainer ``packing=True`` (best-fit decreasing, padding-free with position ids)
+
+The global batch is the same number of examples for every run: ``--batch-examples`` examples for TRL's
+padded batches, and as many packed rows as hold that many examples on average for the packed runs.
+Activation checkpointing is off everywhere (TRL turns it on by default; it trades speed for memory in
+both tools alike), and all runs use the same precision, learning rate and schedule. Throughput is
+supervised tokens over the training loop's time (model loading and data preparation excluded for both).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+PRESETS = {
+    # the bundled demo model (4.7M parameters), fp32 on CPU
+    "cpu-demo": {"model": "demo", "max_seq_len": 512, "batch_examples": 16, "long_tail": 600, "dtype": "float32"},
+    # ~0.7B Llama (random init) with the demo tokenizer, bf16 on one GPU
+    "gpu-0.7b": {
+        "model": {"hidden_size": 1536, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 12},
+        "max_seq_len": 2048,
+        "batch_examples": 32,
+        "long_tail": 4000,
+        "dtype": "bfloat16",
+    },
+}
+RUNS = ["distsft-local", "distsft-ray", "trl-padding", "trl-packing"]
+
+
+# --- data ---------------------------------------------------------------------------------------------
+def long_tail_rows(n: int, max_tokens: int, seed: int) -> list[dict]:
+    """Conversations whose lengths follow a log-normal (median ~1/8 of the context, a tail up to the
+    whole context), written from the bundled data's own words so the tokenizer sees familiar text."""
+    from distsft.config import DEMO_DIR
+
+    words = []
+    for line in (DEMO_DIR / "data" / "support.jsonl").read_text(encoding="utf-8").splitlines()[:300]:
+        for m in json.loads(line)["messages"]:
+            words.extend(m["content"].split())
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        # about 1.6 tokens per word for this tokenizer; keep the whole conversation under the context
+        target = min(max_tokens * 0.9, max(16.0, rng.lognormvariate(math.log(max_tokens / 8), 0.9)))
+        n_words = int(target / 1.6)
+        turns = rng.choice([1, 1, 2, 3])
+        msgs = []
+        for _ in range(turns):
+            user = max(3, int(n_words / turns * rng.uniform(0.1, 0.4)))
+            reply = max(3, int(n_words / turns) - user)
+            msgs.append({"role": "user", "content": " ".join(rng.choices(words, k=user))})
+            msgs.append({"role": "assistant", "content": " ".join(rng.choices(words, k=reply))})
+        rows.append({"messages": msgs})
+    return rows
+
+
+def build_data(workdir: Path, long_tail: int, max_seq_len: int, seed: int) -> Path:
+    from distsft.config import DEMO_DIR
+
+    path = workdir / "data.jsonl"
+    with open(path, "w", encoding="utf-8") as f:
+        f.write((DEMO_DIR / "data" / "support.jsonl").read_text(encoding="utf-8"))
+        for row in long_tail_rows(long_tail, max_seq_len, seed):
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return path
+
+
+def make_model(workdir: Path, shape: dict | str) -> str:
+    """``demo`` as is, or a random-init Llama of ``shape`` with the demo tokenizer's vocabulary."""
+    if shape == "demo":
+        return "demo"
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from distsft.config import DEMO_DIR
+
+    base = json.loads((DEMO_DIR / "model" / "config.json").read_text())
+    cfg = LlamaConfig(
+        vocab_size=base["vocab_size"],
+        pad_token_id=base["pad_token_id"],
+        eos_token_id=base["eos_token_id"],
+        bos_token_id=base.get("bos_token_id"),
+        max_position_embeddings=8192,
+        num_key_value_heads=shape["num_attention_heads"],
+        **shape,
+    )
+    torch.manual_seed(0)
+    out = workdir / "model"
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    return str(out)
+
+
+def base_overrides(args, workdir: Path, model: str, data: Path) -> list[str]:
+    return [
+        f"model.path={model}",
+        "model.tokenizer=demo",
+        f"model.dtype={args.dtype}",
+        f"data.path={data}",
+        f"data.max_seq_len={args.max_seq_len}",
+        "data.eval_fraction=0",
+        "train.epochs=1",
+        "train.lr=2e-4",
+        "train.warmup_steps=5",
+        "train.eval_every=0",
+        "train.log_every=10",
+        "train.zero_stage=2",
+        "logging.tensorboard=false",
+        "logging.plot=false",
+        "logging.progress=none",
+    ]
+
+
+def plan(args, overrides: list[str]) -> dict:
+    """Prepare once (packed and unpacked) and size the batches so every run sees the same examples/step."""
+    from distsft.config import load_config
+    from distsft.launch import prepare_data
+
+    packed = prepare_data(load_config(None, overrides))
+    unpacked = prepare_data(load_config(None, [*overrides, "data.packing=false"]))
+    examples = len(unpacked.train)
+    per_row = examples / len(packed.train)
+    rows_per_step = max(1, round(args.batch_examples / per_row))
+    sup = sum(sum(1 for t in r["labels"][1:] if t != -100) for r in unpacked.train)
+    return {
+        "examples": examples,
+        "packed_rows": len(packed.train),
+        "examples_per_row": per_row,
+        "rows_per_step": rows_per_step,
+        "supervised_tokens": sup,
+        "input_tokens": sum(len(r["input_ids"]) for r in unpacked.train),
+        "packing_efficiency": packed.stats.as_dict()["packing_efficiency"],
+    }
+
+
+# --- the runs (each in a child process) -----------------------------------------------------------------
+def run_distsft(args, overrides: list[str], info: dict, out: Path, ray: bool) -> dict:
+    from distsft.config import load_config
+    from distsft.launch import launch_local, launch_ray
+
+    cfg = load_config(None, [*overrides, f"output_dir={out}", f"train.micro_batch_size={info['rows_per_step']}"])
+    if ray:
+        from distsft.cluster import ClusterConfig, WorkerResources
+
+        cpus = os.cpu_count() or 1
+        # the one worker gets every CPU (Ray sets its OMP_NUM_THREADS from that), like the other runs
+        cluster = ClusterConfig(
+            num_nodes=1,
+            workers_per_node=1,
+            use_gpu=args.device == "cuda",
+            resources_per_worker=WorkerResources(cpus=cpus, gpus=1 if args.device == "cuda" else 0),
+            num_cpus=cpus,
+        )
+        launch_ray(cfg, cluster, quiet=True)
+    else:
+        launch_local(cfg, quiet=True)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    loop_s = rows[-1]["elapsed_s"]
+    mfu = [r["mfu"] * r["step_time_s"] for r in rows if r.get("mfu") is not None]
+    return {
+        "steps": len(rows),
+        "supervised_tokens": sum(r["tokens"] for r in rows),
+        "loop_s": loop_s,
+        "final_loss": rows[-1]["loss"],
+        "mfu": sum(mfu) / sum(r["step_time_s"] for r in rows) if mfu else None,
+        "flops": sum(r["flops"] for r in rows),
+        "peak_mem_mb": max(r["peak_mem_mb"] for r in rows),
+    }
+
+
+def run_trl(args, overrides: list[str], info: dict, out: Path, packing: bool) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig, SFTTrainer
+
+    from distsft.config import load_config
+    from distsft.flops import flops_model, peak_flops
+    from distsft.launch import prepare_data
+    from distsft.model import load_tokenizer
+
+    cfg = load_config(None, overrides)
+    tokenizer = load_tokenizer(cfg.model)
+    src = prepare_data(load_config(None, [*overrides, "data.packing=false"])).train  # a cache hit
+    data = Dataset.from_dict({"input_ids": src["input_ids"], "labels": src["labels"]})
+    model_dir = cfg.model.path
+    if model_dir == "demo":
+        from distsft.model import materialize_demo
+
+        model_dir = str(materialize_demo(cfg.train.seed))
+    dtype = getattr(torch, args.dtype)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=args.trl_attn)
+    batch = info["rows_per_step"] if packing else args.batch_examples
+    sft = SFTConfig(
+        output_dir=str(out),
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=1,
+        num_train_epochs=1,
+        learning_rate=2e-4,
+        lr_scheduler_type="cosine",
+        warmup_steps=5,
+        weight_decay=0.0,
+        adam_beta2=0.95,
+        max_grad_norm=1.0,
+        max_length=args.max_seq_len,
+        packing=packing,
+        gradient_checkpointing=False,
+        bf16=args.dtype == "bfloat16",
+        use_cpu=args.device == "cpu",
+        logging_steps=10,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        seed=cfg.train.seed,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    trainer = SFTTrainer(model=model, args=sft, train_dataset=data, processing_class=tokenizer)
+    trained = trainer.train_dataset
+    sup = sum(sum(1 for t in lab[1:] if t != -100) for lab in trained["labels"])
+    result = trainer.train()
+    loop_s = result.metrics["train_runtime"]
+    n_params = sum(p.numel() for p in model.parameters())
+    fm = flops_model(model, n_params)
+    lengths = [len(x) for x in src["input_ids"]]
+    flops = fm.flops(lengths)  # the same useful work as distsft's count: real example lengths only
+    peak = peak_flops(torch.cuda.get_device_name() if args.device == "cuda" else None)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    mem = torch.cuda.max_memory_allocated() / 2**20 if args.device == "cuda" else None
+    return {
+        "steps": trainer.state.global_step,
+        "supervised_tokens": sup,
+        "loop_s": loop_s,
+        "final_loss": losses[-1] if losses else None,
+        "mfu": flops / loop_s / peak if peak else None,
+        "flops": flops,
+        "peak_mem_mb": mem,
+    }
+
+
+def child(args) -> None:
+    spec = json.loads(Path(args.child).read_text())
+    out = Path(spec["out"])
+    mode = spec["mode"]
+    if mode.startswith("distsft"):
+        res = run_distsft(args, spec["overrides"], spec["info"], out, ray=mode == "distsft-ray")
+    else:
+        res = run_trl(args, spec["overrides"], spec["info"], out, packing=mode == "trl-packing")
+    Path(spec["result"]).write_text(json.dumps(res))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default=None)
+    ap.add_argument("--runs", nargs="+", choices=RUNS, default=RUNS)
+    ap.add_argument("--max-seq-len", type=int)
+    ap.add_argument("--batch-examples", type=int)
+    ap.add_argument("--long-tail", type=int, help="synthetic long-tailed conversations added to the bundled set")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workdir", help="keep runs here (default: a temporary directory)")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--device", help=argparse.SUPPRESS)
+    ap.add_argument("--dtype", help=argparse.SUPPRESS)
+    ap.add_argument("--trl-attn", default="sdpa", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        return child(args)
+
+    import torch
+
+    args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    preset = PRESETS[args.preset or ("gpu-0.7b" if args.device == "cuda" else "cpu-demo")]
+    for key in ("max_seq_len", "batch_examples", "long_tail"):
+        if getattr(args, key) is None:
+            setattr(args, key, preset[key])
+    args.dtype = preset["dtype"]
+    if args.device == "cuda":
+        try:
+            import flash_attn  # noqa: F401
+
+            args.trl_attn = "flash_attention_2"
+        except ImportError:
+            args.trl_attn = "sdpa"
+    tmp = tempfile.TemporaryDirectory() if not args.workdir else None
+    workdir = Path(args.workdir or tmp.name)
+    workdir.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("DISTSFT_CACHE", str(workdir / "cache"))
+    data = build_data(workdir, args.long_tail, args.max_seq_len, args.seed)
+    model = make_model(workdir, preset["model"])
+    overrides = base_overrides(args, workdir, model, data)
+    if args.device == "cuda":
+        overrides.append("model.attn_implementation=auto")
+    info = plan(args, overrides)
+    device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    print(
+        f"device: {device}; model: {preset['model'] if model == 'demo' else model}; dtype {args.dtype}\n"
+        f"data: {info['examples']} examples, {info['supervised_tokens']:,} supervised / {info['input_tokens']:,} "
+        f"input tokens; packed into {info['packed_rows']} rows of <= {args.max_seq_len} "
+        f"({info['examples_per_row']:.2f} examples/row, efficiency {info['packing_efficiency']:.1%})\n"
+        f"global batch: {args.batch_examples} examples (padded runs) = {info['rows_per_step']} packed rows "
+        f"(~{info['rows_per_step'] * info['examples_per_row']:.1f} examples), one epoch",
+        flush=True,
+    )
+    results = {}
+    for mode in args.runs:
+        spec = {
+            "mode": mode,
+            "overrides": overrides,
+            "info": info,
+            "out": str(workdir / mode),
+            "result": str(workdir / f"{mode}.json"),
+        }
+        spec_file = workdir / f"{mode}.spec.json"
+        spec_file.write_text(json.dumps(spec))
+        cmd = [sys.executable, __file__, "--child", str(spec_file), "--device", args.device, "--dtype", args.dtype]
+        cmd += ["--trl-attn", args.trl_attn, "--max-seq-len", str(args.max_seq_len)]
+        cmd += ["--batch-examples", str(args.batch_examples)]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(f"{mode}: FAILED\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}", flush=True)
+            continue
+        res = json.loads(Path(spec["result"]).read_text())
+        res["wall_s"] = time.perf_counter() - t0
+        res["tokens_per_s"] = res["supervised_tokens"] / res["loop_s"]
+        results[mode] = res
+        mfu = f", MFU {res['mfu']:.1%}" if res.get("mfu") is not None else ""
+        print(
+            f"{mode:>14}: {res['tokens_per_s']:>10,.0f} supervised tok/s  ({res['supervised_tokens']:,} tokens in "
+            f"{res['steps']} steps, loop {res['loop_s']:.1f}s, process {res['wall_s']:.0f}s{mfu}, "
+            f"final loss {res['final_loss']:.3f})",
+            flush=True,
+        )
+    for ours in ("distsft-local", "distsft-ray"):
+        for theirs in ("trl-padding", "trl-packing"):
+            if ours in results and theirs in results:
+                ratio = results[ours]["tokens_per_s"] / results[theirs]["tokens_per_s"]
+                print(f"{ours} / {theirs}: {ratio:.2f}x", flush=True)
+    print(json.dumps({"device": device, "info": info, "results": results}))
+
+
+if __name__ == "__main__":
+    main()
