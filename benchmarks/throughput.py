@@ -162,7 +162,8 @@ def run_distsft(args, overrides: list[str], info: dict, out: Path, ray: bool) ->
     from distsft.config import load_config
     from distsft.launch import launch_local, launch_ray
 
-    cfg = load_config(None, [*overrides, f"output_dir={out}", f"train.micro_batch_size={info['rows_per_step']}"])
+    extra = [f"output_dir={out}", f"train.micro_batch_size={info['rows_per_step']}", *args.distsft_set]
+    cfg = load_config(None, [*overrides, *extra])
     if ray:
         from distsft.cluster import ClusterConfig, WorkerResources
 
@@ -171,7 +172,6 @@ def run_distsft(args, overrides: list[str], info: dict, out: Path, ray: bool) ->
         cluster = ClusterConfig(
             num_nodes=1,
             workers_per_node=1,
-            use_gpu=args.device == "cuda",
             resources_per_worker=WorkerResources(cpus=cpus, gpus=1 if args.device == "cuda" else 0),
             num_cpus=cpus,
         )
@@ -282,6 +282,9 @@ def main() -> None:
     ap.add_argument("--long-tail", type=int, help="synthetic long-tailed conversations added to the bundled set")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", help="keep runs here (default: a temporary directory)")
+    ap.add_argument(
+        "--distsft-set", action="append", default=[], metavar="KEY=VALUE", help="extra config for the distsft runs"
+    )
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--device", help=argparse.SUPPRESS)
     ap.add_argument("--dtype", help=argparse.SUPPRESS)
@@ -339,6 +342,7 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--child", str(spec_file), "--device", args.device, "--dtype", args.dtype]
         cmd += ["--trl-attn", args.trl_attn, "--max-seq-len", str(args.max_seq_len)]
         cmd += ["--batch-examples", str(args.batch_examples)]
+        cmd += [f"--distsft-set={x}" for x in args.distsft_set]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:

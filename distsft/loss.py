@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Any
 
 import torch
@@ -16,11 +18,43 @@ def token_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Te
     A sum, not a mean: the caller divides by the supervised-token count of the whole optimizer step (or
     eval set), which is what makes the loss independent of how rows are packed, batched or sharded.
     Labels are shifted here (Hugging Face convention: ``labels`` align with ``input_ids``).
+
+    Only positions whose next token is supervised go through the output projection and the softmax: prompt
+    tokens need hidden states (later tokens attend to them) but no logits. With large vocabularies the
+    ``tokens x vocab`` logits (upcast to fp32 for the loss) are the largest activation of the step, so this
+    saves time and memory in proportion to the prompt share of the data.
     """
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = model(**inputs, use_cache=False).logits
     labels = batch["labels"][:, 1:]
-    loss = F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-    return loss, int((labels != IGNORE_INDEX).sum())
+    keep = labels != IGNORE_INDEX
+    if selects_logits(model):
+        positions = torch.zeros_like(batch["labels"], dtype=torch.bool)
+        positions[:, :-1] = keep
+        logits = model(**inputs, use_cache=False, logits_to_keep=positions).logits  # (supervised, vocab)
+        target = labels[keep]
+    else:
+        logits = model(**inputs, use_cache=False).logits[:, :-1].flatten(0, 1)
+        target = labels.flatten()
+    loss = F.cross_entropy(logits.float(), target, ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss, int(keep.sum())
+
+
+def selects_logits(model: Any) -> bool:
+    """Whether the model takes a boolean ``logits_to_keep`` mask (transformers models that slice through
+    ``slice_logits_to_keep``, which recent releases use for nearly every causal LM)."""
+    module = getattr(model, "module", model)  # a DeepSpeed engine wraps the model
+    return _selects_logits(type(module))
+
+
+@functools.cache
+def _selects_logits(cls: type) -> bool:
+    try:
+        from transformers import modeling_utils
+    except ImportError:
+        return False
+    if not hasattr(modeling_utils, "slice_logits_to_keep"):
+        return False
+    if "logits_to_keep" not in inspect.signature(cls.forward).parameters:
+        return False
+    source_module = inspect.getmodule(cls)
+    return source_module is not None and hasattr(source_module, "slice_logits_to_keep")

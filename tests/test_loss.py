@@ -1,0 +1,76 @@
+"""The loss computes logits only where the next token is supervised; that must not change any number."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from distsft import loss as loss_mod
+from distsft.data.collate import collate
+from distsft.data.tokenize import IGNORE_INDEX
+
+
+def tiny_llama(attn: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=101,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        attn_implementation=attn,
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg)
+
+
+def rows(seed: int) -> list[dict]:
+    """Two packed rows of different widths with prompt (-100) spans, so the batch is padded too."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for lens in ([5, 9, 4], [12, 3]):
+        ids, labels, pos = [], [], []
+        for n in lens:
+            x = torch.randint(0, 101, (n,), generator=g).tolist()
+            prompt = n // 2
+            ids += x
+            labels += [IGNORE_INDEX] * prompt + x[prompt:]
+            pos += list(range(n))
+        out.append({"input_ids": ids, "labels": labels, "position_ids": pos, "seq_lens": lens})
+    return out
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_selected_logits_give_the_full_logits_loss_and_gradients(attn, monkeypatch):
+    model = tiny_llama(attn)
+    assert loss_mod.selects_logits(model)
+    batch = collate(rows(1), pad_id=0, attn_implementation=attn)
+    sel_loss, sel_n = loss_mod.token_loss_sum(model, batch)
+    sel_loss.backward()
+    sel_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    monkeypatch.setattr(loss_mod, "selects_logits", lambda m: False)
+    full_loss, full_n = loss_mod.token_loss_sum(model, batch)
+    full_loss.backward()
+    assert sel_n == full_n == sum(int((torch.tensor(r["labels"][1:]) != IGNORE_INDEX).sum()) for r in rows(1))
+    torch.testing.assert_close(sel_loss, full_loss, rtol=1e-6, atol=1e-6)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(sel_grads[n], p.grad, rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_a_batch_without_supervised_tokens_gives_zero_and_still_runs_the_model():
+    model = tiny_llama("sdpa")
+    row = {"input_ids": [1, 2, 3], "labels": [IGNORE_INDEX] * 3, "position_ids": [0, 1, 2], "seq_lens": [3]}
+    loss, n = loss_mod.token_loss_sum(model, collate([row], pad_id=0))
+    assert n == 0 and loss.item() == 0.0
+    loss.backward()  # ZeRO-3 ranks with nothing to learn must still take part in forward and backward
+
+
+def test_models_without_logits_to_keep_use_the_full_logits():
+    class Plain(torch.nn.Module):
+        def forward(self, input_ids, use_cache=False):  # no logits_to_keep
+            raise AssertionError
+
+    assert not loss_mod.selects_logits(Plain())
