@@ -1,4 +1,4 @@
-"""Peak memory per worker for ZeRO stages on one model, on Ray with 2 workers.
+"""Peak memory per worker for ZeRO stages 1, 2, 3 and 3 + CPU offload on one model, on Ray (4 workers by default).
 
     .venv/bin/python benchmarks/memory.py [--stages 1 2 3 3_offload] [--layers 20] [--hidden 1024]
 
@@ -47,7 +47,7 @@ def make_model(out: Path, layers: int, hidden: int) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--stages", nargs="+", default=["2", "3"])
+    ap.add_argument("--stages", nargs="+", default=["1", "2", "3", "3_offload"])
     ap.add_argument("--layers", type=int, default=20)
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--workers", type=int, default=4)

@@ -96,6 +96,9 @@ class TrainConfig:
     """0, 1, 2, 3, ``3_offload``, or a path to a DeepSpeed JSON config (``"auto"`` values are filled in)."""
     eval_every: int = 0
     log_every: int = 1
+    compile: bool = False
+    """``torch.compile`` the model through DeepSpeed (``engine.compile``); packed rows vary in width, so the
+    graph is compiled with dynamic shapes. Measure before turning it on: see benchmarks/throughput.py."""
 
 
 @dataclass(frozen=True)

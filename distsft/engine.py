@@ -128,4 +128,7 @@ def build_engine(cfg: Config, ds_config: dict[str, Any], build_model, total_step
         config=ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
     )
+    if cfg.train.compile:
+        # DeepSpeed's own entry point: it compiles the wrapped module so ZeRO's hooks stay outside the graph.
+        engine.compile(compile_kwargs={"dynamic": True})
     return engine, hf_ds

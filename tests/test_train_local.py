@@ -89,3 +89,13 @@ def test_grad_accumulation_split_does_not_change_the_step(tmp_path):
     for ra, rb in zip(metrics(a), metrics(b), strict=True):
         assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5)
         assert ra["grad_norm"] == pytest.approx(rb["grad_norm"], rel=1e-5)
+
+
+def test_compiled_model_takes_the_same_steps_as_eager(tmp_path):
+    """``train.compile`` (DeepSpeed's engine.compile, dynamic shapes) changes speed, not the math."""
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    launch_local(small_cfg(eager, "train.max_steps=3"), quiet=True)
+    launch_local(small_cfg(compiled, "train.max_steps=3", "train.compile=true"), quiet=True)
+    for ra, rb in zip(metrics(eager), metrics(compiled), strict=True):
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5)
+        assert ra["grad_norm"] == pytest.approx(rb["grad_norm"], rel=1e-4)
