@@ -79,12 +79,13 @@ def long_tail_rows(n: int, max_tokens: int, seed: int) -> list[dict]:
     return rows
 
 
-def build_data(workdir: Path, long_tail: int, max_seq_len: int, seed: int) -> Path:
+def build_data(workdir: Path, long_tail: int, max_seq_len: int, seed: int, bundled: int | None = None) -> Path:
     from distsft.config import DEMO_DIR
 
     path = workdir / "data.jsonl"
+    lines = (DEMO_DIR / "data" / "support.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
     with open(path, "w", encoding="utf-8") as f:
-        f.write((DEMO_DIR / "data" / "support.jsonl").read_text(encoding="utf-8"))
+        f.writelines(lines[:bundled])
         for row in long_tail_rows(long_tail, max_seq_len, seed):
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     return path
@@ -280,6 +281,7 @@ def main() -> None:
     ap.add_argument("--max-seq-len", type=int)
     ap.add_argument("--batch-examples", type=int)
     ap.add_argument("--long-tail", type=int, help="synthetic long-tailed conversations added to the bundled set")
+    ap.add_argument("--bundled", type=int, help="use only the first N bundled conversations (a quick check)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", help="keep runs here (default: a temporary directory)")
     ap.add_argument(
@@ -312,7 +314,7 @@ def main() -> None:
     workdir = Path(args.workdir or tmp.name)
     workdir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("DISTSFT_CACHE", str(workdir / "cache"))
-    data = build_data(workdir, args.long_tail, args.max_seq_len, args.seed)
+    data = build_data(workdir, args.long_tail, args.max_seq_len, args.seed, args.bundled)
     model = make_model(workdir, preset["model"])
     overrides = base_overrides(args, workdir, model, data)
     if args.device == "cuda":
@@ -328,7 +330,7 @@ def main() -> None:
         f"(~{info['rows_per_step'] * info['examples_per_row']:.1f} examples), one epoch",
         flush=True,
     )
-    results = {}
+    results, failed = {}, False
     for mode in args.runs:
         spec = {
             "mode": mode,
@@ -347,6 +349,7 @@ def main() -> None:
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             print(f"{mode}: FAILED\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}", flush=True)
+            failed = True
             continue
         res = json.loads(Path(spec["result"]).read_text())
         res["wall_s"] = time.perf_counter() - t0
@@ -365,6 +368,8 @@ def main() -> None:
                 ratio = results[ours]["tokens_per_s"] / results[theirs]["tokens_per_s"]
                 print(f"{ours} / {theirs}: {ratio:.2f}x", flush=True)
     print(json.dumps({"device": device, "info": info, "results": results}))
+    if failed:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

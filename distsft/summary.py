@@ -63,6 +63,8 @@ def plot_loss(records: list[dict[str, Any]], path: Path, title: str = "") -> Pat
     falls by more than 20x, so the end of the curve stays readable."""
     if not records:
         return None
+    # a worker-group restart repeats steps since the last checkpoint: draw the run that counts (the last)
+    records = sorted({r["step"]: r for r in records}.values(), key=lambda r: r["step"])
     import matplotlib
 
     matplotlib.use("Agg")

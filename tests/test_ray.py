@@ -47,6 +47,10 @@ def test_workers_times_accumulation_give_the_same_steps(ray_instance, reference,
     assert all("fastest_worker_s" in r and r["peak_mem_mb"] > 0 for r in rows)
     placement = json.loads((tmp_path / "workers.json").read_text())
     assert sorted(placement) == [str(r) for r in range(workers)]
+    # the driver followed the controller's metrics.jsonl into TensorBoard, and drew the curve at the end
+    assert all(r["flops"] > 0 and r["tflops_per_device"] > 0 for r in rows)
+    assert list(tmp_path.glob("events.out.tfevents.*")) and (tmp_path / "loss.png").is_file()
+    assert json.loads((tmp_path / "summary.json").read_text())["supervised_tokens"] == sum(r["tokens"] for r in rows)
 
 
 def test_a_failing_worker_stops_the_run_with_its_rank_node_and_traceback(ray_instance, tmp_path):

@@ -74,6 +74,8 @@ def test_packed_row_flops_count_each_example_with_its_own_context_and_no_padding
         ("NVIDIA H200", 989e12),
         ("NVIDIA GH200 480GB", 989e12),
         ("NVIDIA A100-SXM4-80GB", 312e12),
+        ("NVIDIA L40S", 362e12),
+        ("NVIDIA L4", 121e12),
         ("Some Unknown Accelerator", None),
         (None, None),
     ],

@@ -1,0 +1,44 @@
+"""The benchmark scripts keep running (their figures are printed, never asserted as timings)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+
+def test_throughput_benchmark_runs_distsft_and_trl_on_the_same_supervised_tokens(tmp_path):
+    pytest.importorskip("trl")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "throughput.py"),
+            "--bundled=120",
+            "--long-tail=40",
+            "--batch-examples=8",
+            f"--workdir={tmp_path}",
+            "--runs",
+            "distsft-local",
+            "trl-padding",
+            "trl-packing",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    res, info = report["results"], report["info"]
+    assert info["examples"] == 160
+    # TRL trains on exactly the examples distsft prepared; distsft's epoch drops a final partial batch
+    assert res["trl-padding"]["supervised_tokens"] == res["trl-packing"]["supervised_tokens"]
+    assert res["trl-padding"]["supervised_tokens"] == info["supervised_tokens"]
+    assert 0.8 * info["supervised_tokens"] <= res["distsft-local"]["supervised_tokens"] <= info["supervised_tokens"]
+    for mode in ("distsft-local", "trl-padding", "trl-packing"):
+        assert res[mode]["tokens_per_s"] > 0 and res[mode]["final_loss"] > 0
+    assert "distsft-local / trl-padding:" in proc.stdout and "distsft-local / trl-packing:" in proc.stdout
