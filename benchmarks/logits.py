@@ -75,8 +75,9 @@ def main() -> None:
         f"{device}: Llama {n_params / 1e6:.0f}M params, vocab {args.vocab}, {args.seq} tokens, "
         f"{args.supervised:.0%} supervised"
     )
-    print(f"full logits:     {full[0] * 1000:8.1f} ms  loss {full[1]:.6f}  peak {full[2]:.0f} MiB")
-    print(f"selected logits: {sel[0] * 1000:8.1f} ms  loss {sel[1]:.6f}  peak {sel[2]:.0f} MiB")
+    for name, (sec, loss, mem) in (("full logits:    ", full), ("selected logits:", sel)):
+        peak = f"  peak {mem:.0f} MiB" if device == "cuda" else ""
+        print(f"{name} {sec * 1000:8.1f} ms  summed loss {loss:.3f}{peak}")
     print(f"speed-up {full[0] / sel[0]:.2f}x")
 
 
