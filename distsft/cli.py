@@ -52,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     p.add_argument("--max-shard-size", default="5GB", help="split the safetensors weights above this size")
 
+    p = sub.add_parser("report", help="summarise a run from its metrics.jsonl and redraw its loss curve")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run's output_dir (also while it is still running)")
+    p.add_argument("--png", help="where to draw the loss curve (default: RUN_DIR/loss.png)")
+
     p = sub.add_parser("generate", help="chat with a trained model directory")
     p.add_argument("--model", required=True, help="a Hugging Face model directory, e.g. runs/demo/final")
     p.add_argument("prompt", help="the user message")
@@ -136,6 +140,26 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from distsft.coordinator import METRICS_FILE, read_metrics
+    from distsft.summary import format_summary, plot_loss, summarize
+
+    run = Path(args.run_dir)
+    records = read_metrics(run / METRICS_FILE)
+    if not records:
+        raise DistsftError(f"{run / METRICS_FILE}: no metrics (not a run directory, or no step finished yet)")
+    saved = run / "summary.json"
+    finished = saved.is_file()  # written at the end of a launch; a running run has none yet
+    summary = json.loads(saved.read_text()) if finished else {"wall_s": records[-1].get("elapsed_s", 0.0)}
+    summary.update(summarize(records, int(summary.get("start_step") or 0)))
+    summary["loss_plot"] = str(plot_loss(records, Path(args.png or run / "loss.png"), title=f"{run.name}: loss"))
+    print(format_summary(summary, heading="done" if finished else f"so far (step {records[-1]['step']})"))
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from distsft.generate import generate
 
@@ -150,6 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "prepare": cmd_prepare,
         "eval": cmd_eval,
         "export": cmd_export,
+        "report": cmd_report,
         "generate": cmd_generate,
     }[args.command]
     try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import sys
 import threading
 from collections.abc import Callable
@@ -61,23 +62,26 @@ class Progress:
     ) -> None:
         self.out = out or sys.stdout  # log lines belong on stdout (where the rest of the run's output goes)
         if mode == "auto":
-            mode = "bar" if self.out.isatty() else "lines"
-        self.mode, self.total, self.every = mode, total_steps, log_every
+            mode = "bar" if _is_terminal(self.out) else "lines"
+        self.mode, self.total, self.every, self.start_step = mode, total_steps, log_every, start_step
         self._first: tuple[int, float] | None = None  # (step, elapsed_s) of this launch's first record
         self._bar = None
-        if mode == "bar":
-            from tqdm.auto import tqdm
 
-            # The ETA comes from the workers' own step clock (``elapsed_s``), not from when records reach the
-            # driver: Ray delivers them in batches, and start-up would skew a wall-clock rate.
-            self._bar = tqdm(
-                total=total_steps,
-                initial=start_step,
-                unit="step",
-                file=self.out,
-                dynamic_ncols=True,
-                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]",
-            )
+    def _open_bar(self):
+        """Opened at the first record, so start-up messages (Ray, DeepSpeed) print before it, not through it.
+
+        The ETA comes from the workers' own step clock (``elapsed_s``), not from when records reach the
+        driver: Ray delivers them in batches, and start-up would skew a wall-clock rate."""
+        from tqdm.auto import tqdm
+
+        return tqdm(
+            total=self.total,
+            initial=self.start_step,
+            unit="step",
+            file=self.out,
+            dynamic_ncols=True,
+            bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]",
+        )
 
     def eta_s(self, rec: dict[str, Any]) -> float | None:
         if self._first is None:
@@ -89,6 +93,8 @@ class Progress:
 
     def __call__(self, rec: dict[str, Any]) -> None:
         eta = self.eta_s(rec)
+        if self.mode == "bar" and self._bar is None:
+            self._bar = self._open_bar()
         if self._bar is not None:
             post = {"loss": f"{rec['loss']:.4f}", "tok/s": f"{rec['tokens_per_s']:.0f}"}
             if rec.get("mfu") is not None:
@@ -108,6 +114,14 @@ class Progress:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
+
+
+def _is_terminal(stream: TextIO) -> bool:
+    """A terminal wide enough to draw on (a pseudo-terminal of width 0 would swallow the bar)."""
+    try:
+        return stream.isatty() and os.get_terminal_size(stream.fileno()).columns > 0
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 class TensorBoardSink:

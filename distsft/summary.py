@@ -40,9 +40,9 @@ def summarize(records: list[dict[str, Any]], start_step: int = 0) -> dict[str, A
     return out
 
 
-def format_summary(s: dict[str, Any]) -> str:
+def format_summary(s: dict[str, Any], heading: str = "done") -> str:
     lines = [
-        f"done: {s.get('steps_run', 0)} steps in {format_duration(s.get('wall_s', 0.0))} "
+        f"{heading}: {s.get('steps_run', 0)} steps in {format_duration(s.get('wall_s', 0.0))} "
         f"(training steps {format_duration(s.get('train_time_s', 0.0))}); "
         f"{s.get('supervised_tokens', 0):,} supervised tokens at {s.get('tokens_per_s', 0.0):,.0f} tok/s"
         + (f", MFU {s['mfu']:.1%}" if s.get("mfu") is not None else "")

@@ -260,3 +260,16 @@ def test_local_run_reports_mfu_tensorboard_summary_and_loss_curve(tmp_path, caps
     assert saved["final_eval_loss"] == rows[-1]["eval_loss"] and saved["mfu"] > 0
     out = capsys.readouterr().out
     assert "done: 4 steps" in out and f"model: {tmp_path / 'final'}" in out and "loss curve:" in out
+
+
+def test_report_command_summarises_a_running_run_and_draws_its_curve(tmp_path, cli):
+    log = MetricsLog(tmp_path)
+    for step in range(1, 13):
+        log.log(record(step, **({"eval_loss": 0.9} if step == 10 else {})))
+    code, out, err = cli("report", str(tmp_path))
+    assert code == 0, err
+    assert out.startswith("so far (step 12): 12 steps") and "1,200 supervised tokens" in out
+    assert "best 0.9000 at step 10" in out
+    assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    code, out, err = cli("report", str(tmp_path / "nothing"))
+    assert code == 2 and "no metrics" in err
