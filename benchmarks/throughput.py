@@ -281,6 +281,7 @@ def main() -> None:
     ap.add_argument("--max-seq-len", type=int)
     ap.add_argument("--batch-examples", type=int)
     ap.add_argument("--long-tail", type=int, help="synthetic long-tailed conversations added to the bundled set")
+    ap.add_argument("--model-shape", type=json.loads, help="JSON: override the preset's Llama shape (a quick check)")
     ap.add_argument("--bundled", type=int, help="use only the first N bundled conversations (a quick check)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", help="keep runs here (default: a temporary directory)")
@@ -315,7 +316,7 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("DISTSFT_CACHE", str(workdir / "cache"))
     data = build_data(workdir, args.long_tail, args.max_seq_len, args.seed, args.bundled)
-    model = make_model(workdir, preset["model"])
+    model = make_model(workdir, args.model_shape or preset["model"])
     overrides = base_overrides(args, workdir, model, data)
     if args.device == "cuda":
         overrides.append("model.attn_implementation=auto")
