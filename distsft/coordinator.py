@@ -61,6 +61,9 @@ def should_print(rec: dict[str, Any], total_steps: int | None, log_every: int) -
     return rec["step"] % log_every == 0 or rec["step"] == total_steps or "eval_loss" in rec
 
 
+METRICS_FILE = "metrics.jsonl"
+
+
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """Complete records of ``metrics.jsonl`` (a line still being written is skipped)."""
     p = Path(path)
@@ -75,9 +78,6 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             pass
     return out
-
-
-METRICS_FILE = "metrics.jsonl"
 
 
 class MetricsLog:
