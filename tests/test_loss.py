@@ -4,26 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tinymodels import tiny_llama
 
 from distsft import loss as loss_mod
 from distsft.data.collate import collate
 from distsft.data.tokenize import IGNORE_INDEX
-
-
-def tiny_llama(attn: str):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(
-        vocab_size=101,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        attn_implementation=attn,
-    )
-    torch.manual_seed(0)
-    return LlamaForCausalLM(cfg)
 
 
 def rows(seed: int) -> list[dict]:

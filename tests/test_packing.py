@@ -6,6 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tinymodels import tiny_llama
 
 from distsft.data.collate import collate
 from distsft.data.packing import best_fit_decreasing, pack
@@ -78,20 +79,7 @@ def test_too_long_example_is_an_error():
 
 # --- isolation: a packed row must compute exactly what its examples compute one by one ---------------
 def tiny_model(attn: str, checkpointing: bool):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=600,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        attn_implementation=attn,
-    )
-    model = LlamaForCausalLM(cfg).float()
+    model = tiny_llama(attn, vocab_size=600, hidden_size=64, intermediate_size=128, max_position_embeddings=256)
     if checkpointing:
         from distsft.model import enable_activation_checkpointing
 

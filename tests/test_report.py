@@ -10,29 +10,13 @@ import types
 import pytest
 import torch
 from raytest import run_cfg
+from tinymodels import tiny_llama
 
 from distsft.coordinator import MetricsLog, merge
 from distsft.errors import ConfigError
 from distsft.flops import FlopsModel, flops_model, peak_flops, rows_flops
 from distsft.report import Progress, Reporter, check_logging
 from distsft.summary import plot_loss, summarize
-
-
-def tiny_llama(tied: bool, heads: int = 4, kv_heads: int = 2):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(
-        vocab_size=97,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        tie_word_embeddings=tied,
-        attn_implementation="eager",
-    )
-    torch.manual_seed(0)
-    return LlamaForCausalLM(cfg)
 
 
 @pytest.mark.parametrize("tied", [False, True])
@@ -42,7 +26,7 @@ def test_flops_formula_matches_counted_matmuls_of_forward_and_backward(tied, len
     formula 6N + 12*L*H*hd*n per token must equal it (eager attention computes the full n x n scores)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    model = tiny_llama(tied)
+    model = tiny_llama("eager", tied=tied, vocab_size=97)
     n_params = sum(p.numel() for p in model.parameters())
     fm = flops_model(model, n_params)
     emb = model.config.vocab_size * model.config.hidden_size
