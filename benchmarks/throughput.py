@@ -116,7 +116,7 @@ def make_model(workdir: Path, shape: dict | str) -> str:
     return str(out)
 
 
-def base_overrides(args, workdir: Path, model: str, data: Path) -> list[str]:
+def base_overrides(args, model: str, data: Path) -> list[str]:
     return [
         f"model.path={model}",
         "model.tokenizer=demo",
@@ -161,6 +161,7 @@ def plan(args, overrides: list[str]) -> dict:
 # --- the runs (each in a child process) -----------------------------------------------------------------
 def run_distsft(args, overrides: list[str], info: dict, out: Path, ray: bool) -> dict:
     from distsft.config import load_config
+    from distsft.coordinator import read_metrics
     from distsft.launch import launch_local, launch_ray
 
     extra = [f"output_dir={out}", f"train.micro_batch_size={info['rows_per_step']}", *args.distsft_set]
@@ -176,19 +177,16 @@ def run_distsft(args, overrides: list[str], info: dict, out: Path, ray: bool) ->
             resources_per_worker=WorkerResources(cpus=cpus, gpus=1 if args.device == "cuda" else 0),
             num_cpus=cpus,
         )
-        launch_ray(cfg, cluster, quiet=True)
+        summary = launch_ray(cfg, cluster, quiet=True)
     else:
-        launch_local(cfg, quiet=True)
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    loop_s = rows[-1]["elapsed_s"]
-    mfu = [r["mfu"] * r["step_time_s"] for r in rows if r.get("mfu") is not None]
+        summary = launch_local(cfg, quiet=True)
+    rows = read_metrics(out)
     return {
-        "steps": len(rows),
-        "supervised_tokens": sum(r["tokens"] for r in rows),
-        "loop_s": loop_s,
-        "final_loss": rows[-1]["loss"],
-        "mfu": sum(mfu) / sum(r["step_time_s"] for r in rows) if mfu else None,
-        "flops": sum(r["flops"] for r in rows),
+        "steps": summary["steps_run"],
+        "supervised_tokens": summary["supervised_tokens"],
+        "loop_s": rows[-1]["elapsed_s"],  # the training loop, as TRL's train_runtime: no load, no final save
+        "final_loss": summary["final_loss"],
+        "mfu": summary.get("mfu"),
         "peak_mem_mb": max(r["peak_mem_mb"] for r in rows),
     }
 
@@ -258,7 +256,6 @@ def run_trl(args, overrides: list[str], info: dict, out: Path, packing: bool) ->
         "loop_s": loop_s,
         "final_loss": losses[-1] if losses else None,
         "mfu": flops / loop_s / peak if peak else None,
-        "flops": flops,
         "peak_mem_mb": mem,
     }
 
@@ -317,7 +314,7 @@ def main() -> None:
     os.environ.setdefault("DISTSFT_CACHE", str(workdir / "cache"))
     data = build_data(workdir, args.long_tail, args.max_seq_len, args.seed, args.bundled)
     model = make_model(workdir, args.model_shape or preset["model"])
-    overrides = base_overrides(args, workdir, model, data)
+    overrides = base_overrides(args, model, data)
     if args.device == "cuda":
         overrides.append("model.attn_implementation=auto")
     info = plan(args, overrides)

@@ -145,7 +145,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from distsft.coordinator import METRICS_FILE, read_metrics
-    from distsft.summary import format_summary, plot_loss, summarize
+    from distsft.summary import add_run_figures, format_summary
 
     run = Path(args.run_dir)
     records = read_metrics(run / METRICS_FILE)
@@ -154,8 +154,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     saved = run / "summary.json"
     finished = saved.is_file()  # written at the end of a launch; a running run has none yet
     summary = json.loads(saved.read_text()) if finished else {"wall_s": records[-1].get("elapsed_s", 0.0)}
-    summary.update(summarize(records, int(summary.get("start_step") or 0)))
-    summary["loss_plot"] = str(plot_loss(records, Path(args.png or run / "loss.png"), title=f"{run.name}: loss"))
+    png = Path(args.png) if args.png else None
+    add_run_figures(summary, records, run, int(summary.get("start_step") or 0), png=png)
     print(format_summary(summary, heading="done" if finished else f"so far (step {records[-1]['step']})"))
     return 0
 

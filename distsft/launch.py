@@ -27,7 +27,7 @@ from distsft.data.sampler import total_steps
 from distsft.errors import ConfigError, DistsftError
 from distsft.model import load_tokenizer, materialize_demo
 from distsft.report import Follower, Reporter, check_logging
-from distsft.summary import format_summary, plot_loss, summarize
+from distsft.summary import add_run_figures, format_summary
 
 
 class WorkerFailure(RuntimeError):
@@ -78,10 +78,7 @@ def _finish(
         checkpoint.export(Path(summary["checkpoint"]), out / "final")
         summary["final_dir"] = str(out / "final")
     summary["wall_s"] = time.perf_counter() - t0
-    records = read_metrics(out)
-    summary.update(summarize(records, start_step))
-    if cfg.logging.plot and records:
-        summary["loss_plot"] = str(plot_loss(records, out / "loss.png", title=f"{out.name}: loss"))
+    add_run_figures(summary, read_metrics(out), out, start_step, plot=cfg.logging.plot)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     if not summary.get("stopped_at"):
         print(format_summary(summary), flush=True)

@@ -48,13 +48,7 @@ def selects_logits(model: Any) -> bool:
 
 @functools.cache
 def _selects_logits(cls: type) -> bool:
-    try:
-        from transformers import modeling_utils
-    except ImportError:
-        return False
-    if not hasattr(modeling_utils, "slice_logits_to_keep"):
-        return False
     if "logits_to_keep" not in inspect.signature(cls.forward).parameters:
         return False
-    source_module = inspect.getmodule(cls)
-    return source_module is not None and hasattr(source_module, "slice_logits_to_keep")
+    # Older releases (and a few models) slice with ``hidden[:, slice]``, which takes no boolean mask.
+    return hasattr(inspect.getmodule(cls), "slice_logits_to_keep")

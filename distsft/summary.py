@@ -40,6 +40,21 @@ def summarize(records: list[dict[str, Any]], start_step: int = 0) -> dict[str, A
     return out
 
 
+def add_run_figures(
+    summary: dict[str, Any],
+    records: list[dict[str, Any]],
+    run_dir: Path,
+    start_step: int,
+    plot: bool = True,
+    png: Path | None = None,
+) -> dict[str, Any]:
+    """What the end of a launch and ``distsft report`` both add: the figures and the loss curve."""
+    summary.update(summarize(records, start_step))
+    if plot and records:
+        summary["loss_plot"] = str(plot_loss(records, png or run_dir / "loss.png", title=f"{run_dir.name}: loss"))
+    return summary
+
+
 def format_summary(s: dict[str, Any], heading: str = "done") -> str:
     lines = [
         f"{heading}: {s.get('steps_run', 0)} steps in {format_duration(s.get('wall_s', 0.0))} "
