@@ -59,7 +59,7 @@ def main() -> None:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()
-            loss, _ = loss_mod.token_loss_sum(model, batch)
+            loss = loss_mod.token_loss_sum(model, batch).loss_sum
             loss.backward()
             if device == "cuda":
                 torch.cuda.synchronize()

@@ -11,8 +11,6 @@ only a ``.tmp-*`` directory, which is ignored and cleaned up by the next save. D
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import random
@@ -199,41 +197,6 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
 
 
-# --- export --------------------------------------------------------------------------------------------
-def export(ckpt: Path, out: Path, dtype: str = "fp32", max_shard_size: str = "5GB") -> Path:
-    """Consolidate ZeRO shards into a plain HF directory, one output shard in memory at a time.
-
-    DeepSpeed's converter reads the fp32 master partitions (memory-mapped, Adam moments dropped) lazily,
-    so host memory stays around one output shard plus what the OS pages in, and no GPU is involved.
-    The directory is written under a temporary name and renamed into place.
-    """
-    import torch
-    from deepspeed.utils.zero_to_fp32 import convert_zero_checkpoint_to_state_dict
-
-    if read_manifest(ckpt) is None:
-        raise ConfigError(f"checkpoint {ckpt}: incomplete (no valid {MANIFEST}); refusing to export it")
-    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(ckpt / HF_DIR, tmp)
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        convert_zero_checkpoint_to_state_dict(
-            str(ckpt),
-            str(tmp),
-            dtype=torch_dtype,
-            max_shard_size=max_shard_size,
-            safe_serialization=True,
-            tag=DS_TAG,
-        )
-    config = json.loads((tmp / "config.json").read_text())
-    config["torch_dtype"] = config["dtype"] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype]
-    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out
-
-
 # --- resume decisions (driver and workers) ----------------------------------------------------------------
 # Keys whose change makes a resumed run differ from an uninterrupted one (data order, batch, schedule).
 CONTINUATION_KEYS = [
@@ -251,6 +214,7 @@ CONTINUATION_KEYS = [
     "train.adam_betas",
     "train.seed",
     "train.zero_stage",
+    "train.router_aux_loss_coef",
 ]
 IGNORED_DATA_KEYS = ("num_proc", "cache_dir", "on_error")
 

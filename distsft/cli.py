@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", help="the user message")
     p.add_argument("--system", help="an optional system prompt")
     p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--trust-remote-code", action="store_true", help="run code shipped with the model directory")
     return parser
 
 
@@ -127,6 +128,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from distsft import checkpoint
+    from distsft.export import export
 
     ckpt = checkpoint.resolve(args.run_dir)
     if args.step is not None:
@@ -135,7 +137,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             raise DistsftError(f"--step {args.step}: no complete checkpoint {ckpt}")
     step = (checkpoint.read_manifest(ckpt) or {}).get("step")
     out = Path(args.out) if args.out else Path(args.run_dir) / f"export-step-{step}"
-    checkpoint.export(ckpt, out, dtype=args.dtype, max_shard_size=args.max_shard_size)
+    export(ckpt, out, dtype=args.dtype, max_shard_size=args.max_shard_size)
     print(f"exported step {step} from {ckpt} to {out} ({args.dtype})")
     return 0
 
@@ -163,7 +165,14 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from distsft.generate import generate
 
-    print(generate(args.model, args.prompt, system=args.system, max_new_tokens=args.max_new_tokens))
+    text = generate(
+        args.model,
+        args.prompt,
+        system=args.system,
+        max_new_tokens=args.max_new_tokens,
+        trust_remote_code=args.trust_remote_code,
+    )
+    print(text)
     return 0
 
 

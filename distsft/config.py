@@ -29,6 +29,9 @@ def cache_home() -> Path:
     return Path(os.environ.get("DISTSFT_CACHE", Path.home() / ".cache" / "distsft")).expanduser()
 
 
+AttnImplementation = Literal["auto", "sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3"]
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     path: str = "demo"
@@ -37,8 +40,9 @@ class ModelConfig:
     """Tokenizer directory or hub id; defaults to ``path`` (the bundled tokenizer for ``demo``)."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """``auto``: bf16 on GPUs that support it, fp32 on CPU."""
-    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
-    """``auto``: flash_attention_2 on GPU when installed, else sdpa."""
+    attn_implementation: AttnImplementation = "auto"
+    """``auto``: the fastest implementation the model class declares and the device runs (flash-attention
+    on GPU when installed, then sdpa, flex_attention, eager); see ``distsft/traits.py``."""
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
     revision: str | None = None
@@ -96,6 +100,10 @@ class TrainConfig:
     """0, 1, 2, 3, ``3_offload``, or a path to a DeepSpeed JSON config (``"auto"`` values are filled in)."""
     eval_every: int = 0
     log_every: int = 1
+    router_aux_loss_coef: float | None = None
+    """Mixture-of-experts models: weight of the router's load-balancing loss, added to the language-model
+    loss for training only (logged as ``aux_loss``, never part of ``loss`` or ``eval_loss``). ``null``: the
+    model config's own value; 0 turns it off."""
     compile: bool = False
     """``torch.compile`` the model through DeepSpeed (``engine.compile``); packed rows vary in width, so the
     graph is compiled with dynamic shapes. Measure before turning it on: see benchmarks/throughput.py."""
@@ -191,6 +199,7 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
         "0, 1, 2, 3, 3_offload, or a path to a DeepSpeed .json config",
     ),
     "train.eval_every": (lambda v: v >= 0, "an integer >= 0"),
+    "train.router_aux_loss_coef": (lambda v: v is None or v >= 0, "a number >= 0, or null for the model's own"),
     "train.log_every": (lambda v: v >= 1, "an integer >= 1"),
     "checkpoint.every_steps": (lambda v: v >= 0, "an integer >= 0"),
     "checkpoint.keep_last": (lambda v: v >= 1, "an integer >= 1"),

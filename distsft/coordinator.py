@@ -46,6 +46,7 @@ def format_record(rec: dict[str, Any], total_steps: int | None) -> str:
     parts = [
         f"step {rec['step']}{total}",
         f"loss {rec['loss']:.4f}",
+        *([f"aux_loss {rec['aux_loss']:.4f}"] if "aux_loss" in rec else []),
         f"grad_norm {gn:.3f}" if gn is not None else "grad_norm -",
         f"lr {rec['lr']:.2e}",
         f"tok/s {rec['tokens_per_s']:.0f}",

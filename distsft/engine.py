@@ -121,6 +121,14 @@ def build_engine(cfg: Config, ds_config: dict[str, Any], build_model, total_step
 
     hf_ds = HfDeepSpeedConfig(ds_config)  # noqa: F841 - must stay referenced while the model is built
     model = build_model()
+    if ds_config.get("zero_optimization", {}).get("stage") == 3:
+        from deepspeed.utils import set_z3_leaf_modules
+
+        from distsft.traits import expert_blocks
+
+        blocks = expert_blocks(model)
+        if blocks:  # fetched whole, so ranks whose tokens chose different experts still run the same gathers
+            set_z3_leaf_modules(model, blocks)
     schedule = lr_lambda(total_steps, cfg.train.warmup_steps, cfg.train.min_lr_ratio)
     engine, _, _, _ = deepspeed.initialize(
         model=model,

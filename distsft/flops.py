@@ -4,8 +4,9 @@ A token costs ``6 * N`` FLOPs for forward plus backward through the dense weight
 that take part in a matmul: everything but the input embedding lookup, with a tied output projection
 counted once as the matmul it is) plus ``12 * layers * heads * head_dim * context`` for attention scores
 and their weighted sum. ``context`` is the length of the example the token belongs to: in a packed row
-a token attends only within its own example, so the row's length would overstate the work. Padding
-tokens are never counted. Peak FLOP/s are dense bf16 figures from vendor data sheets.
+a token attends only within its own example, so the row's length would overstate the work; in a
+sliding-window layer it is at most the window. A mixture-of-experts token counts only the experts it is
+routed to. Padding tokens are never counted. Peak FLOP/s are dense bf16 figures from vendor data sheets.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from distsft.traits import experts_per_token, read_traits, routed_experts, text_config
 
 # Dense (no sparsity) bf16 tensor-core peak per device, FLOP/s. More specific names come first.
 PEAK_BF16_FLOPS: list[tuple[str, float]] = [
@@ -54,31 +57,62 @@ def peak_flops(device_name: str | None, override_tflops: float | None = None) ->
 class FlopsModel:
     dense_params: int
     """Parameters in matmuls per token: all but the input embedding (a lookup, not a matmul)."""
-    layers: int
-    heads: int
-    head_dim: int
+    full_attention: int
+    """Sum over full-attention layers of heads x head_dim (the width of their score and value matmuls)."""
+    sliding_attention: int = 0
+    """The same over sliding-window layers, whose context is at most ``window``."""
+    window: int | None = None
 
     def flops(self, example_lengths: Iterable[int]) -> float:
         """Training FLOPs (forward + backward) for examples of these real lengths."""
-        attn = 12 * self.layers * self.heads * self.head_dim
-        return float(sum(n * (6 * self.dense_params + attn * n) for n in example_lengths))
+        total = 0.0
+        for n in example_lengths:
+            context = self.full_attention * n + self.sliding_attention * min(n, self.window or n)
+            total += n * (6 * self.dense_params + 12 * context)
+        return total
 
 
 def flops_model(model: Any, total_params: int) -> FlopsModel:
     """Read the shape from the model's Hugging Face config; ``total_params`` must count ZeRO-3 partitioned
     parameters at full size (``count_parameters`` does)."""
-    cfg = model.config
-    cfg = getattr(cfg, "get_text_config", lambda: cfg)()
-    layers = int(cfg.num_hidden_layers)
-    heads = int(cfg.num_attention_heads)
-    head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
     emb = model.get_input_embeddings().weight
-    emb_numel = int(getattr(emb, "ds_numel", emb.numel()))
+    emb_numel = _numel(emb)
     dense = total_params - emb_numel
     out = model.get_output_embeddings()
     if out is not None and out.weight is emb:  # tied: the output matmul reuses the embedding matrix
         dense += emb_numel
-    return FlopsModel(dense_params=dense, layers=layers, heads=heads, head_dim=head_dim)
+    top_k, n_experts = experts_per_token(model)
+    if n_experts:  # a token runs through top_k of each layer's routed experts, not all of them
+        routed = sum(_numel(p) for _, experts in routed_experts(model) for p in experts.parameters())
+        dense -= round(routed * (1 - top_k / n_experts))
+    traits = read_traits(model.config, type(model))
+    full, sliding = attention_widths(text_config(model.config), traits.sliding_window)
+    return FlopsModel(dense_params=dense, full_attention=full, sliding_attention=sliding, window=traits.sliding_window)
+
+
+def attention_widths(cfg: Any, window: int | None) -> tuple[int, int]:
+    """(full, sliding) sums of heads x head_dim over the layers with softmax attention; recurrent and
+    linear-attention layers of hybrid models cost no quadratic term. Configs whose layers differ in
+    shape (``per_layer_config``) are read layer by layer."""
+    layers = int(cfg.num_hidden_layers)
+    kinds = list(getattr(cfg, "layer_types", None) or [])
+    if len(kinds) != layers:
+        kinds = ["sliding_attention" if window else "full_attention"] * layers
+    per_layer = getattr(cfg, "per_layer_config", None)
+    full = sliding = 0
+    for i, kind in enumerate(kinds):
+        c = per_layer[i] if per_layer else cfg
+        heads = int(c.num_attention_heads)
+        width = heads * int(getattr(c, "head_dim", None) or c.hidden_size // heads)
+        if kind == "sliding_attention" and window:
+            sliding += width
+        elif kind in ("full_attention", "chunked_attention", "sliding_attention"):
+            full += width
+    return full, sliding
+
+
+def _numel(p: Any) -> int:
+    return int(getattr(p, "ds_numel", p.numel()))  # ZeRO-3 partitioned parameters keep their full size here
 
 
 def rows_flops(fm: FlopsModel, rows: Sequence[dict[str, Any]]) -> float:

@@ -7,7 +7,13 @@ from pathlib import Path
 from distsft.errors import DistsftError
 
 
-def generate(model_dir: str, prompt: str, system: str | None = None, max_new_tokens: int = 128) -> str:
+def generate(
+    model_dir: str,
+    prompt: str,
+    system: str | None = None,
+    max_new_tokens: int = 128,
+    trust_remote_code: bool = False,
+) -> str:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -16,8 +22,8 @@ def generate(model_dir: str, prompt: str, system: str | None = None, max_new_tok
 
     if not (Path(model_dir) / "config.json").is_file():
         raise DistsftError(f"--model {model_dir}: not a model directory (no config.json)")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=trust_remote_code).eval()
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     if not tokenizer.chat_template:
         from distsft.data.tokenize import DEFAULT_CHAT_TEMPLATE

@@ -25,6 +25,7 @@ from distsft.coordinator import MetricsLog, make_ray_coordinator, read_metrics
 from distsft.data.prepare import PreparedData, prepare
 from distsft.data.sampler import total_steps
 from distsft.errors import ConfigError, DistsftError
+from distsft.export import export
 from distsft.model import load_tokenizer, materialize_demo
 from distsft.report import Follower, Reporter, check_logging
 from distsft.summary import add_run_figures, format_summary
@@ -39,8 +40,22 @@ def prepare_data(cfg: Config) -> PreparedData:
     return prepare(cfg.data, tokenizer, seed=cfg.train.seed, output_dir=cfg.output_dir)
 
 
-def _start(cfg: Config, quiet: bool) -> tuple[Path, PreparedData, float]:
+def check_model(cfg: Config, device_type: str) -> str:
+    """Read the model family's traits (config and class only, no weights), refuse what it cannot train,
+    and say what it will run with; workers make the same choice on their own device."""
+    from distsft.model import model_plan
+    from distsft.traits import check_training_fit
+
+    traits, attn = model_plan(cfg.model, device_type)
+    check_training_fit(traits, cfg.data.packing, cfg.train.router_aux_loss_coef)
+    line = f"model: {traits.describe(attn)}"
+    print(line, flush=True)
+    return line
+
+
+def _start(cfg: Config, quiet: bool, device_type: str) -> tuple[Path, PreparedData, float]:
     check_logging(cfg.logging)
+    check_model(cfg, device_type)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
@@ -75,7 +90,7 @@ def _finish(
             flush=True,
         )
     else:
-        checkpoint.export(Path(summary["checkpoint"]), out / "final")
+        export(Path(summary["checkpoint"]), out / "final")
         summary["final_dir"] = str(out / "final")
     summary["wall_s"] = time.perf_counter() - t0
     add_run_figures(summary, read_metrics(out), out, start_step, plot=cfg.logging.plot)
@@ -86,9 +101,11 @@ def _finish(
 
 
 def launch_local(cfg: Config, quiet: bool = False) -> dict[str, Any]:
+    import torch
+
     from distsft.train import WorkerContext, train
 
-    out, data, t0 = _start(cfg, quiet)
+    out, data, t0 = _start(cfg, quiet, "cuda" if torch.cuda.is_available() else "cpu")
     root = checkpoint_root(cfg, None)
     meta, start_step = _resume_plan(cfg, root, world_size=1, data=data)
     steps = total_steps(len(data.train), cfg.batch_plan(1), cfg.train.max_steps, cfg.train.epochs)
@@ -174,7 +191,7 @@ def launch_ray(cfg: Config, cluster: ClusterConfig, quiet: bool = False) -> dict
         import yaml
 
         print("cluster:\n" + yaml.safe_dump(cluster.redacted(), sort_keys=False), flush=True)
-    out, data, t0 = _start(cfg, quiet)
+    out, data, t0 = _start(cfg, quiet, "cuda" if cluster.use_gpu else "cpu")
     root = checkpoint_root(cfg, cluster)
     meta, start_step = _resume_plan(cfg, root, world_size=cluster.num_workers, data=data)
     plan = cfg.batch_plan(cluster.num_workers)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -12,8 +12,17 @@ import torch.nn.functional as F
 from distsft.data.tokenize import IGNORE_INDEX
 
 
-def token_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy over supervised tokens, and their count.
+class LossParts(NamedTuple):
+    loss_sum: torch.Tensor
+    """Summed next-token cross-entropy over the supervised tokens (fp32)."""
+    tokens: torch.Tensor
+    """How many tokens it sums over (a device tensor: reading it is the caller's choice of host sync)."""
+    aux: torch.Tensor | None
+    """The router's load-balancing loss of this forward (a mean over its tokens), when asked for."""
+
+
+def token_loss_sum(model: Any, batch: dict[str, torch.Tensor], router_loss: bool = False) -> LossParts:
+    """Summed next-token cross-entropy over supervised tokens, their count, and the router loss if asked.
 
     A sum, not a mean: the caller divides by the supervised-token count of the whole optimizer step (or
     eval set), which is what makes the loss independent of how rows are packed, batched or sharded.
@@ -22,21 +31,26 @@ def token_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Te
     Only positions whose next token is supervised go through the output projection and the softmax: prompt
     tokens need hidden states (later tokens attend to them) but no logits. With large vocabularies the
     ``tokens x vocab`` logits (upcast to fp32 for the loss) are the largest activation of the step, so this
-    saves time and memory in proportion to the prompt share of the data.
+    saves time and memory in proportion to the prompt share of the data. A model's final-logit
+    soft-capping (Gemma-2) is applied by the model to exactly these logits.
     """
     inputs = {k: v for k, v in batch.items() if k != "labels"}
+    if router_loss:
+        inputs["output_router_logits"] = True
     labels = batch["labels"][:, 1:]
     keep = labels != IGNORE_INDEX
     if selects_logits(model):
         positions = torch.zeros_like(batch["labels"], dtype=torch.bool)
         positions[:, :-1] = keep
-        logits = model(**inputs, use_cache=False, logits_to_keep=positions).logits  # (supervised, vocab)
+        out = model(**inputs, use_cache=False, logits_to_keep=positions)
+        logits = out.logits  # (supervised, vocab)
         target = labels[keep]
     else:
-        logits = model(**inputs, use_cache=False).logits[:, :-1].flatten(0, 1)
+        out = model(**inputs, use_cache=False)
+        logits = out.logits[:, :-1].flatten(0, 1)
         target = labels.flatten()
     loss = F.cross_entropy(logits.float(), target, ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss, int(keep.sum())
+    return LossParts(loss, keep.sum(), getattr(out, "aux_loss", None) if router_loss else None)
 
 
 def selects_logits(model: Any) -> bool:

@@ -7,7 +7,6 @@ model partitioned (``deepspeed.zero.Init``) instead of materialising a full copy
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 from pathlib import Path
@@ -15,8 +14,10 @@ from typing import Any
 
 import torch
 
+from distsft import hub
 from distsft.config import DEMO_DIR, ModelConfig, cache_home
-from distsft.errors import ConfigError
+from distsft.hub import ModelSource
+from distsft.traits import ModelTraits, choose_attention, model_class, read_traits
 
 DEMO_MODEL = DEMO_DIR / "model"
 DEMO_TOKENIZER = DEMO_DIR / "tokenizer"
@@ -31,36 +32,27 @@ def resolve_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def resolve_attn(cfg: ModelConfig, device: torch.device) -> str:
-    if cfg.attn_implementation != "auto":
-        if cfg.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
-            raise ConfigError("model.attn_implementation = flash_attention_2, but flash-attn is not installed")
-        return cfg.attn_implementation
-    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
-    return "sdpa"
-
-
-def _source(path: str) -> str:
-    """A local path must exist; anything else is treated as a hub id (needs network or the HF cache)."""
-    p = Path(path).expanduser()
-    if p.exists():
-        return str(p)
-    if path.startswith((".", "/", "~")) or path.count("/") > 1:
-        raise ConfigError(f"model.path: {path}: no such directory")
-    return path
+def source(cfg: ModelConfig, tokenizer: bool = False) -> ModelSource:
+    """Where the model (or its tokenizer) comes from; a hub id is checked in seconds (``distsft/hub.py``)."""
+    if tokenizer and cfg.tokenizer:
+        spec, key = cfg.tokenizer, "model.tokenizer"
+    else:
+        spec, key = cfg.path, "model.path"
+    if spec == "demo":
+        return ModelSource(str(DEMO_TOKENIZER if tokenizer else DEMO_MODEL))
+    probe = "tokenizer_config.json" if tokenizer else "config.json"
+    return hub.resolve(spec, key, cfg.revision, probe_file=probe)
 
 
 def load_tokenizer(cfg: ModelConfig) -> Any:
     from transformers import AutoTokenizer
 
-    if cfg.tokenizer:
-        src = str(DEMO_TOKENIZER) if cfg.tokenizer == "demo" else _source(cfg.tokenizer)
-    else:
-        src = str(DEMO_TOKENIZER) if cfg.path == "demo" else _source(cfg.path)
-    tok = AutoTokenizer.from_pretrained(src, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
+    src = source(cfg, tokenizer=True)
+    tok = AutoTokenizer.from_pretrained(
+        src.path, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision, **src.kwargs()
+    )
     if tok.pad_token_id is None:
-        # Padding never reaches the loss or attention (labels -100, block mask), so EOS is a safe pad.
+        # Padding never reaches the loss or attention (labels -100, its own segment), so EOS is a safe pad.
         tok.pad_token = tok.eos_token
     return tok
 
@@ -68,8 +60,18 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
 def load_model_config(cfg: ModelConfig) -> Any:
     from transformers import AutoConfig
 
-    src = str(DEMO_MODEL) if cfg.path == "demo" else _source(cfg.path)
-    return AutoConfig.from_pretrained(src, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
+    src = source(cfg)
+    return AutoConfig.from_pretrained(
+        src.path, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision, **src.kwargs()
+    )
+
+
+def model_plan(cfg: ModelConfig, device_type: str) -> tuple[ModelTraits, str]:
+    """The family's traits and the attention implementation to run on ``device_type`` (an explicit choice
+    that the class or the device cannot run is a config error)."""
+    config = load_model_config(cfg)
+    traits = read_traits(config, model_class(config, cfg.trust_remote_code))
+    return traits, choose_attention(cfg.attn_implementation, traits, device_type)
 
 
 def materialize_demo(seed: int) -> Path:
@@ -109,13 +111,14 @@ def load_model(cfg: ModelConfig, dtype: torch.dtype, attn_implementation: str, s
 
     hf_logging.disable_progress_bar()
 
-    src = str(materialize_demo(seed)) if cfg.path == "demo" else _source(cfg.path)
+    src = ModelSource(str(materialize_demo(seed))) if cfg.path == "demo" else source(cfg)
     model = AutoModelForCausalLM.from_pretrained(
-        src,
+        src.path,
         dtype=dtype,
         attn_implementation=attn_implementation,
         trust_remote_code=cfg.trust_remote_code,
         revision=None if cfg.path == "demo" else cfg.revision,
+        **src.kwargs(),
     )
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(model)

@@ -6,6 +6,8 @@ parameter count and largest layer for DeepSpeed's model-state memory estimators.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from distsft.cluster import ClusterConfig
 from distsft.config import Config
 from distsft.engine import ds_config_path
@@ -13,8 +15,16 @@ from distsft.engine import ds_config_path
 GiB = 1024**3
 
 
-def model_sizes(cfg: Config) -> tuple[int, int] | None:
-    """(total parameters, largest layer's parameters), or None when the model config is out of reach."""
+class ModelSize(NamedTuple):
+    total: int
+    largest: int
+    """Parameters of the largest single module (what ZeRO-3 must gather at once)."""
+    family: str
+    """What the family is and runs with (attention, tied weights, windows, experts)."""
+
+
+def model_sizes(cfg: Config, device_type: str = "cuda") -> ModelSize | None:
+    """The model's size and family, or None when the model config is out of reach."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -35,15 +45,23 @@ def model_sizes(cfg: Config) -> tuple[int, int] | None:
     for p in model.parameters():
         seen[id(p)] = p.numel()
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
-    return sum(seen.values()), largest
+    from distsft.errors import ConfigError
+    from distsft.traits import choose_attention, read_traits
+
+    traits = read_traits(config, type(model))
+    try:
+        family = traits.describe(choose_attention(cfg.model.attn_implementation, traits, device_type))
+    except ConfigError as e:
+        family = f"{traits.class_name}: {e}"
+    return ModelSize(sum(seen.values()), largest, family)
 
 
-def memory_estimate(stage: int, offload_opt: bool, offload_param: bool, sizes: tuple[int, int], cluster: ClusterConfig):
+def memory_estimate(stage: int, offload_opt: bool, offload_param: bool, sizes: ModelSize, cluster: ClusterConfig):
     """DeepSpeed's own estimate of model-state memory (params, grads, optimizer) per GPU and per node."""
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
-    total, largest = sizes
+    total, largest = sizes.total, sizes.largest
     per_node = cluster.workers_per_node
     if stage == 3:
         cpu, gpu, _ = estimate_zero3_model_states_mem_needs(
@@ -113,14 +131,16 @@ def dry_run(cfg: Config, cluster: ClusterConfig, local: bool = False) -> list[st
         + f", keep {cfg.checkpoint.keep_last}, to {cluster.storage_path or cfg.output_dir}",
         f"output:         {cfg.output_dir}/final (Hugging Face directory)",
     ]
-    sizes = model_sizes(cfg)
+    sizes = model_sizes(cfg, "cuda" if cluster.use_gpu else "cpu")
     if sizes is None:
         lines.append(f"model:          {cfg.model.path} (config not reachable from here: no memory estimate)")
     else:
         cpu, gpu = memory_estimate(stage, offload_opt, offload_param, sizes, cluster)
         lines.append(
-            f"model:          {cfg.model.path}: {sizes[0] / 1e9:.2f}B parameters (largest layer {sizes[1] / 1e6:.0f}M)"
+            f"model:          {cfg.model.path}: {sizes.total / 1e9:.2f}B parameters "
+            f"(largest layer {sizes.largest / 1e6:.0f}M)"
         )
+        lines.append(f"family:         {sizes.family}")
         lines.append(
             f"model states:   {gpu / GiB:.1f} GiB per GPU, {cpu / GiB:.1f} GiB CPU per node "
             "(DeepSpeed estimate: params, grads, optimizer; activations come on top)"

@@ -27,6 +27,7 @@ SCALARS = {
     "loss": "train/loss",
     "grad_norm": "train/grad_norm",
     "lr": "train/lr",
+    "aux_loss": "train/router_aux_loss",
     "eval_loss": "eval/loss",
     "tokens_per_s": "perf/supervised_tokens_per_s",
     "input_tokens_per_s": "perf/input_tokens_per_s",

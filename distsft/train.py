@@ -24,20 +24,13 @@ import torch.distributed as dist
 
 from distsft import checkpoint
 from distsft.config import Config
-from distsft.data.collate import collate
+from distsft.data.collate import collate, supervised_tokens
 from distsft.data.sampler import rank_micro_batches, step_rows, total_steps
-from distsft.data.tokenize import IGNORE_INDEX
 from distsft.engine import build_engine, init_distributed, render_ds_config
 from distsft.flops import flops_model, peak_flops, rows_flops
 from distsft.loss import token_loss_sum
-from distsft.model import (
-    count_parameters,
-    load_model,
-    load_model_config,
-    load_tokenizer,
-    resolve_attn,
-    resolve_dtype,
-)
+from distsft.model import count_parameters, load_model, load_tokenizer, model_plan, resolve_dtype
+from distsft.traits import varlen
 
 
 @dataclass
@@ -114,11 +107,11 @@ def train(cfg: Config, train_rows: list[dict], eval_rows: list[dict], ctx: Worke
     plan = cfg.batch_plan(ctx.world_size)
     steps = total_steps(len(train_rows), plan, cfg.train.max_steps, cfg.train.epochs)
     dtype = resolve_dtype(cfg.model, device)
-    attn = resolve_attn(cfg.model, device)
+    traits, attn = model_plan(cfg.model, device.type)
+    aux_coef = router_aux_coef(cfg, traits)
     tokenizer = load_tokenizer(cfg.model)
 
-    hidden = getattr(load_model_config(cfg.model), "hidden_size", None)
-    ds_config = render_ds_config(cfg, plan, dtype, device, hidden)
+    ds_config = render_ds_config(cfg, plan, dtype, device, traits.hidden_size or None)
     engine, _hf_ds = build_engine(
         cfg, ds_config, lambda: load_model(cfg.model, dtype, attn, cfg.train.seed), total_steps=steps
     )
@@ -127,9 +120,9 @@ def train(cfg: Config, train_rows: list[dict], eval_rows: list[dict], ctx: Worke
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     peak = peak_flops(device_name, cfg.logging.peak_tflops)
 
-    def to_device(rows: list[dict]) -> dict[str, torch.Tensor]:
-        batch = collate(rows, tokenizer.pad_token_id, attn, dtype)
-        return {k: v.to(device) for k, v in batch.items()}
+    def to_device(rows: list[dict]) -> dict[str, Any]:
+        batch = collate(rows, tokenizer.pad_token_id, varlen=varlen(attn))
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
     root = Path(ctx.checkpoint_dir or Path(cfg.output_dir) / "checkpoints")
     start_step = 0
@@ -145,28 +138,40 @@ def train(cfg: Config, train_rows: list[dict], eval_rows: list[dict], ctx: Worke
         checkpoint.save(engine, root, step, meta, cfg.checkpoint.keep_last, [p for p in hf_parts if p is not None])
 
     start = time.perf_counter()
-    summary: dict[str, Any] = {"steps": steps, "parameters": n_params, "start_step": start_step, "device": device_name}
+    summary: dict[str, Any] = {
+        "steps": steps,
+        "parameters": n_params,
+        "start_step": start_step,
+        "device": device_name,
+        "attention": attn,
+    }
     for step in range(start_step, steps):
         engine.train()
         t0 = time.perf_counter()
         micro = rank_micro_batches(step_rows(len(train_rows), plan, step, cfg.train.seed), plan, ctx.rank)
         micro_rows = [[train_rows[i] for i in mb] for mb in micro]
         batches = [to_device(rows) for rows in micro_rows]
-        local_sup = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+        local_sup = sum(supervised_tokens(rows) for rows in micro_rows)
         local_tokens = sum(len(r["input_ids"]) for rows in micro_rows for r in rows)
         local_flops = sum(rows_flops(fm, rows) for rows in micro_rows)
         (global_sup,) = all_sum([local_sup], device)
         scale = plan.grad_accum_steps * plan.world_size / max(global_sup, 1.0)
         lr = engine.get_lr()[0]  # the rate this step's update uses; the scheduler moves on in step()
-        loss_sum = 0.0
+        loss_sum, aux_sum = 0.0, 0.0
         inject_fault(ctx.rank, step + 1)
         for b in batches:
-            loss, _ = token_loss_sum(engine, b)
-            engine.backward(loss * scale)
+            parts = token_loss_sum(engine, b, router_loss=aux_coef > 0)
+            objective = parts.loss_sum * scale
+            if parts.aux is not None:
+                # DeepSpeed divides by grad_accum and averages over ranks: the step adds the coefficient
+                # times the mean router loss over every micro-batch of the global batch.
+                objective = objective + aux_coef * parts.aux
+                aux_sum += parts.aux.item()
+            engine.backward(objective)
             engine.step()
-            loss_sum += loss.item()
+            loss_sum += parts.loss_sum.item()
         step_time = time.perf_counter() - t0
-        g_loss, g_tokens, g_flops = all_sum([loss_sum, local_tokens, local_flops], device)
+        g_loss, g_tokens, g_flops, g_aux = all_sum([loss_sum, local_tokens, local_flops, aux_sum], device)
         grad_norm = engine.get_global_grad_norm()
         record = {
             "step": step + 1,
@@ -183,6 +188,8 @@ def train(cfg: Config, train_rows: list[dict], eval_rows: list[dict], ctx: Worke
             "peak_mem_mb": peak_memory_mb(device),
             "rank": ctx.rank,
         }
+        if aux_coef > 0:
+            record["aux_loss"] = g_aux / (plan.grad_accum_steps * plan.world_size)
         every_eval = cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0
         if eval_rows and (every_eval or step + 1 == steps):  # the last step always has an eval loss
             record["eval_loss"] = evaluate(engine, eval_rows, plan.micro_batch_size, ctx, to_device, device)
@@ -201,6 +208,14 @@ def train(cfg: Config, train_rows: list[dict], eval_rows: list[dict], ctx: Worke
         summary["eval_loss"] = summary["last"]["eval_loss"]
     ctx.flush()
     return summary
+
+
+def router_aux_coef(cfg: Config, traits: Any) -> float:
+    """The router loss weight: the config's, else the model's own; 0 for models without a router loss."""
+    if not traits.router_loss:
+        return 0.0
+    coef = cfg.train.router_aux_loss_coef
+    return traits.router_aux_loss_coef if coef is None else coef
 
 
 def stop_requested(ctx: WorkerContext, device: torch.device) -> bool:
@@ -223,8 +238,8 @@ def evaluate(engine: Any, rows: list[dict], micro_batch: int, ctx: WorkerContext
     for i in range(n_batches):
         chunk = mine[i * micro_batch : (i + 1) * micro_batch]
         if chunk:
-            loss, n = token_loss_sum(engine, to_device([rows[j] for j in chunk]))
-            loss_sum, count = loss_sum + loss.item(), count + n
+            parts = token_loss_sum(engine, to_device([rows[j] for j in chunk]))
+            loss_sum, count = loss_sum + parts.loss_sum.item(), count + int(parts.tokens)
         else:
             token_loss_sum(engine, to_device([rows[0]]))
     total, tokens = all_sum([loss_sum, count], device)

@@ -43,5 +43,15 @@ def cli(capsys):
     return run
 
 
+@pytest.fixture(scope="module")
+def ray_instance():
+    """A local Ray instance shared by one test module's in-process launches (4 CPUs: 4 workers at most)."""
+    import ray
+
+    ray.init(num_cpus=4, dashboard_host="127.0.0.1", logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
 def python_exe() -> str:
     return sys.executable

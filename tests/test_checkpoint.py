@@ -97,24 +97,31 @@ def test_a_different_worker_count_is_refused_clearly():
         checkpoint.check_continuation({"world_size": 2, "config": {}}, {}, 4, "", allow=True)
 
 
+@pytest.mark.parametrize("model", ["demo", "llama-tied"])
 @pytest.mark.parametrize("stage", [1, 2, 3])
-def test_consolidated_weights_equal_the_engines_weights(tmp_path, stage):
-    """Export reads the shards from disk; the engine's own (gathered) parameters must match exactly."""
+def test_consolidated_weights_equal_the_engines_weights(tmp_path, stage, model):
+    """Export reads the shards from disk; the engine's own (gathered) parameters must match exactly, a
+    tied weight included (written once, under the embedding's name)."""
     import deepspeed
+    from families import save_family
 
     from distsft.engine import build_engine, render_ds_config
     from distsft.model import load_model
 
     out = tmp_path / "run"
-    cfg = ckpt_cfg(out, "train.max_steps=2", f"train.zero_stage={stage}")
+    extra = [] if model == "demo" else [f"model.path={save_family(model, tmp_path / model)}", "model.tokenizer=demo"]
+    cfg = ckpt_cfg(out, "train.max_steps=2", f"train.zero_stage={stage}", *extra)
     launch_local(cfg, quiet=True)
     ds = render_ds_config(cfg, cfg.batch_plan(1), torch.float32, torch.device("cpu"), 256)
     engine, _keep = build_engine(cfg, ds, lambda: load_model(cfg.model, torch.float32, "sdpa", 0), 2)
     checkpoint.load(engine, checkpoint.find_latest(out / "checkpoints"))
     exported = final_weights(out)
-    for name, p in engine.module.named_parameters():
+    seen = set()
+    for name, p in engine.module.named_parameters():  # a tied weight is listed once, under its first name
+        seen.add(name)
         with deepspeed.zero.GatheredParameters([p]):
             torch.testing.assert_close(exported[name], p.detach().clone(), rtol=0, atol=0, msg=name)
+    assert seen == set(exported)
     from transformers import AutoModelForCausalLM
 
     _, info = AutoModelForCausalLM.from_pretrained(out / "final", output_loading_info=True)

@@ -7,7 +7,7 @@ import torch
 from tinymodels import tiny_llama
 
 from distsft import loss as loss_mod
-from distsft.data.collate import collate
+from distsft.data.collate import collate, supervised_tokens
 from distsft.data.tokenize import IGNORE_INDEX
 
 
@@ -27,30 +27,54 @@ def rows(seed: int) -> list[dict]:
     return out
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_selected_logits_give_the_full_logits_loss_and_gradients(attn, monkeypatch):
-    model = tiny_llama(attn)
+def selected_vs_full(model, monkeypatch) -> None:
     assert loss_mod.selects_logits(model)
-    batch = collate(rows(1), pad_id=0, attn_implementation=attn)
-    sel_loss, sel_n = loss_mod.token_loss_sum(model, batch)
-    sel_loss.backward()
+    batch = collate(rows(1), pad_id=0)
+    sel = loss_mod.token_loss_sum(model, batch)
+    sel.loss_sum.backward()
     sel_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    monkeypatch.setattr(loss_mod, "selects_logits", lambda m: False)
-    full_loss, full_n = loss_mod.token_loss_sum(model, batch)
-    full_loss.backward()
-    assert sel_n == full_n == sum(int((torch.tensor(r["labels"][1:]) != IGNORE_INDEX).sum()) for r in rows(1))
-    torch.testing.assert_close(sel_loss, full_loss, rtol=1e-6, atol=1e-6)
+    with monkeypatch.context() as m:
+        m.setattr(loss_mod, "selects_logits", lambda m: False)
+        full = loss_mod.token_loss_sum(model, batch)
+    full.loss_sum.backward()
+    assert int(sel.tokens) == int(full.tokens) == supervised_tokens(rows(1))
+    assert supervised_tokens(rows(1)) == sum(
+        int((torch.tensor(r["labels"][1:]) != IGNORE_INDEX).sum()) for r in rows(1)
+    )
+    torch.testing.assert_close(sel.loss_sum, full.loss_sum, rtol=1e-6, atol=1e-6)
     for n, p in model.named_parameters():
         torch.testing.assert_close(sel_grads[n], p.grad, rtol=1e-5, atol=1e-7, msg=n)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_selected_logits_give_the_full_logits_loss_and_gradients(attn, monkeypatch):
+    selected_vs_full(tiny_llama(attn), monkeypatch)
+
+
+def test_gemma2_soft_capping_holds_on_the_selected_logits(monkeypatch):
+    """Gemma-2 caps attention scores and final logits with tanh; the cap applies to the selected logits
+    exactly as to the full ones (caps small enough that they change the numbers)."""
+    from families import family_model
+
+    model = family_model("gemma2", vocab_size=101, attn="eager")
+    assert model.config.final_logit_softcapping == 5.0 and model.config.attn_logit_softcapping == 3.0
+    with torch.no_grad():  # random-init logits are tiny; make them large enough for the cap to bite
+        model.lm_head.weight.mul_(50.0)
+    selected_vs_full(model, monkeypatch)
+    batch = collate(rows(1), pad_id=0)
+    capped = loss_mod.token_loss_sum(model, batch).loss_sum.item()
+    model.config.final_logit_softcapping = None
+    uncapped = loss_mod.token_loss_sum(model, batch).loss_sum.item()
+    assert abs(uncapped - capped) > 0.05 * capped, (capped, uncapped)
 
 
 def test_a_batch_without_supervised_tokens_gives_zero_and_still_runs_the_model():
     model = tiny_llama("sdpa")
     row = {"input_ids": [1, 2, 3], "labels": [IGNORE_INDEX] * 3, "position_ids": [0, 1, 2], "seq_lens": [3]}
-    loss, n = loss_mod.token_loss_sum(model, collate([row], pad_id=0))
-    assert n == 0 and loss.item() == 0.0
-    loss.backward()  # ZeRO-3 ranks with nothing to learn must still take part in forward and backward
+    parts = loss_mod.token_loss_sum(model, collate([row], pad_id=0))
+    assert int(parts.tokens) == 0 and parts.loss_sum.item() == 0.0
+    parts.loss_sum.backward()  # ZeRO-3 ranks with nothing to learn must still take part in forward and backward
 
 
 def test_models_without_logits_to_keep_use_the_full_logits():

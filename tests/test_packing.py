@@ -6,24 +6,16 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from isolation import make_examples, packed_vs_alone
 from tinymodels import tiny_llama
 
 from distsft.data.collate import collate
 from distsft.data.packing import best_fit_decreasing, pack
-from distsft.data.tokenize import IGNORE_INDEX, Example
+from distsft.data.tokenize import IGNORE_INDEX
 
 lengths_strategy = st.integers(8, 128).flatmap(
     lambda max_len: st.tuples(st.just(max_len), st.lists(st.integers(1, max_len), min_size=0, max_size=200))
 )
-
-
-def make_examples(lengths: list[int]) -> list[Example]:
-    out = []
-    for i, n in enumerate(lengths):
-        ids = [(i * 7 + j) % 500 + 3 for j in range(n)]
-        labels = [IGNORE_INDEX] + ids[1:]
-        out.append(Example(ids, labels))
-    return out
 
 
 @settings(max_examples=200, deadline=None)
@@ -88,91 +80,89 @@ def tiny_model(attn: str, checkpointing: bool):
     return model
 
 
-def loss_and_logits(model, rows, attn):
-    from distsft.loss import token_loss_sum
-
-    batch = collate(rows, pad_id=0, attn_implementation=attn, dtype=torch.float32)
-    logits = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits
-    loss, n = token_loss_sum(model, batch)
-    return logits, loss, n
-
-
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_packed_row_equals_examples_run_alone(attn, checkpointing):
-    examples = make_examples([7, 19, 4, 30])
-    packed = pack(examples, max_len=64, seed=0)
-    assert len(packed) == 1 and len(packed[0]["seq_lens"]) == 4
-    row = packed[0]
-    # Pad a second, shorter row into the batch as well, so padding is exercised too.
-    batch_rows = [row, pack(make_examples([5]), 64, 0)[0]]
-
-    model = tiny_model(attn, checkpointing)
-    logits, loss, n = loss_and_logits(model, batch_rows, attn)
-    loss.backward()
-    packed_grads = {k: p.grad.clone() for k, p in model.named_parameters()}
-
-    model.zero_grad()
-    total, count, start = 0.0, 0, 0
-    for length in row["seq_lens"]:
-        alone = {
-            "input_ids": row["input_ids"][start : start + length],
-            "labels": row["labels"][start : start + length],
-            "position_ids": list(range(length)),
-            "seq_lens": [length],
-        }
-        single_logits, single_loss, single_n = loss_and_logits(model, [alone], attn)
-        torch.testing.assert_close(logits[0, start : start + length], single_logits[0], rtol=1e-5, atol=1e-5)
-        single_loss.backward()
-        total, count = total + single_loss.item(), count + single_n
-        start += length
-    _, pad_loss, pad_n = loss_and_logits(model, [batch_rows[1]], attn)
-    pad_loss.backward()
-    assert n == count + pad_n
-    assert loss.item() == pytest.approx(total + pad_loss.item(), rel=1e-5)
-    for k, p in model.named_parameters():
-        torch.testing.assert_close(packed_grads[k], p.grad, rtol=1e-5, atol=1e-6, msg=k)
+    packed, alone, logit_diff, grad_diff = packed_vs_alone(tiny_model(attn, checkpointing), [7, 19, 4, 30], 64)
+    assert packed == pytest.approx(alone, rel=1e-5)
+    assert logit_diff < 1e-5 and grad_diff < 1e-5, (logit_diff, grad_diff)
 
 
-def test_without_the_block_mask_examples_would_leak():
-    """Control: the same packed row with a plain causal mask gives different logits, so the test above can fail."""
-    examples = make_examples([7, 19])
-    row = pack(examples, max_len=64, seed=0)[0]
+def test_without_restarting_positions_examples_would_leak():
+    """Control: the same packed row with positions that run on (no example boundaries) gives different
+    logits for the second example, so the test above can fail."""
+    row = pack(make_examples([7, 19]), max_len=64, seed=0)[0]
     model = tiny_model("eager", False)
-    batch = collate([row], pad_id=0, attn_implementation="eager", dtype=torch.float32)
+    batch = collate([row], pad_id=0)
     with torch.no_grad():
-        isolated = model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"]
-        ).logits
-        plain = model(
-            input_ids=batch["input_ids"],
-            attention_mask=torch.ones_like(batch["input_ids"]),
-            position_ids=batch["position_ids"],
-        ).logits
+        isolated = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+        plain = model(input_ids=batch["input_ids"], position_ids=torch.arange(len(row["input_ids"]))[None]).logits
     second = slice(row["seq_lens"][0], sum(row["seq_lens"]))
     assert not torch.allclose(isolated[0, second], plain[0, second], atol=1e-4)
 
 
-def _has_flash_attn() -> bool:
+def _gpu_attentions() -> list[str]:
     import importlib.util
 
-    return torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+    if not torch.cuda.is_available():
+        return ["sdpa", "flex_attention"]  # skipped below; listed so the GPU tier shows in the report
+    kinds = ["sdpa", "flex_attention", "eager"]
+    return kinds + (["flash_attention_2"] if importlib.util.find_spec("flash_attn") else [])
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not _has_flash_attn(), reason="needs a CUDA GPU with flash-attn installed")
-def test_flash_attention_varlen_isolates_packed_examples():
-    """flash_attention_2 gets no mask: restarting position_ids become varlen sequence boundaries."""
-    examples = make_examples([7, 19, 4, 30])
-    row = pack(examples, max_len=64, seed=0)[0]
-    model = tiny_model("flash_attention_2", False).to("cuda", torch.bfloat16)
-    batch = {k: v.cuda() for k, v in collate([row], 0, "flash_attention_2", torch.bfloat16).items()}
-    assert "attention_mask" not in batch
-    with torch.no_grad():
-        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits.float()
-        start = 0
-        for n in row["seq_lens"]:
-            ids = batch["input_ids"][:, start : start + n]
-            alone = model(input_ids=ids, position_ids=torch.arange(n, device="cuda")[None]).logits.float()
-            torch.testing.assert_close(packed[:, start : start + n], alone, rtol=2e-2, atol=2e-2)
-            start += n
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("attn", _gpu_attentions())
+def test_every_gpu_attention_isolates_packed_examples(attn):
+    """Every implementation `auto` can pick on a GPU, in bf16: packed = alone within bf16 rounding."""
+    model = tiny_model(attn, False).to("cuda", torch.bfloat16)
+    packed, alone, logit_diff, _ = packed_vs_alone(model, [7, 19, 4, 30], 64, device="cuda")
+    assert packed == pytest.approx(alone, rel=2e-2)
+    assert logit_diff < 5e-2, logit_diff
+
+
+def test_varlen_lengths_cover_every_example_and_each_rows_padding():
+    rows = pack(make_examples([7, 19, 4]), max_len=64, seed=0) + pack(make_examples([5]), 64, 0)
+    batch = collate(rows, pad_id=0, varlen=True)
+    width = batch["input_ids"].shape[1]
+    expected = [*rows[0]["seq_lens"], 5, width - 5]  # the short row's padding is a sequence of its own
+    assert batch["cu_seq_lens_q"].tolist() == [0, *torch.tensor(expected).cumsum(0).tolist()]
+    assert batch["cu_seq_lens_q"][-1] == batch["input_ids"].numel() and batch["max_length_q"] == max(expected)
+
+
+def test_a_varlen_kernel_given_these_lengths_isolates_examples_in_a_batch_of_rows(monkeypatch):
+    """flash-attention cannot run on a CPU, but its contract can: transformers hands the collator's
+    cumulative lengths to the attention function, which runs each example alone. A reference varlen
+    kernel (sdpa per sequence of the flattened batch) registered like flash-attention must then give the
+    packed = alone equality, with several rows per batch (where inferring lengths from position ids fails)."""
+    import torch.nn.functional as F
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
+
+    from distsft import traits
+
+    calls = []
+
+    def reference_varlen(module, query, key, value, attention_mask, scaling=None, **kwargs):
+        cu = kwargs["cu_seq_lens_q"].tolist()
+        calls.append(len(cu) - 1)
+        groups = query.shape[1] // key.shape[1]
+        q, k, v = (x.transpose(1, 2).reshape(-1, x.shape[1], x.shape[-1]) for x in (query, key, value))
+        out = torch.empty_like(q)
+        for a, b in zip(cu[:-1], cu[1:], strict=True):
+            qs, ks, vs = (x[a:b].transpose(0, 1) for x in (q, k, v))
+            ks, vs = ks.repeat_interleave(groups, 0), vs.repeat_interleave(groups, 0)
+            out[a:b] = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scaling).transpose(0, 1)
+        return out.reshape(query.shape[0], query.shape[2], query.shape[1], -1), None
+
+    AttentionInterface.register("test_varlen", reference_varlen)
+    ALL_MASK_ATTENTION_FUNCTIONS.register("test_varlen", flash_attention_mask)
+    monkeypatch.setattr(traits, "varlen", lambda attn: attn == "test_varlen")
+    import isolation
+
+    monkeypatch.setattr(isolation, "varlen", traits.varlen)
+    model = tiny_model("test_varlen", False)
+    packed, alone, logit_diff, grad_diff = packed_vs_alone(model, [7, 19, 4, 30], 64)
+    assert calls and max(calls) >= 5  # four examples and the second row's padding ran as sequences
+    assert packed == pytest.approx(alone, rel=1e-5)
+    assert logit_diff < 1e-5 and grad_diff < 1e-5, (logit_diff, grad_diff)

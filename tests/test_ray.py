@@ -16,15 +16,6 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def ray_instance():
-    import ray
-
-    ray.init(num_cpus=4, dashboard_host="127.0.0.1", logging_level="WARNING")
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """1 worker x grad accumulation 4, no Ray: what every split of the same global batch must reproduce."""
     out = tmp_path_factory.mktemp("ref")

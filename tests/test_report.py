@@ -40,7 +40,7 @@ def test_flops_formula_matches_counted_matmuls_of_forward_and_backward(tied, len
 
 
 def test_packed_row_flops_count_each_example_with_its_own_context_and_no_padding():
-    fm = FlopsModel(dense_params=1000, layers=2, heads=4, head_dim=8)
+    fm = FlopsModel(dense_params=1000, full_attention=2 * 4 * 8)
     attn = 12 * 2 * 4 * 8
     row = {"input_ids": [0] * 10, "seq_lens": [3, 7]}
     expected = 3 * (6000 + attn * 3) + 7 * (6000 + attn * 7)

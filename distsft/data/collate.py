@@ -1,12 +1,18 @@
 """Turn a micro-batch of (packed) rows into model inputs that keep every example isolated.
 
-Position ids alone do not isolate packed examples in every attention implementation and mode, so for
-``sdpa`` and ``eager`` we pass an explicit 4D block-diagonal causal mask (transformers uses a 4D mask
-as given). ``flash_attention_2`` gets no mask: transformers turns restarting ``position_ids`` into
-varlen cumulative sequence lengths, which isolates examples without materialising a mask.
+No attention mask is built here. ``position_ids`` restart at 0 for every example, and transformers'
+masking utilities read example boundaries from them (a position that does not follow its predecessor
+starts a new example) and build, for each kind of layer, the mask the attention implementation wants:
+a block-sparse document mask for flex_attention, a dense block-diagonal mask for sdpa and eager.
+Sliding-window layers get the window inside each example, and the mask is made on the model's device,
+not in host memory. ``distsft.traits`` refuses packing for models whose code does not build masks this way.
 
-Padding tokens form their own segment (attending only to earlier padding), so no query row is fully
-masked (which would give NaNs in sdpa); their labels are -100, so they never reach the loss.
+Varlen kernels (flash-attention) take no mask but the examples' cumulative lengths over the flattened
+batch (``varlen=True``). transformers infers them from position ids only for a batch of one row; with
+several rows it would run each row as one sequence, so the lengths are always given explicitly here.
+
+Padding (rows of a micro-batch differ in width) gets positions 0, 1, ... after the row's last example,
+so it forms a segment of its own that no real token attends to; its labels are -100.
 """
 
 from __future__ import annotations
@@ -18,33 +24,27 @@ import torch
 from distsft.data.tokenize import IGNORE_INDEX
 
 
-def collate(
-    rows: Sequence[dict[str, list[int]]],
-    pad_id: int,
-    attn_implementation: str = "sdpa",
-    dtype: torch.dtype = torch.float32,
-) -> dict[str, torch.Tensor]:
+def collate(rows: Sequence[dict[str, list[int]]], pad_id: int, varlen: bool = False) -> dict[str, torch.Tensor | int]:
     width = max(len(r["input_ids"]) for r in rows)
     n = len(rows)
     input_ids = torch.full((n, width), pad_id, dtype=torch.long)
     labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
     position_ids = torch.zeros((n, width), dtype=torch.long)
-    segments = torch.full((n, width), -1, dtype=torch.long)
     for b, r in enumerate(rows):
         length = len(r["input_ids"])
-        input_ids[b, :length] = torch.tensor(r["input_ids"])
-        labels[b, :length] = torch.tensor(r["labels"])
-        position_ids[b, :length] = torch.tensor(r["position_ids"])
+        input_ids[b, :length] = torch.as_tensor(r["input_ids"])
+        labels[b, :length] = torch.as_tensor(r["labels"])
+        position_ids[b, :length] = torch.as_tensor(r["position_ids"])
         position_ids[b, length:] = torch.arange(width - length)
-        segments[b, :length] = torch.repeat_interleave(torch.arange(len(r["seq_lens"])), torch.tensor(r["seq_lens"]))
-    batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
-    if attn_implementation.startswith("flash_attention"):
-        return batch
-    causal = torch.ones(width, width, dtype=torch.bool).tril()
-    allowed = (segments[:, :, None] == segments[:, None, :]) & causal  # (n, query, key)
-    if attn_implementation == "sdpa":
-        mask = allowed
-    else:  # eager (and other additive-mask implementations)
-        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
-    batch["attention_mask"] = mask[:, None, :, :]
+    batch: dict[str, torch.Tensor | int] = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+    if varlen:
+        lengths = [n for r in rows for n in [*r["seq_lens"], width - len(r["input_ids"])] if n]
+        cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+        cu[1:] = torch.tensor(lengths).cumsum(0)
+        batch.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max(lengths), max_length_k=max(lengths))
     return batch
+
+
+def supervised_tokens(rows: Sequence[dict[str, list[int]]]) -> int:
+    """Tokens whose next token is supervised (what the loss counts), read from the rows on the host."""
+    return sum(sum(1 for t in r["labels"][1:] if t != IGNORE_INDEX) for r in rows)

@@ -1,0 +1,89 @@
+"""Consolidate a checkpoint's ZeRO shards into a plain Hugging Face model directory.
+
+DeepSpeed's converter reads the fp32 master partitions lazily (memory-mapped, Adam moments dropped), so
+host memory holds about one output shard at a time and no GPU is involved. Its own writer is not used:
+it hands safetensors both names of a tied weight (``model.embed_tokens.weight`` and ``lm_head.weight``
+are one tensor in Llama-3.2, Qwen2.5, Gemma, SmolLM), which safetensors refuses. Here a tied weight is
+written once, under the name the model owns it by, and ``tie_word_embeddings`` in the saved config ties
+it again at load, exactly as ``save_pretrained`` does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import io
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from distsft import checkpoint
+from distsft.errors import ConfigError
+
+DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def export(ckpt: Path, out: Path, dtype: str = "fp32", max_shard_size: str = "5GB") -> Path:
+    """Write ``out`` (config, generation config, tokenizer, safetensors weights) from checkpoint ``ckpt``;
+    the directory appears under its final name only once complete."""
+    if checkpoint.read_manifest(ckpt) is None:
+        raise ConfigError(f"checkpoint {ckpt}: incomplete (no valid {checkpoint.MANIFEST}); refusing to export it")
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(ckpt / checkpoint.HF_DIR, tmp)
+    state, _aliases = consolidated_state(ckpt)
+    write_safetensors(state, tmp, dtype, max_shard_size)
+    config = json.loads((tmp / "config.json").read_text())
+    config["torch_dtype"] = config["dtype"] = DTYPE_NAMES[dtype]
+    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def consolidated_state(ckpt: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """Lazy full-size tensors by name, with each tied weight under one name; and ``{alias: kept name}``."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        lazy = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=checkpoint.DS_TAG, lazy_mode=True)
+    state: dict[str, Any] = {}
+    owner: dict[int, str] = {}
+    aliases: dict[str, str] = {}
+    for name, tensor in lazy.items():
+        if id(tensor) in owner:  # DeepSpeed lists a tied parameter again under its second name
+            aliases[name] = owner[id(tensor)]
+            continue
+        owner[id(tensor)] = name
+        state[name] = tensor
+    return state, aliases
+
+
+def write_safetensors(state: dict[str, Any], out: Path, dtype: str, max_shard_size: str) -> None:
+    """Shards of at most ``max_shard_size`` (with an index when there are several), one in memory at a time."""
+    import torch
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+
+    torch_dtype = getattr(torch, DTYPE_NAMES[dtype])
+
+    def target(t: Any) -> torch.dtype:
+        return torch_dtype if t.dtype.is_floating_point else t.dtype
+
+    sizes = {k: torch.empty(tuple(t.shape), dtype=target(t), device="meta") for k, t in state.items()}
+    split = split_torch_state_dict_into_shards(
+        sizes, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size
+    )
+    for filename, names in split.filename_to_tensors.items():
+        shard = {}
+        for n in names:
+            t = state[n].contiguous()
+            shard[n] = t.to(target(t))
+        save_file(shard, out / filename, metadata={"format": "pt"})
+        del shard
+        gc.collect()
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
