@@ -1,8 +1,8 @@
-"""distsft vs TRL's SFTTrainer: one epoch of the same data on the same model, supervised tokens per second.
+"""distsft vs TRL's SFTTrainer: the same data on the same model, supervised tokens per second.
 
     .venv/bin/pip install -e .[bench]          # TRL
     .venv/bin/python benchmarks/throughput.py  # CPU: the demo model, about 10 minutes on 2 cores
-    .venv/bin/python benchmarks/throughput.py --preset gpu-0.7b   # one GPU, bf16, ~0.7B random-init Llama
+    .venv/bin/python benchmarks/throughput.py --preset gpu-1.5b --max-steps 30   # one GPU, bf16, 1.5B Llama
 
 Data: the bundled support conversations plus a long-tailed mix of synthetic conversations (log-normal
 lengths up to ``--max-seq-len``), tokenised ONCE by distsft's pipeline; TRL receives exactly those
@@ -13,6 +13,14 @@ Runs, each in its own process so none inherits another's threads or allocator st
   distsft-ray     Ray Train, one worker (the same loop, plus Ray's reporting)
   trl-padding     SFTTrainer defaults: batches padded to their longest example
   trl-packing     SFTTrainer ``packing=True`` (best-fit decreasing, padding-free with position ids)
+  bare            the packed batches distsft trains on, through plain forward + backward (distsft's loss
+                  and attention) and torch's fused AdamW on the bf16 weights: no DeepSpeed, no input
+                  pipeline, no logging; the limit distsft's step is measured against
+
+Each run reports supervised tokens/s, milliseconds per step split into data wait / forward+backward /
+optimizer (distsft from its own per-step records, TRL from Trainer callbacks with device syncs, bare
+from CUDA events), MFU and peak memory. With ``--max-steps`` every run trains that many steps and the
+per-step figures are the median of the steady ones (the first two and last two steps left out).
 
 The global batch is the same number of examples for every run: ``--batch-examples`` examples for TRL's
 padded batches, and as many packed rows as hold that many examples on average for the packed runs.
@@ -28,6 +36,7 @@ import json
 import math
 import os
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -48,8 +57,24 @@ PRESETS = {
         "long_tail": 4000,
         "dtype": "bfloat16",
     },
+    # the 1.5B Llama shape of the GPU measurements (../shared/gpu/README.md): 2 packed rows of 2048 per step
+    "gpu-1.5b": {
+        "model": {
+            "hidden_size": 2048,
+            "intermediate_size": 8192,
+            "num_hidden_layers": 16,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 8,
+            "vocab_size": 128256,
+            "tie_word_embeddings": False,
+        },
+        "max_seq_len": 2048,
+        "batch_examples": 16,
+        "long_tail": 4000,
+        "dtype": "bfloat16",
+    },
 }
-RUNS = ["distsft-local", "distsft-ray", "trl-padding", "trl-packing"]
+RUNS = ["distsft-local", "distsft-ray", "trl-padding", "trl-packing", "bare"]
 
 
 # --- data ---------------------------------------------------------------------------------------------
@@ -91,8 +116,9 @@ def build_data(workdir: Path, long_tail: int, max_seq_len: int, seed: int, bundl
     return path
 
 
-def make_model(workdir: Path, shape: dict | str) -> str:
-    """``demo`` as is, or a random-init Llama of ``shape`` with the demo tokenizer's vocabulary."""
+def make_model(workdir: Path, shape: dict | str, dtype: str = "float32") -> str:
+    """``demo`` as is, or a random-init Llama of ``shape`` (any of LlamaConfig's keys: vocabulary, kv heads,
+    tied embeddings, ...; the vocabulary defaults to the demo tokenizer's), saved in ``dtype``."""
     if shape == "demo":
         return "demo"
     import torch
@@ -101,23 +127,30 @@ def make_model(workdir: Path, shape: dict | str) -> str:
     from distsft.config import DEMO_DIR
 
     base = json.loads((DEMO_DIR / "model" / "config.json").read_text())
+    spec = {
+        "vocab_size": base["vocab_size"],
+        "num_key_value_heads": shape["num_attention_heads"],
+        "max_position_embeddings": 8192,
+        **shape,
+    }
     cfg = LlamaConfig(
-        vocab_size=base["vocab_size"],
         pad_token_id=base["pad_token_id"],
         eos_token_id=base["eos_token_id"],
         bos_token_id=base.get("bos_token_id"),
-        max_position_embeddings=8192,
-        num_key_value_heads=shape["num_attention_heads"],
-        **shape,
+        **spec,
     )
-    torch.manual_seed(0)
     out = workdir / "model"
-    LlamaForCausalLM(cfg).save_pretrained(out)
+    if not (out / "config.json").is_file():
+        torch.manual_seed(0)
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+            model = LlamaForCausalLM(cfg)
+        model.to(getattr(torch, dtype)).save_pretrained(out)
+        del model
     return str(out)
 
 
 def base_overrides(args, model: str, data: Path) -> list[str]:
-    return [
+    out = [
         f"model.path={model}",
         "model.tokenizer=demo",
         f"model.dtype={args.dtype}",
@@ -134,6 +167,7 @@ def base_overrides(args, model: str, data: Path) -> list[str]:
         "logging.plot=false",
         "logging.progress=none",
     ]
+    return out + ([f"train.max_steps={args.max_steps}"] if args.max_steps else [])
 
 
 def plan(args, overrides: list[str]) -> dict:
@@ -156,6 +190,18 @@ def plan(args, overrides: list[str]) -> dict:
         "input_tokens": sum(len(r["input_ids"]) for r in unpacked.train),
         "packing_efficiency": packed.stats.as_dict()["packing_efficiency"],
     }
+
+
+def steady(values: list[float]) -> float:
+    """The median of a run's steady steps: the first two (warm-up, compilation) and last two left out."""
+    core = values[2:-2] if len(values) > 6 else values
+    return statistics.median(core) if core else float("nan")
+
+
+def peak_mb(device: str) -> float | None:
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
 
 
 # --- the runs (each in a child process) -----------------------------------------------------------------
@@ -186,15 +232,20 @@ def run_distsft(args, overrides: list[str], info: dict, out: Path, ray: bool) ->
         "supervised_tokens": summary["supervised_tokens"],
         "loop_s": rows[-1]["elapsed_s"],  # the training loop, as TRL's train_runtime: no load, no final save
         "final_loss": summary["final_loss"],
-        "mfu": summary.get("mfu"),
+        "mfu": steady([r["mfu"] for r in rows]) if rows[-1].get("mfu") is not None else None,
         "peak_mem_mb": max(r["peak_mem_mb"] for r in rows),
+        "step_ms": steady([r["step_time_s"] * 1e3 for r in rows]),
+        "data_ms": steady([r["data_wait_s"] * 1e3 for r in rows]),
+        "fwd_bwd_ms": steady([r["fwd_bwd_s"] * 1e3 for r in rows]),
+        "optimizer_ms": steady([r["optimizer_s"] * 1e3 for r in rows]),
+        "attention": summary.get("attention"),
     }
 
 
 def run_trl(args, overrides: list[str], info: dict, out: Path, packing: bool) -> dict:
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
     from distsft.config import load_config
@@ -219,6 +270,7 @@ def run_trl(args, overrides: list[str], info: dict, out: Path, packing: bool) ->
         per_device_train_batch_size=batch,
         gradient_accumulation_steps=1,
         num_train_epochs=1,
+        max_steps=args.max_steps or -1,
         learning_rate=2e-4,
         lr_scheduler_type="cosine",
         warmup_steps=5,
@@ -238,25 +290,158 @@ def run_trl(args, overrides: list[str], info: dict, out: Path, packing: bool) ->
         dataloader_num_workers=0,
         disable_tqdm=True,
     )
-    trainer = SFTTrainer(model=model, args=sft, train_dataset=data, processing_class=tokenizer)
-    trained = trainer.train_dataset
-    sup = sum(sum(1 for t in lab[1:] if t != -100) for lab in trained["labels"])
+    clock = PhaseClock(args.device)
+    trainer = SFTTrainer(
+        model=model,
+        args=sft,
+        train_dataset=data,
+        processing_class=tokenizer,
+        callbacks=[clock.callback(TrainerCallback)],
+    )
+    counted = [0]
+    compute_loss = trainer.compute_loss
+
+    def counting_loss(model, inputs, *a, **kw):  # the supervised tokens of exactly the batches trained on
+        if model.training:
+            counted[0] += int((inputs["labels"][:, 1:] != -100).sum())
+        return compute_loss(model, inputs, *a, **kw)
+
+    trainer.compute_loss = counting_loss
     result = trainer.train()
     loop_s = result.metrics["train_runtime"]
+    steps = trainer.state.global_step
+    sup = counted[0]
     n_params = sum(p.numel() for p in model.parameters())
     fm = flops_model(model, n_params)
     lengths = [len(x) for x in src["input_ids"]]
-    flops = fm.flops(lengths)  # the same useful work as distsft's count: real example lengths only
+    flops = fm.flops(lengths) * (sup / max(1, info["supervised_tokens"]))  # real example lengths only
     peak = peak_flops(torch.cuda.get_device_name() if args.device == "cuda" else None)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    mem = torch.cuda.max_memory_allocated() / 2**20 if args.device == "cuda" else None
     return {
-        "steps": trainer.state.global_step,
+        "steps": steps,
         "supervised_tokens": sup,
         "loop_s": loop_s,
         "final_loss": losses[-1] if losses else None,
         "mfu": flops / loop_s / peak if peak else None,
-        "peak_mem_mb": mem,
+        "peak_mem_mb": peak_mb(args.device),
+        **clock.split(),
+        "attention": args.trl_attn,
+    }
+
+
+class PhaseClock:
+    """Times a Trainer's steps from its callbacks (data wait, forward+backward, optimizer), syncing the
+    device at each boundary so each phase's time is its own."""
+
+    def __init__(self, device: str) -> None:
+        self.device, self.t = device, {}
+        self.phases: dict[str, list[float]] = {"step_ms": [], "data_ms": [], "fwd_bwd_ms": [], "optimizer_ms": []}
+
+    def now(self) -> float:
+        if self.device == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def callback(self, base):
+        clock = self
+
+        class Callback(base):
+            def on_step_begin(self, args, state, control, **kw):
+                t = clock.now()
+                if "end" in clock.t:
+                    clock.phases["data_ms"].append((t - clock.t["end"]) * 1e3)
+                clock.t["begin"] = t
+
+            def on_pre_optimizer_step(self, args, state, control, **kw):
+                clock.t["pre_opt"] = clock.now()
+
+            def on_optimizer_step(self, args, state, control, **kw):
+                clock.t["opt"] = clock.now()
+
+            def on_step_end(self, args, state, control, **kw):
+                t = clock.now()
+                if {"begin", "pre_opt", "opt"} <= set(clock.t):
+                    clock.phases["fwd_bwd_ms"].append((clock.t["pre_opt"] - clock.t["begin"]) * 1e3)
+                    clock.phases["optimizer_ms"].append((clock.t["opt"] - clock.t["pre_opt"]) * 1e3)
+                    previous = clock.t.get("end", clock.t["begin"])
+                    clock.phases["step_ms"].append((t - previous) * 1e3)
+                clock.t["end"] = t
+
+        return Callback()
+
+    def split(self) -> dict[str, float]:
+        return {k: steady(v) for k, v in self.phases.items()}
+
+
+def run_bare(args, overrides: list[str], info: dict, out: Path) -> dict:
+    """The same packed batches, plain forward + backward + fused AdamW: the limit to compare with."""
+    import torch
+
+    from distsft.batches import Prefetcher, RowTable
+    from distsft.config import load_config
+    from distsft.data.sampler import total_steps
+    from distsft.flops import flops_model, peak_flops
+    from distsft.launch import prepare_data
+    from distsft.loss import token_loss_sum
+    from distsft.model import load_model, load_tokenizer, model_plan, resolve_dtype
+    from distsft.traits import varlen
+
+    cfg = load_config(None, [*overrides, f"train.micro_batch_size={info['rows_per_step']}", *args.distsft_set])
+    device = torch.device(args.device)
+    dtype = resolve_dtype(cfg.model, device)
+    _traits, attn = model_plan(cfg.model, device, dtype)
+    model = load_model(cfg.model, dtype, attn, cfg.train.seed).to(device).train()
+    tokenizer = load_tokenizer(cfg.model)
+    rows = prepare_data(cfg).train
+    plan_ = cfg.batch_plan(1)
+    steps = total_steps(len(rows), plan_, cfg.train.max_steps, cfg.train.epochs)
+    fm = flops_model(model, sum(p.numel() for p in model.parameters()))
+    feed = Prefetcher(
+        RowTable(rows, fm.per_example), plan_, 0, cfg.train.seed, tokenizer.pad_token_id, varlen(attn), False
+    )
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-4, betas=(0.9, 0.95), fused=args.device == "cuda")
+    mode = "fused" if cfg.train.cross_entropy in ("auto", "fused") else cfg.train.cross_entropy
+    phases: dict[str, list[float]] = {"step_ms": [], "data_ms": [], "fwd_bwd_ms": [], "optimizer_ms": []}
+    clock = PhaseClock(args.device)
+    sup = flops = 0.0
+    t_start = clock.now()
+    for step in range(steps):
+        t0 = clock.now()
+        inputs = feed.build(step)
+        batches = inputs.to_device(device)
+        t1 = clock.now()
+        for b in batches:
+            parts = token_loss_sum(model, b, mode=mode)
+            (parts.loss_sum / max(inputs.global_supervised, 1)).backward()
+        t2 = clock.now()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        t3 = clock.now()
+        for key, value in (
+            ("data_ms", t1 - t0),
+            ("fwd_bwd_ms", t2 - t1),
+            ("optimizer_ms", t3 - t2),
+            ("step_ms", t3 - t0),
+        ):
+            phases[key].append(value * 1e3)
+        sup += inputs.global_supervised
+        flops += inputs.global_flops
+    loop_s = clock.now() - t_start
+    feed.close()
+    peak = peak_flops(torch.cuda.get_device_name() if args.device == "cuda" else None)
+    split = {k: steady(v) for k, v in phases.items()}
+    return {
+        "steps": steps,
+        "supervised_tokens": int(sup),
+        "loop_s": loop_s,
+        "final_loss": parts.loss_sum.item() / max(1, int(parts.tokens)),
+        "mfu": flops / steps / (split["step_ms"] / 1e3) / peak if peak else None,
+        "peak_mem_mb": peak_mb(args.device),
+        **split,
+        "attention": attn,
     }
 
 
@@ -266,6 +451,8 @@ def child(args) -> None:
     mode = spec["mode"]
     if mode.startswith("distsft"):
         res = run_distsft(args, spec["overrides"], spec["info"], out, ray=mode == "distsft-ray")
+    elif mode == "bare":
+        res = run_bare(args, spec["overrides"], spec["info"], out)
     else:
         res = run_trl(args, spec["overrides"], spec["info"], out, packing=mode == "trl-packing")
     Path(spec["result"]).write_text(json.dumps(res))
@@ -274,17 +461,21 @@ def child(args) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS), default=None)
-    ap.add_argument("--runs", nargs="+", choices=RUNS, default=RUNS)
+    ap.add_argument("--runs", nargs="+", choices=RUNS, default=None, help="default: all (no Ray on a GPU box)")
     ap.add_argument("--max-seq-len", type=int)
     ap.add_argument("--batch-examples", type=int)
+    ap.add_argument("--max-steps", type=int, help="train this many steps instead of one epoch")
     ap.add_argument("--long-tail", type=int, help="synthetic long-tailed conversations added to the bundled set")
-    ap.add_argument("--model-shape", type=json.loads, help="JSON: override the preset's Llama shape (a quick check)")
+    ap.add_argument(
+        "--model-shape", type=json.loads, help="JSON: override the preset's Llama shape (any LlamaConfig key)"
+    )
     ap.add_argument("--bundled", type=int, help="use only the first N bundled conversations (a quick check)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", help="keep runs here (default: a temporary directory)")
     ap.add_argument(
         "--distsft-set", action="append", default=[], metavar="KEY=VALUE", help="extra config for the distsft runs"
     )
+    ap.add_argument("--tag", default="", help="a label printed with each run (for variants run one after another)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--device", help=argparse.SUPPRESS)
     ap.add_argument("--dtype", help=argparse.SUPPRESS)
@@ -296,11 +487,12 @@ def main() -> None:
     import torch
 
     args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    preset = PRESETS[args.preset or ("gpu-0.7b" if args.device == "cuda" else "cpu-demo")]
+    preset = PRESETS[args.preset or ("gpu-1.5b" if args.device == "cuda" else "cpu-demo")]
     for key in ("max_seq_len", "batch_examples", "long_tail"):
         if getattr(args, key) is None:
             setattr(args, key, preset[key])
     args.dtype = preset["dtype"]
+    runs = args.runs or [r for r in RUNS if not (r == "distsft-ray" and args.device == "cuda")]
     if args.device == "cuda":
         try:
             import flash_attn  # noqa: F401
@@ -313,35 +505,36 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("DISTSFT_CACHE", str(workdir / "cache"))
     data = build_data(workdir, args.long_tail, args.max_seq_len, args.seed, args.bundled)
-    model = make_model(workdir, args.model_shape or preset["model"])
+    shape = args.model_shape or preset["model"]
+    model = make_model(workdir, shape if shape == "demo" else {**preset.get("model", {}), **shape}, args.dtype)
     overrides = base_overrides(args, model, data)
-    if args.device == "cuda":
-        overrides.append("model.attn_implementation=auto")
     info = plan(args, overrides)
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({os.cpu_count()} cores)"
     print(
-        f"device: {device}; model: {preset['model'] if model == 'demo' else model}; dtype {args.dtype}\n"
+        f"device: {device}; model: {preset['model'] if model == 'demo' else shape}; dtype {args.dtype}\n"
         f"data: {info['examples']} examples, {info['supervised_tokens']:,} supervised / {info['input_tokens']:,} "
         f"input tokens; packed into {info['packed_rows']} rows of <= {args.max_seq_len} "
         f"({info['examples_per_row']:.2f} examples/row, efficiency {info['packing_efficiency']:.1%})\n"
         f"global batch: {args.batch_examples} examples (padded runs) = {info['rows_per_step']} packed rows "
-        f"(~{info['rows_per_step'] * info['examples_per_row']:.1f} examples), one epoch",
+        f"(~{info['rows_per_step'] * info['examples_per_row']:.1f} examples), "
+        + (f"{args.max_steps} steps" if args.max_steps else "one epoch"),
         flush=True,
     )
     results, failed = {}, False
-    for mode in args.runs:
+    for mode in runs:
         spec = {
             "mode": mode,
             "overrides": overrides,
             "info": info,
-            "out": str(workdir / mode),
-            "result": str(workdir / f"{mode}.json"),
+            "out": str(workdir / f"{mode}{args.tag}"),
+            "result": str(workdir / f"{mode}{args.tag}.json"),
         }
-        spec_file = workdir / f"{mode}.spec.json"
+        spec_file = workdir / f"{mode}{args.tag}.spec.json"
         spec_file.write_text(json.dumps(spec))
         cmd = [sys.executable, __file__, "--child", str(spec_file), "--device", args.device, "--dtype", args.dtype]
         cmd += ["--trl-attn", args.trl_attn, "--max-seq-len", str(args.max_seq_len)]
         cmd += ["--batch-examples", str(args.batch_examples)]
+        cmd += ["--max-steps", str(args.max_steps or 0)]
         cmd += [f"--distsft-set={x}" for x in args.distsft_set]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -353,21 +546,35 @@ def main() -> None:
         res["wall_s"] = time.perf_counter() - t0
         res["tokens_per_s"] = res["supervised_tokens"] / res["loop_s"]
         results[mode] = res
-        mfu = f", MFU {res['mfu']:.1%}" if res.get("mfu") is not None else ""
-        print(
-            f"{mode:>14}: {res['tokens_per_s']:>10,.0f} supervised tok/s  ({res['supervised_tokens']:,} tokens in "
-            f"{res['steps']} steps, loop {res['loop_s']:.1f}s, process {res['wall_s']:.0f}s{mfu}, "
-            f"final loss {res['final_loss']:.3f})",
-            flush=True,
-        )
+        print(format_result(f"{mode}{args.tag}", res), flush=True)
     for ours in ("distsft-local", "distsft-ray"):
         for theirs in ("trl-padding", "trl-packing"):
             if ours in results and theirs in results:
                 ratio = results[ours]["tokens_per_s"] / results[theirs]["tokens_per_s"]
                 print(f"{ours} / {theirs}: {ratio:.2f}x", flush=True)
+    if "distsft-local" in results and "bare" in results:
+        ratio = results["distsft-local"]["step_ms"] / results["bare"]["step_ms"]
+        print(f"distsft-local step time / bare step time: {ratio:.2f}x", flush=True)
     print(json.dumps({"device": device, "info": info, "results": results}))
     if failed:
         sys.exit(1)
+
+
+def format_result(name: str, res: dict) -> str:
+    mfu = f", MFU {res['mfu']:.1%}" if res.get("mfu") is not None else ""
+    mem = f", peak {res['peak_mem_mb'] / 1024:.1f} GiB" if res.get("peak_mem_mb") else ""
+    split = ""
+    if res.get("step_ms") == res.get("step_ms"):  # not NaN
+        split = (
+            f"; {res['step_ms']:.0f} ms/step = data {res['data_ms']:.1f} + fwd+bwd {res['fwd_bwd_ms']:.0f} + "
+            f"optimizer {res['optimizer_ms']:.1f}"
+        )
+    loss = f", final loss {res['final_loss']:.3f}" if res.get("final_loss") is not None else ""
+    return (
+        f"{name:>16}: {res['tokens_per_s']:>10,.0f} supervised tok/s ({res['supervised_tokens']:,} tokens in "
+        f"{res['steps']} steps, loop {res['loop_s']:.1f}s, process {res['wall_s']:.0f}s{mfu}{mem}{loss}){split}"
+        + (f" [attention {res['attention']}]" if res.get("attention") else "")
+    )
 
 
 if __name__ == "__main__":

@@ -104,6 +104,9 @@ class TrainConfig:
     """Mixture-of-experts models: weight of the router's load-balancing loss, added to the language-model
     loss for training only (logged as ``aux_loss``, never part of ``loss`` or ``eval_loss``). ``null``: the
     model config's own value; 0 turns it off."""
+    cross_entropy: Literal["auto", "fused", "chunked", "plain"] = "auto"
+    """How the loss meets the output layer (``distsft/loss.py``): ``fused`` never materialises the logits
+    of a batch (ZeRO 0-2), ``chunked`` upcasts them chunk by chunk; ``auto``: fused where it applies."""
     compile: bool = False
     """``torch.compile`` the model through DeepSpeed (``engine.compile``); packed rows vary in width, so the
     graph is compiled with dynamic shapes. Measure before turning it on: see benchmarks/throughput.py."""
@@ -142,6 +145,9 @@ class LoggingConfig:
     Unknown devices (and CPUs) report no MFU unless this is set."""
     plot: bool = True
     """Draw ``output_dir/loss.png`` (train and eval loss) at the end."""
+    profile_steps: tuple[int, int] | None = None
+    """``[first, last]``: profile these optimizer steps on rank 0 with torch.profiler (CPU and GPU): a
+    Chrome trace and a table of where the time went in ``output_dir/profile/``."""
 
 
 @dataclass(frozen=True)
@@ -159,6 +165,8 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["train"]["adam_betas"] = list(d["train"]["adam_betas"])
+        if d["logging"]["profile_steps"] is not None:
+            d["logging"]["profile_steps"] = list(d["logging"]["profile_steps"])
         return d
 
 
@@ -204,6 +212,7 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "checkpoint.every_steps": (lambda v: v >= 0, "an integer >= 0"),
     "checkpoint.keep_last": (lambda v: v >= 1, "an integer >= 1"),
     "logging.peak_tflops": (lambda v: v is None or v > 0, "a number > 0 (TFLOP/s of one device)"),
+    "logging.profile_steps": (lambda v: v is None or 1 <= v[0] <= v[1], "[first, last] steps, 1 <= first <= last"),
 }
 
 

@@ -54,8 +54,10 @@ def render_ds_config(
         "optimizer.params.lr": cfg.train.lr,
         "optimizer.params.betas": list(cfg.train.adam_betas),
         "optimizer.params.weight_decay": cfg.train.weight_decay,
-        # FusedAdam needs CUDA and DeepSpeedCPUAdam serves offload; plain torch AdamW covers CPU runs.
-        "optimizer.params.torch_adam": device.type == "cpu" and not offload_opt,
+        # torch's AdamW everywhere but CPU offload (DeepSpeedCPUAdam, compiled on first use): fused on a
+        # GPU, nothing for DeepSpeed to compile, where its FusedAdam needs nvcc and a matching toolkit.
+        "optimizer.params.torch_adam": not offload_opt,
+        "optimizer.params.fused": device.type == "cuda" and not offload_opt,
         "zero_optimization.offload_optimizer.pin_memory": device.type == "cuda",
         "zero_optimization.offload_param.pin_memory": device.type == "cuda",
         # The sizes Hugging Face's Trainer derives from the hidden size.
@@ -64,6 +66,9 @@ def render_ds_config(
         "zero_optimization.stage3_param_persistence_threshold": 10 * h or int(1e5),
     }
     _fill_auto(ds, values, "", path)
+    params = ds.get("optimizer", {}).get("params", {})
+    if not params.get("torch_adam", False):
+        params.pop("fused", None)  # only torch's AdamW takes it; DeepSpeed's own optimizers would refuse it
     return ds
 
 
@@ -78,6 +83,34 @@ def _fill_auto(node: dict[str, Any], values: dict[str, Any], prefix: str, path: 
             node[key] = values[dotted]
 
 
+# What avoids each DeepSpeed op that distsft may make DeepSpeed compile.
+OP_REMEDIES = {
+    "fused_adam": 'leave "torch_adam" at "auto" in the DeepSpeed config (torch\'s fused AdamW, nothing to compile)',
+    "cpu_adam": "CPU offload needs it: install a CUDA toolkit (nvcc) matching torch, or use a stage without offload",
+}
+
+
+def op_build_failure(error: BaseException) -> str | None:
+    """One line for a DeepSpeed op that failed to build: which op, why, and the setting that avoids it;
+    None when ``error`` did not come from DeepSpeed's op builder."""
+    tb, name = error.__traceback__, None
+    while tb is not None:
+        if "op_builder" in tb.tb_frame.f_code.co_filename:
+            builder = tb.tb_frame.f_locals.get("self")
+            name = getattr(builder, "NAME", name)
+        tb = tb.tb_next
+    if name is None:
+        return None
+    why = str(error).strip().splitlines()[-1][:300] if str(error).strip() else type(error).__name__
+    arch = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
+    if any(c.isalpha() for c in arch.replace("PTX", "").replace("+", "")):
+        why += (
+            f" (TORCH_CUDA_ARCH_LIST={arch}: DeepSpeed's op builder cannot parse suffixed archs such as 9.0a; set 9.0)"
+        )
+    remedy = OP_REMEDIES.get(name, "see DeepSpeed's ds_report for what it needs")
+    return f"DeepSpeed could not build its {name} op ({type(error).__name__}: {why}); {remedy}"
+
+
 def init_distributed(device: torch.device) -> None:
     """Join the process group: Ray Train has already made one on workers; ``--local`` makes a 1-rank group.
 
@@ -85,7 +118,11 @@ def init_distributed(device: torch.device) -> None:
     variables, so nothing leaks into child processes (which would then fight over the same port).
     """
     import deepspeed
+    import deepspeed.ops
 
+    # DeepSpeed compiles a shared-memory all-reduce for CPU *inference* when it starts (a C++ build on a
+    # fresh machine, and a log line); training all-reduces through torch.distributed and never uses it.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     backend = "nccl" if device.type == "cuda" else "gloo"
     if not torch.distributed.is_initialized():
         os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed reads it; harmless to inherit
@@ -130,12 +167,18 @@ def build_engine(cfg: Config, ds_config: dict[str, Any], build_model, total_step
         if blocks:  # fetched whole, so ranks whose tokens chose different experts still run the same gathers
             set_z3_leaf_modules(model, blocks)
     schedule = lr_lambda(total_steps, cfg.train.warmup_steps, cfg.train.min_lr_ratio)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        model_parameters=[p for p in model.parameters() if p.requires_grad],
-        config=ds_config,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
-    )
+    try:
+        engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            model_parameters=[p for p in model.parameters() if p.requires_grad],
+            config=ds_config,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+        )
+    except Exception as e:
+        failed = op_build_failure(e)
+        if failed is None:
+            raise
+        raise ConfigError(failed) from None
     if cfg.train.compile:
         # DeepSpeed's own entry point: it compiles the wrapped module so ZeRO's hooks stay outside the graph.
         engine.compile(compile_kwargs={"dynamic": True})

@@ -22,7 +22,7 @@ def evaluate_model(model: Any, rows: Any, pad_id: int, batch_size: int, device: 
         chunk = [rows[j] for j in range(i, min(i + batch_size, len(rows)))]
         batch = collate(chunk, pad_id, varlen=varlen(attn))
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        parts = token_loss_sum(model, batch)
+        parts = token_loss_sum(model, batch, mode="chunked")
         loss_sum, tokens = loss_sum + parts.loss_sum.item(), tokens + int(parts.tokens)
     return {"loss": loss_sum / max(tokens, 1), "tokens": tokens}
 
@@ -34,7 +34,7 @@ def evaluate_dir(cfg: Config, model_dir: str) -> dict[str, Any]:
 
     model_cfg = dataclasses.replace(cfg.model, path=model_dir, tokenizer=None, gradient_checkpointing=False)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    traits, attn = model_plan(model_cfg, device.type)
+    traits, attn = model_plan(model_cfg, device)
     check_training_fit(traits, cfg.data.packing, None)
     tokenizer = load_tokenizer(model_cfg)
     target = cfg.data.eval_path or cfg.data.path

@@ -15,6 +15,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from distsft.traits import experts_per_token, read_traits, routed_experts, text_config
 
 # Dense (no sparsity) bf16 tensor-core peak per device, FLOP/s. More specific names come first.
@@ -65,11 +67,13 @@ class FlopsModel:
 
     def flops(self, example_lengths: Iterable[int]) -> float:
         """Training FLOPs (forward + backward) for examples of these real lengths."""
-        total = 0.0
-        for n in example_lengths:
-            context = self.full_attention * n + self.sliding_attention * min(n, self.window or n)
-            total += n * (6 * self.dense_params + 12 * context)
-        return total
+        return float(self.per_example(np.fromiter(example_lengths, dtype=np.float64)).sum())
+
+    def per_example(self, n: np.ndarray) -> np.ndarray:
+        """The same, one figure per example length (vectorised: a data set's worth at once)."""
+        n = np.asarray(n, dtype=np.float64)
+        context = self.full_attention * n + self.sliding_attention * np.minimum(n, self.window or n)
+        return n * (6 * self.dense_params + 12 * context)
 
 
 def flops_model(model: Any, total_params: int) -> FlopsModel:

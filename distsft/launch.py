@@ -43,10 +43,12 @@ def prepare_data(cfg: Config) -> PreparedData:
 def check_model(cfg: Config, device_type: str) -> str:
     """Read the model family's traits (config and class only, no weights), refuse what it cannot train,
     and say what it will run with; workers make the same choice on their own device."""
+    import torch
+
     from distsft.model import model_plan
     from distsft.traits import check_training_fit
 
-    traits, attn = model_plan(cfg.model, device_type)
+    traits, attn = model_plan(cfg.model, torch.device(device_type))
     check_training_fit(traits, cfg.data.packing, cfg.train.router_aux_loss_coef)
     line = f"model: {traits.describe(attn)}"
     print(line, flush=True)

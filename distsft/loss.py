@@ -1,4 +1,19 @@
-"""The SFT objective, shared by training and evaluation."""
+"""The SFT objective, shared by training and evaluation.
+
+Three ways to the same number, fastest first:
+
+- ``fused``: the output projection and the cross-entropy in one pass over chunks of the supervised
+  positions (the idea of Liger's fused linear cross-entropy, in plain PyTorch): a chunk's logits exist
+  only while its loss and its gradients are computed, in the forward pass. With a 128k vocabulary the
+  fp32 logits of a batch are the largest activation of a step (10k supervised tokens: 5 GB); here they
+  never exist whole. It needs the whole output weight on the rank (ZeRO stages 0-2).
+- ``chunked``: the model's own logits at the supervised positions (what ZeRO-3 can gather), with the
+  fp32 upcast, softmax and gradient done chunk by chunk, recomputed in the backward pass.
+- ``plain``: the model's logits at the supervised positions and one cross-entropy call.
+
+All of them compute logits only where the next token is supervised: prompt tokens need hidden states
+(later tokens attend to them) but no logits.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +26,9 @@ import torch.nn.functional as F
 
 from distsft.data.tokenize import IGNORE_INDEX
 
+CHUNK_TOKENS = 2048
+"""Supervised positions per chunk: 2048 x 128k fp32 logits is 1 GiB at a time."""
+
 
 class LossParts(NamedTuple):
     loss_sum: torch.Tensor
@@ -21,36 +39,138 @@ class LossParts(NamedTuple):
     """The router's load-balancing loss of this forward (a mean over its tokens), when asked for."""
 
 
-def token_loss_sum(model: Any, batch: dict[str, torch.Tensor], router_loss: bool = False) -> LossParts:
+def token_loss_sum(model: Any, batch: dict[str, Any], router_loss: bool = False, mode: str = "plain") -> LossParts:
     """Summed next-token cross-entropy over supervised tokens, their count, and the router loss if asked.
 
     A sum, not a mean: the caller divides by the supervised-token count of the whole optimizer step (or
     eval set), which is what makes the loss independent of how rows are packed, batched or sharded.
-    Labels are shifted here (Hugging Face convention: ``labels`` align with ``input_ids``).
-
-    Only positions whose next token is supervised go through the output projection and the softmax: prompt
-    tokens need hidden states (later tokens attend to them) but no logits. With large vocabularies the
-    ``tokens x vocab`` logits (upcast to fp32 for the loss) are the largest activation of the step, so this
-    saves time and memory in proportion to the prompt share of the data. A model's final-logit
-    soft-capping (Gemma-2) is applied by the model to exactly these logits.
+    Labels are shifted here (Hugging Face convention: ``labels`` align with ``input_ids``). A model's
+    final-logit soft-capping (Gemma-2) applies to exactly the logits computed.
     """
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     if router_loss:
         inputs["output_router_logits"] = True
     labels = batch["labels"][:, 1:]
     keep = labels != IGNORE_INDEX
-    if selects_logits(model):
-        positions = torch.zeros_like(batch["labels"], dtype=torch.bool)
-        positions[:, :-1] = keep
-        out = model(**inputs, use_cache=False, logits_to_keep=positions)
-        logits = out.logits  # (supervised, vocab)
-        target = labels[keep]
-    else:
+    if not selects_logits(model):
         out = model(**inputs, use_cache=False)
-        logits = out.logits[:, :-1].flatten(0, 1)
-        target = labels.flatten()
-    loss = F.cross_entropy(logits.float(), target, ignore_index=IGNORE_INDEX, reduction="sum")
+        loss = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), labels.flatten(), reduction="sum")
+        return LossParts(loss, keep.sum(), getattr(out, "aux_loss", None) if router_loss else None)
+    positions = torch.zeros_like(batch["labels"], dtype=torch.bool)
+    positions[:, :-1] = keep
+    target = labels[keep]
+    if mode == "fused":
+        head = output_head(model)
+        with _capture_head_input(head) as hidden:
+            out = model(**inputs, use_cache=False, logits_to_keep=positions)
+        softcap = getattr(_text_config(model), "final_logit_softcapping", None)
+        loss = fused_linear_cross_entropy(hidden[0], head.weight, target, softcap=softcap)
+    else:
+        out = model(**inputs, use_cache=False, logits_to_keep=positions)  # (supervised, vocab)
+        loss = chunked_cross_entropy(out.logits, target) if mode == "chunked" else _ce(out.logits, target)
     return LossParts(loss, keep.sum(), getattr(out, "aux_loss", None) if router_loss else None)
+
+
+def _ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float(), target, reduction="sum")
+
+
+def chunked_cross_entropy(logits: torch.Tensor, target: torch.Tensor, chunk: int = CHUNK_TOKENS) -> torch.Tensor:
+    """The fp32 upcast, log-softmax and its gradient for ``chunk`` rows at a time, recomputed in backward."""
+    from torch.utils.checkpoint import checkpoint
+
+    total = logits.new_zeros((), dtype=torch.float32)
+    for s in range(0, logits.shape[0], chunk):
+        total = total + checkpoint(_ce, logits[s : s + chunk], target[s : s + chunk], use_reentrant=False)
+    return total
+
+
+class _FusedLinearCE(torch.autograd.Function):
+    """loss = sum CE(softcap(hidden @ weight.T), target); gradients are computed in the forward pass,
+    chunk by chunk, so no chunk's logits outlive it (the backward only scales them)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, target, chunk, softcap):  # noqa: D401 - autograd signature
+        grad_h = torch.empty_like(hidden) if hidden.requires_grad else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if weight.requires_grad else None
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for s in range(0, hidden.shape[0], chunk):
+            h, t = hidden[s : s + chunk], target[s : s + chunk]
+            z = (h @ weight.T).float()
+            if softcap:
+                capped = torch.tanh(z / softcap)
+                z = capped * softcap
+            lse = torch.logsumexp(z, dim=-1)
+            loss += (lse - z.gather(1, t[:, None]).squeeze(1)).sum()
+            g = torch.exp(z - lse[:, None])  # softmax: d loss / d logits, less the one-hot below
+            g[torch.arange(len(t), device=g.device), t] -= 1.0
+            if softcap:
+                g *= 1.0 - capped * capped
+            if grad_h is not None:
+                grad_h[s : s + chunk] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
+            if grad_w is not None:  # accumulated in fp32 across chunks, like one matmul's accumulator
+                if weight.dtype == torch.float32:
+                    grad_w.addmm_(g.T, h)
+                else:
+                    grad_w += (g.T.to(weight.dtype) @ h.to(weight.dtype)).float()
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
+        gw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
+        return gh, gw, None, None, None
+
+
+def fused_linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, softcap: float | None = None, chunk: int = 0
+) -> torch.Tensor:
+    return _FusedLinearCE.apply(hidden, weight, target, chunk or CHUNK_TOKENS, softcap)
+
+
+def output_head(model: Any) -> Any:
+    module = getattr(model, "module", model)  # a DeepSpeed engine wraps the model
+    return module.get_output_embeddings()
+
+
+def _text_config(model: Any) -> Any:
+    from distsft.traits import text_config
+
+    return text_config(getattr(model, "module", model).config)
+
+
+class _capture_head_input:
+    """While active, the output layer hands its input (the hidden states at the selected positions) to the
+    caller and computes logits for none of them, so the fused loss can take over."""
+
+    def __init__(self, head: Any) -> None:
+        self.head, self.hidden, self.handle = head, [], None
+
+    def __enter__(self) -> list[torch.Tensor]:
+        def take(module, args):
+            self.hidden.append(args[0])
+            return (args[0][..., :0, :],)
+
+        self.handle = self.head.register_forward_pre_hook(take)
+        return self.hidden
+
+    def __exit__(self, *exc) -> None:
+        self.handle.remove()
+
+
+def fused_matches(model: Any, batch: dict[str, Any], rtol: float) -> bool:
+    """Whether this model's logits are exactly its output layer's (plus the soft-capping the fused loss
+    applies): some families scale logits after the layer, which the fused loss would not see. Checked on
+    one real batch, forward only, before the fused loss is trusted."""
+    if output_head(model) is None or getattr(output_head(model), "bias", None) is not None:
+        return False
+    with torch.no_grad():
+        plain = token_loss_sum(model, batch, mode="plain").loss_sum
+        fused = token_loss_sum(model, batch, mode="fused").loss_sum
+    return bool(torch.isclose(plain, fused, rtol=rtol, atol=1e-3).item())
 
 
 def selects_logits(model: Any) -> bool:

@@ -25,9 +25,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def resolve_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
+    """``auto``: bf16 on a GPU that has it (assumed when planning for GPUs from a machine without), else fp32."""
     if cfg.dtype != "auto":
         return DTYPES[cfg.dtype]
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+    if device.type == "cuda" and (not torch.cuda.is_available() or torch.cuda.is_bf16_supported()):
         return torch.bfloat16
     return torch.float32
 
@@ -66,12 +67,20 @@ def load_model_config(cfg: ModelConfig) -> Any:
     )
 
 
-def model_plan(cfg: ModelConfig, device_type: str) -> tuple[ModelTraits, str]:
-    """The family's traits and the attention implementation to run on ``device_type`` (an explicit choice
-    that the class or the device cannot run is a config error)."""
+def model_plan(
+    cfg: ModelConfig, device: torch.device | str, dtype: torch.dtype | None = None
+) -> tuple[ModelTraits, str]:
+    """The family's traits and the attention implementation to run on ``device`` in ``dtype`` (an explicit
+    choice that the class or the device cannot run is a config error)."""
+    from distsft import attention
+
+    attention.register()
     config = load_model_config(cfg)
     traits = read_traits(config, model_class(config, cfg.trust_remote_code))
-    return traits, choose_attention(cfg.attn_implementation, traits, device_type)
+    device = torch.device(device)
+    if dtype is None:
+        dtype = resolve_dtype(cfg, device)
+    return traits, choose_attention(cfg.attn_implementation, traits, device, dtype)
 
 
 def materialize_demo(seed: int) -> Path:

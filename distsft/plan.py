@@ -50,7 +50,7 @@ def model_sizes(cfg: Config, device_type: str = "cuda") -> ModelSize | None:
 
     traits = read_traits(config, type(model))
     try:
-        family = traits.describe(choose_attention(cfg.model.attn_implementation, traits, device_type))
+        family = traits.describe(choose_attention(cfg.model.attn_implementation, traits, torch.device(device_type)))
     except ConfigError as e:
         family = f"{traits.class_name}: {e}"
     return ModelSize(sum(seen.values()), largest, family)

@@ -1,10 +1,17 @@
 """The training loop: run unchanged by ``--local`` (world size 1) and by every Ray worker.
 
 Loss normalisation is exact: the loss of an optimizer step is the sum of token losses over every
-supervised token of the global batch, divided by their global count. Each rank counts its supervised
-tokens for the whole step up front and all-reduces the count, then back-propagates
-``sum_of_token_losses * (grad_accum * world_size) / global_count`` per micro-batch; DeepSpeed divides by
-``grad_accum`` in ``backward`` and averages gradients over ranks, which cancels the factor.
+supervised token of the global batch, divided by their global count. Every rank knows that count
+without asking the others (the sampler makes the global batch a function of the step, and the rows'
+counts are computed once), and back-propagates ``sum_of_token_losses * (grad_accum * world_size) /
+global_count`` per micro-batch; DeepSpeed divides by ``grad_accum`` in ``backward`` and averages
+gradients over ranks, which cancels the factor.
+
+The hot loop never waits for the device inside a step: inputs for the next step are collated on a
+thread into pinned memory (``distsft/batches.py``), losses stay on the device, and records are read
+(one host sync and one all-reduce for all pending steps) only where a figure is logged, every
+``train.log_every`` steps, before a checkpoint or an eval, and at the end. A stop request (SIGTERM,
+Ctrl-C) is honoured at those points too.
 """
 
 from __future__ import annotations
@@ -23,13 +30,15 @@ import torch
 import torch.distributed as dist
 
 from distsft import checkpoint
+from distsft.batches import Prefetcher, RowTable
 from distsft.config import Config
-from distsft.data.collate import collate, supervised_tokens
-from distsft.data.sampler import rank_micro_batches, step_rows, total_steps
+from distsft.data.collate import collate
+from distsft.data.sampler import total_steps
 from distsft.engine import build_engine, init_distributed, render_ds_config
-from distsft.flops import flops_model, peak_flops, rows_flops
+from distsft.flops import flops_model, peak_flops
 from distsft.loss import token_loss_sum
 from distsft.model import count_parameters, load_model, load_tokenizer, model_plan, resolve_dtype
+from distsft.profiling import StepProfiler, phase
 from distsft.traits import varlen
 
 
@@ -98,7 +107,56 @@ def all_sum(values: Sequence[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
-def train(cfg: Config, train_rows: list[dict], eval_rows: list[dict], ctx: WorkerContext) -> dict[str, Any]:
+class StepClock:
+    """Where a step's time goes: waiting for inputs, forward + backward, the optimizer. On a GPU the marks
+    are CUDA events, read only when records are (so timing adds no sync); on a CPU, wall-clock times."""
+
+    MARKS = ("start", "data", "fwd_bwd", "optimizer")
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.marks: dict[str, Any] = {}
+
+    def mark(self, name: str) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks[name] = event
+        else:
+            self.marks[name] = time.perf_counter()
+
+    def take(self) -> dict[str, Any]:
+        marks, self.marks = self.marks, {}
+        return marks
+
+    def split(self, marks: dict[str, Any]) -> dict[str, float]:
+        """Seconds per phase (after the device has passed the last mark)."""
+
+        def between(a: str, b: str) -> float:
+            if self.cuda:
+                return marks[a].elapsed_time(marks[b]) / 1e3
+            return marks[b] - marks[a]
+
+        return {
+            "step_time_s": between("start", "optimizer"),
+            "data_wait_s": between("start", "data"),
+            "fwd_bwd_s": between("data", "fwd_bwd"),
+            "optimizer_s": between("fwd_bwd", "optimizer"),
+        }
+
+
+@dataclass
+class PendingStep:
+    """A finished step whose device-side figures have not been read yet."""
+
+    record: dict[str, Any]
+    sums: torch.Tensor
+    """This rank's (loss sum, router-loss sum) on the device; summed over ranks when read."""
+    grad_norm: Any
+    marks: dict[str, Any]
+
+
+def train(cfg: Config, train_rows: Any, eval_rows: Any, ctx: WorkerContext) -> dict[str, Any]:
     # DeepSpeed calls torch.distributed APIs that torch now marks deprecated, once per bucket per step.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
     device = pick_device(ctx.local_rank)
@@ -107,7 +165,7 @@ def train(cfg: Config, train_rows: list[dict], eval_rows: list[dict], ctx: Worke
     plan = cfg.batch_plan(ctx.world_size)
     steps = total_steps(len(train_rows), plan, cfg.train.max_steps, cfg.train.epochs)
     dtype = resolve_dtype(cfg.model, device)
-    traits, attn = model_plan(cfg.model, device.type)
+    traits, attn = model_plan(cfg.model, device, dtype)
     aux_coef = router_aux_coef(cfg, traits)
     tokenizer = load_tokenizer(cfg.model)
 
@@ -119,6 +177,10 @@ def train(cfg: Config, train_rows: list[dict], eval_rows: list[dict], ctx: Worke
     fm = flops_model(engine.module, n_params)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     peak = peak_flops(device_name, cfg.logging.peak_tflops)
+    table = RowTable(train_rows, flops_of=fm.per_example)
+    feed = Prefetcher(
+        table, plan, ctx.rank, cfg.train.seed, tokenizer.pad_token_id, varlen(attn), pin=device.type == "cuda"
+    )
 
     def to_device(rows: list[dict]) -> dict[str, Any]:
         batch = collate(rows, tokenizer.pad_token_id, varlen=varlen(attn))
@@ -137,6 +199,9 @@ def train(cfg: Config, train_rows: list[dict], eval_rows: list[dict], ctx: Worke
     def save(step: int) -> None:
         checkpoint.save(engine, root, step, meta, cfg.checkpoint.keep_last, [p for p in hf_parts if p is not None])
 
+    clock = StepClock(device)
+    pending: list[PendingStep] = []
+    loss_mode = cross_entropy_mode(cfg, ds_config)
     start = time.perf_counter()
     summary: dict[str, Any] = {
         "steps": steps,
@@ -145,69 +210,126 @@ def train(cfg: Config, train_rows: list[dict], eval_rows: list[dict], ctx: Worke
         "device": device_name,
         "attention": attn,
     }
-    for step in range(start_step, steps):
-        engine.train()
-        t0 = time.perf_counter()
-        micro = rank_micro_batches(step_rows(len(train_rows), plan, step, cfg.train.seed), plan, ctx.rank)
-        micro_rows = [[train_rows[i] for i in mb] for mb in micro]
-        batches = [to_device(rows) for rows in micro_rows]
-        local_sup = sum(supervised_tokens(rows) for rows in micro_rows)
-        local_tokens = sum(len(r["input_ids"]) for rows in micro_rows for r in rows)
-        local_flops = sum(rows_flops(fm, rows) for rows in micro_rows)
-        (global_sup,) = all_sum([local_sup], device)
-        scale = plan.grad_accum_steps * plan.world_size / max(global_sup, 1.0)
-        lr = engine.get_lr()[0]  # the rate this step's update uses; the scheduler moves on in step()
-        loss_sum, aux_sum = 0.0, 0.0
-        inject_fault(ctx.rank, step + 1)
-        for b in batches:
-            parts = token_loss_sum(engine, b, router_loss=aux_coef > 0)
-            objective = parts.loss_sum * scale
-            if parts.aux is not None:
-                # DeepSpeed divides by grad_accum and averages over ranks: the step adds the coefficient
-                # times the mean router loss over every micro-batch of the global batch.
-                objective = objective + aux_coef * parts.aux
-                aux_sum += parts.aux.item()
-            engine.backward(objective)
-            engine.step()
-            loss_sum += parts.loss_sum.item()
-        step_time = time.perf_counter() - t0
-        g_loss, g_tokens, g_flops, g_aux = all_sum([loss_sum, local_tokens, local_flops, aux_sum], device)
-        grad_norm = engine.get_global_grad_norm()
-        record = {
-            "step": step + 1,
-            "loss": g_loss / max(global_sup, 1.0),
-            "grad_norm": float(grad_norm) if grad_norm is not None else None,
-            "lr": lr,
-            "tokens": int(global_sup),
-            "input_tokens": int(g_tokens),
-            "flops": g_flops,
-            "peak_flops": peak,
-            "world_size": ctx.world_size,
-            "step_time_s": step_time,
-            "elapsed_s": time.perf_counter() - start,
-            "peak_mem_mb": peak_memory_mb(device),
-            "rank": ctx.rank,
-        }
-        if aux_coef > 0:
-            record["aux_loss"] = g_aux / (plan.grad_accum_steps * plan.world_size)
-        every_eval = cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0
-        if eval_rows and (every_eval or step + 1 == steps):  # the last step always has an eval loss
-            record["eval_loss"] = evaluate(engine, eval_rows, plan.micro_batch_size, ctx, to_device, device)
-        ctx.report(record)
-        summary["last"] = record
-        done, every = step + 1, cfg.checkpoint.every_steps
-        stop = stop_requested(ctx, device)
-        if stop or done == steps or (every and done % every == 0):
-            ctx.flush()
-            save(done)
-        if stop:
-            summary["stopped_at"] = done
-            return summary
-
-    if eval_rows and "last" in summary:
-        summary["eval_loss"] = summary["last"]["eval_loss"]
+    profiler = StepProfiler(
+        cfg.logging.profile_steps, Path(cfg.output_dir) / "profile", ctx.rank, device.type == "cuda"
+    )
+    try:
+        for step in range(start_step, steps):
+            engine.train()
+            profiler.step_begins(step + 1)
+            clock.mark("start")
+            with phase("data"):
+                inputs = feed.get(step, then=step + 1 if step + 1 < steps else None)
+                batches = inputs.to_device(device)
+            clock.mark("data")
+            if step == start_step and loss_mode == "fused?":
+                loss_mode = settle_fused(engine, batches[0], dtype, device)
+            scale = plan.grad_accum_steps * plan.world_size / max(inputs.global_supervised, 1)
+            lr = engine.get_lr()[0]  # the rate this step's update uses; the scheduler moves on in step()
+            sums = torch.zeros(2, dtype=torch.float32, device=device)
+            inject_fault(ctx.rank, step + 1)
+            for i, b in enumerate(batches):
+                with phase("forward"):
+                    parts = token_loss_sum(engine, b, router_loss=aux_coef > 0, mode=loss_mode)
+                    objective = parts.loss_sum * scale
+                    sums[0] += parts.loss_sum.detach()
+                    if parts.aux is not None:
+                        # DeepSpeed divides by grad_accum and averages over ranks: the step adds the
+                        # coefficient times the mean router loss over every micro-batch of the global batch.
+                        objective = objective + aux_coef * parts.aux
+                        sums[1] += parts.aux.detach().float()
+                with phase("backward"):
+                    engine.backward(objective)
+                if i == len(batches) - 1:
+                    clock.mark("fwd_bwd")
+                with phase("optimizer"):
+                    engine.step()  # the optimizer runs at the last micro-batch only
+            clock.mark("optimizer")
+            record = {
+                "step": step + 1,
+                "lr": lr,
+                "tokens": inputs.global_supervised,
+                "input_tokens": inputs.global_tokens,
+                "flops": inputs.global_flops,
+                "peak_flops": peak,
+                "world_size": ctx.world_size,
+                "peak_mem_mb": peak_memory_mb(device),
+                "rank": ctx.rank,
+            }
+            pending.append(PendingStep(record, sums, engine.get_global_grad_norm(), clock.take()))
+            summary_file = profiler.step_ends(step + 1)
+            if summary_file:
+                print(f"profile of steps {profiler.first}-{profiler.last}: {summary_file}", flush=True)
+            done, every = step + 1, cfg.checkpoint.every_steps
+            every_eval = cfg.train.eval_every and done % cfg.train.eval_every == 0
+            wants_eval = bool(len(eval_rows)) and (every_eval or done == steps)  # the last step always has one
+            saves = done == steps or bool(every and done % every == 0)
+            if not (done % cfg.train.log_every == 0 or wants_eval or saves):
+                continue
+            records = read_pending(pending, clock, plan, aux_coef, device, start)
+            pending.clear()
+            if wants_eval:
+                records[-1]["eval_loss"] = evaluate(engine, eval_rows, plan.micro_batch_size, ctx, to_device, device)
+            for record in records:
+                ctx.report(record)
+            summary["last"] = records[-1]
+            stop = stop_requested(ctx, device)
+            if stop or saves:
+                ctx.flush()
+                save(done)
+            if stop:
+                summary["stopped_at"] = done
+                return summary
+    finally:
+        feed.close()
+        profiler.close()
+    if len(eval_rows) and "last" in summary:
+        summary["eval_loss"] = summary["last"].get("eval_loss")
     ctx.flush()
     return summary
+
+
+def read_pending(
+    pending: list[PendingStep], clock: StepClock, plan: Any, aux_coef: float, device: torch.device, start: float
+) -> list[dict[str, Any]]:
+    """The pending steps' records, complete: one all-reduce and one host sync for all of them."""
+    sums = torch.stack([p.sums for p in pending])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(sums)
+    norms = [p.grad_norm for p in pending]
+    sums = sums.tolist()  # the sync: the device has finished every pending step
+    elapsed = time.perf_counter() - start
+    out = []
+    for p, (loss_sum, aux_sum), norm in zip(pending, sums, norms, strict=True):
+        record = dict(p.record)
+        record["loss"] = loss_sum / max(record["tokens"], 1)
+        record["grad_norm"] = float(norm) if norm is not None else None
+        if aux_coef > 0:
+            record["aux_loss"] = aux_sum / (plan.grad_accum_steps * plan.world_size)
+        record.update(clock.split(p.marks))
+        record["elapsed_s"] = elapsed
+        out.append(record)
+    return out
+
+
+def cross_entropy_mode(cfg: Config, ds_config: dict[str, Any]) -> str:
+    """``train.cross_entropy``; ``auto``: fused where the whole output layer is on every rank (ZeRO 0-2,
+    confirmed on the first batch), chunked under ZeRO-3 and with ``train.compile``."""
+    mode = cfg.train.cross_entropy
+    if mode != "auto":
+        return mode
+    if ds_config.get("zero_optimization", {}).get("stage") == 3 or cfg.train.compile:
+        return "chunked"
+    return "fused?"
+
+
+def settle_fused(engine: Any, batch: dict[str, Any], dtype: torch.dtype, device: torch.device) -> str:
+    """The fused loss only where it computes this model's loss (every rank must agree)."""
+    from distsft.loss import fused_matches
+
+    ok = fused_matches(engine, batch, rtol=1e-4 if dtype == torch.float32 else 2e-2)
+    (votes,) = all_sum([0.0 if ok else 1.0], device)
+    return "fused" if votes == 0 else "chunked"
 
 
 def router_aux_coef(cfg: Config, traits: Any) -> float:
@@ -234,14 +356,16 @@ def evaluate(engine: Any, rows: list[dict], micro_batch: int, ctx: WorkerContext
     engine.eval()
     mine = list(range(ctx.rank, len(rows), ctx.world_size))
     n_batches = -(-len(rows) // (ctx.world_size * micro_batch))
-    loss_sum, count = 0.0, 0
+    sums = torch.zeros(2, dtype=torch.float64, device=device)
     for i in range(n_batches):
         chunk = mine[i * micro_batch : (i + 1) * micro_batch]
         if chunk:
-            parts = token_loss_sum(engine, to_device([rows[j] for j in chunk]))
-            loss_sum, count = loss_sum + parts.loss_sum.item(), count + int(parts.tokens)
+            parts = token_loss_sum(engine, to_device([rows[j] for j in chunk]), mode="chunked")
+            sums += torch.stack([parts.loss_sum.double(), parts.tokens.double()])
         else:
-            token_loss_sum(engine, to_device([rows[0]]))
-    total, tokens = all_sum([loss_sum, count], device)
+            token_loss_sum(engine, to_device([rows[0]]), mode="chunked")
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(sums)
+    total, tokens = sums.tolist()
     engine.train()
     return total / max(tokens, 1.0)

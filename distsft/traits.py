@@ -17,14 +17,15 @@ from typing import Any
 
 from distsft.errors import ConfigError
 
-# The attention implementations distsft can run, fastest first for each device. A packed row needs no
-# mask with flash-attention (varlen from position ids); flex_attention gets a block-sparse document mask;
-# sdpa and eager get a dense mask. flex_attention has no backward on CPU.
+# The attention implementations distsft can run, fastest first for each device. Varlen kernels run a
+# packed row's examples as separate sequences (no mask): flash-attention when installed, else PyTorch's
+# own varlen kernel (``distsft_varlen``, distsft/attention.py); flex_attention gets a block-sparse
+# document mask; sdpa and eager get a dense mask. flex_attention has no backward on CPU.
 PREFERENCE = {
-    "cuda": ["flash_attention_3", "flash_attention_2", "sdpa", "flex_attention", "eager"],
+    "cuda": ["flash_attention_3", "flash_attention_2", "distsft_varlen", "sdpa", "flex_attention", "eager"],
     "cpu": ["sdpa", "eager"],
 }
-ATTENTION_KINDS = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3")
+ATTENTION_KINDS = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3", "distsft_varlen")
 # Layer kinds whose masks transformers builds from packed position ids (one example never sees another).
 ATTENTION_LAYERS = {"full_attention", "sliding_attention", "chunked_attention"}
 EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
@@ -166,6 +167,8 @@ def _why_not_packs(cls: type, text: Any, layer_types: list[str]) -> str:
 def _declares(cls: type, kind: str) -> bool:
     if kind == "eager":
         return True
+    if kind == "distsft_varlen":  # the flash-attention contract; soft-capped scores are excluded at choice
+        return _declares(cls, "flash_attention_2")
     if kind == "sdpa":
         return bool(getattr(cls, "_supports_sdpa", False))
     if kind == "flex_attention":
@@ -173,10 +176,21 @@ def _declares(cls: type, kind: str) -> bool:
     return bool(getattr(cls, "_supports_flash_attn", False) or getattr(cls, "_supports_flash_attn_2", False))
 
 
-def _runnable(kind: str, device_type: str) -> str:
+def _runnable(kind: str, traits: ModelTraits, device: Any, dtype: Any) -> str:
     """Why ``kind`` cannot run here, or '' when it can."""
-    if kind in ("flash_attention_2", "flash_attention_3", "flex_attention") and device_type != "cuda":
+    import torch
+
+    if kind in ("flash_attention_2", "flash_attention_3", "flex_attention", "distsft_varlen") and device.type != "cuda":
         return "needs a CUDA GPU" + (" (it has no backward pass on CPU)" if kind == "flex_attention" else "")
+    if kind == "distsft_varlen":
+        from distsft import attention
+
+        if traits.attn_logit_softcapping:
+            return "cannot soft-cap attention scores"
+        if not torch.cuda.is_available():  # planning on a driver without the workers' GPUs
+            return "" if dtype in (torch.float16, torch.bfloat16) else "needs bf16 or fp16 weights"
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return attention.usable(index, dtype, bool(traits.sliding_window))
     if kind == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
         return "needs the flash-attn package"
     if kind == "flash_attention_3" and importlib.util.find_spec("flash_attn_interface") is None:
@@ -184,11 +198,15 @@ def _runnable(kind: str, device_type: str) -> str:
     return ""
 
 
-def choose_attention(requested: str, traits: ModelTraits, device_type: str) -> str:
+def choose_attention(requested: str, traits: ModelTraits, device: Any, dtype: Any = None) -> str:
     """``auto``: the fastest implementation the class declares and this device can run; an explicit choice
     the class or the device cannot run is a one-line config error naming the ones that can."""
-    usable = [k for k in PREFERENCE.get(device_type, PREFERENCE["cpu"]) if k in traits.supports]
-    usable = [k for k in usable if not _runnable(k, device_type)]
+    import torch
+
+    device = torch.device(device)
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    usable = [k for k in PREFERENCE.get(device.type, PREFERENCE["cpu"]) if k in traits.supports]
+    usable = [k for k in usable if not _runnable(k, traits, device, dtype)]
     if requested == "auto":
         return usable[0] if usable else "eager"
     if requested not in traits.supports:
@@ -196,7 +214,7 @@ def choose_attention(requested: str, traits: ModelTraits, device_type: str) -> s
             f"model.attn_implementation = {requested}: {traits.class_name} does not support it; "
             f"it supports {', '.join(traits.supports)} (usable here: {', '.join(usable) or 'eager'})"
         )
-    why = _runnable(requested, device_type)
+    why = _runnable(requested, traits, device, dtype)
     if why:
         raise ConfigError(
             f"model.attn_implementation = {requested} {why}; usable here for {traits.class_name}: {', '.join(usable)}"
@@ -207,7 +225,7 @@ def choose_attention(requested: str, traits: ModelTraits, device_type: str) -> s
 def varlen(attn: str) -> bool:
     """Whether the implementation runs packed rows as variable-length sequences (no mask), which needs the
     examples' cumulative lengths from the collator."""
-    return attn.startswith("flash_attention")
+    return attn.startswith("flash_attention") or attn == "distsft_varlen"
 
 
 def check_training_fit(traits: ModelTraits, packing: bool, router_aux_loss_coef: float | None) -> None:

@@ -83,3 +83,59 @@ def test_models_without_logits_to_keep_use_the_full_logits():
             raise AssertionError
 
     assert not loss_mod.selects_logits(Plain())
+
+
+def _loss_and_grads(model, batch, mode):
+    model.zero_grad()
+    parts = loss_mod.token_loss_sum(model, batch, mode=mode)
+    parts.loss_sum.backward()
+    return parts.loss_sum.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("family", ["llama", "llama-tied", "gemma2"])
+@pytest.mark.parametrize("mode", ["fused", "chunked"])
+def test_fused_and_chunked_losses_equal_todays_path(family, mode, monkeypatch):
+    """Loss and every gradient equal the plain path (fp32, 1e-5), with several chunks per batch, a tied
+    output layer, and Gemma-2's final soft-capping biting (large logits)."""
+    from families import family_model
+
+    model = family_model(family, vocab_size=3001, attn="eager")
+    if family == "gemma2":
+        with torch.no_grad():
+            model.lm_head.weight.mul_(50.0)
+    monkeypatch.setattr(loss_mod, "CHUNK_TOKENS", 7)  # the batch has 18 supervised tokens: 3 chunks
+    batch = collate(rows(2), pad_id=0)
+    ref_loss, ref_grads = _loss_and_grads(model, batch, "plain")
+    loss, grads = _loss_and_grads(model, batch, mode)
+    assert loss == pytest.approx(ref_loss, rel=1e-5)
+    for n, g in ref_grads.items():  # within 1e-5 of the gradient's scale (summation order differs)
+        assert (grads[n] - g).abs().max() <= 1e-5 * g.abs().max(), n
+
+
+def test_the_fused_loss_never_holds_a_whole_batchs_logits(monkeypatch):
+    """The output layer computes logits for no position; each chunk's exist only inside the loss."""
+    from tinymodels import tiny_llama
+
+    model = tiny_llama("sdpa", vocab_size=3001)
+    shapes = []
+    model.lm_head.register_forward_hook(lambda m, i, o: shapes.append(tuple(o.shape)))
+    monkeypatch.setattr(loss_mod, "CHUNK_TOKENS", 7)
+    loss_mod.token_loss_sum(model, collate(rows(2), pad_id=0), mode="fused").loss_sum.backward()
+    assert shapes == [(0, 3001)]
+
+
+def test_a_family_that_rescales_its_logits_is_not_given_the_fused_loss():
+    """Granite divides its logits by `logits_scaling` after the output layer: the fused loss would not
+    see it, and the first-batch check says so (distsft then uses the chunked path)."""
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    cfg = GraniteConfig(
+        vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, logits_scaling=4.0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = GraniteForCausalLM(cfg)
+    batch = collate(rows(1), pad_id=0)
+    assert not loss_mod.fused_matches(model, batch, rtol=1e-4)
+    model.config.logits_scaling = 1.0
+    assert loss_mod.fused_matches(model, batch, rtol=1e-4)

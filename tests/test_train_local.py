@@ -99,3 +99,40 @@ def test_compiled_model_takes_the_same_steps_as_eager(tmp_path):
     for ra, rb in zip(metrics(eager), metrics(compiled), strict=True):
         assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5)
         assert ra["grad_norm"] == pytest.approx(rb["grad_norm"], rel=1e-4)
+
+
+def test_records_read_every_few_steps_are_the_records_read_every_step(tmp_path):
+    """Losses stay on the device and are read only at logged steps; the numbers must not change."""
+    every, sparse = tmp_path / "every", tmp_path / "sparse"
+    launch_local(small_cfg(every, "train.max_steps=5", "train.log_every=1"), quiet=True)
+    launch_local(small_cfg(sparse, "train.max_steps=5", "train.log_every=3"), quiet=True)
+    a, b = metrics(every), metrics(sparse)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4, 5]
+    for ra, rb in zip(a, b, strict=True):
+        for key in ("loss", "grad_norm", "lr", "tokens", "input_tokens", "flops"):
+            assert ra[key] == pytest.approx(rb[key], rel=1e-9), key
+        assert rb["step_time_s"] == pytest.approx(rb["data_wait_s"] + rb["fwd_bwd_s"] + rb["optimizer_s"], rel=1e-6)
+
+
+def test_the_default_path_needs_no_compiler_and_a_failing_op_build_is_one_line(tmp_path):
+    """With no working C/C++ compiler, the default run trains (DeepSpeed compiles nothing: torch's AdamW,
+    no shared-memory inference op); a config that asks for DeepSpeed's FusedAdam fails in one line that
+    names the op and the setting that avoids it."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    env = {**os.environ, "CC": "/bin/false", "CXX": "/bin/false", "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
+    base = [sys.executable, "-m", "distsft", "launch", "--local", "--set", "train.max_steps=1"]
+    base += ["--set", f"data.path={REPO / 'tests/fixtures/support_small.jsonl'}", "--set", "data.max_seq_len=256"]
+    ok = subprocess.run([*base, "--set", f"output_dir={tmp_path / 'a'}"], env=env, capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    fused = json.loads((REPO / "ds_configs" / "zero2.json").read_text())
+    fused["optimizer"]["params"]["torch_adam"] = False
+    (tmp_path / "fused.json").write_text(json.dumps(fused))
+    cmd = [*base, "--set", f"output_dir={tmp_path / 'b'}", "--set", f"train.zero_stage={tmp_path / 'fused.json'}"]
+    bad = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr[-2000:]
+    assert "could not build its fused_adam op" in bad.stderr and '"torch_adam" at "auto"' in bad.stderr
