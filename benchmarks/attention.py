@@ -68,7 +68,7 @@ def main() -> None:
     median = args.median or row // 16
     register_varlen()
     impls = args.impl or (
-        ["sdpa", "flex_attention", "distsft_varlen", "eager"] + (["flash_attention_2"] if _has("flash_attn") else [])
+        ["sdpa", "flex_attention", "distsft_varlen"] + (["flash_attention_2"] if _has("flash_attn") else [])
         if cuda
         else ["sdpa", "eager"]
     )

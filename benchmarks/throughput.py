@@ -166,6 +166,7 @@ def base_overrides(args, model: str, data: Path) -> list[str]:
         "logging.tensorboard=false",
         "logging.plot=false",
         "logging.progress=none",
+        "checkpoint.final=false",  # throughput only: no final save or export
     ]
     return out + ([f"train.max_steps={args.max_steps}"] if args.max_steps else [])
 

@@ -80,8 +80,17 @@ def resolve(path: str | Path) -> Path:
 
 
 # --- save --------------------------------------------------------------------------------------------
-def save(engine: Any, root: Path, step: int, meta: dict[str, Any], keep_last: int, hf_parts: list[Any]) -> Path:
-    """Collective: every rank calls it. ``hf_parts`` (config, tokenizer, ...) are saved by rank 0."""
+def save(
+    engine: Any,
+    root: Path,
+    step: int,
+    meta: dict[str, Any],
+    keep_last: int,
+    hf_parts: list[Any],
+    frozen_base: bool = False,
+) -> Path:
+    """Collective: every rank calls it. ``hf_parts`` (config, tokenizer, ...) are saved by rank 0. With a
+    frozen base (LoRA) only what trains is saved: the base comes from ``model.path`` again on resume."""
     import torch.distributed as dist
 
     rank = dist.get_rank()
@@ -91,7 +100,9 @@ def save(engine: Any, root: Path, step: int, meta: dict[str, Any], keep_last: in
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
-    engine.save_checkpoint(str(tmp), tag=DS_TAG, client_state={"step": step}, save_latest=False)
+    engine.save_checkpoint(
+        str(tmp), tag=DS_TAG, client_state={"step": step}, save_latest=False, exclude_frozen_parameters=frozen_base
+    )
     (tmp / f"rng-rank{rank}.json").write_text(json.dumps(_rng_state()))
     os.sync()  # each rank makes its own shards durable before rank 0 vouches for them
     _maybe_die_in_save(step)
@@ -150,7 +161,7 @@ def _purge(root: Path, keep_last: int, keep: Path) -> None:
 
 
 # --- load --------------------------------------------------------------------------------------------
-def load(engine: Any, ckpt: Path) -> int:
+def load(engine: Any, ckpt: Path, frozen_base: bool = False) -> int:
     """Restore weights, optimizer, LR schedule and this rank's RNG; returns the step to continue after.
 
     DeepSpeed's optimizer shards are pickles (``torch.load(weights_only=False)`` inside DeepSpeed); they
@@ -159,7 +170,11 @@ def load(engine: Any, ckpt: Path) -> int:
     import torch.distributed as dist
 
     path, client = engine.load_checkpoint(
-        str(ckpt), tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+        str(ckpt),
+        tag=DS_TAG,
+        load_optimizer_states=True,
+        load_lr_scheduler_states=True,
+        load_module_strict=not frozen_base,  # a LoRA checkpoint holds no frozen base weights
     )
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt}")
@@ -202,6 +217,8 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 CONTINUATION_KEYS = [
     "model.path",
     "model.tokenizer",
+    "model.quantization",
+    "lora",
     "data",
     "train.max_steps",
     "train.epochs",

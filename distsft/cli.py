@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output directory (default: RUN_DIR/export-step-N)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     p.add_argument("--max-shard-size", default="5GB", help="split the safetensors weights above this size")
+    p.add_argument("--merge", action="store_true", help="LoRA runs: write base + adapters as one plain model")
 
     p = sub.add_parser("report", help="summarise a run from its metrics.jsonl and redraw its loss curve")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run's output_dir (also while it is still running)")
@@ -136,9 +137,10 @@ def cmd_export(args: argparse.Namespace) -> int:
         if checkpoint.read_manifest(ckpt) is None:
             raise DistsftError(f"--step {args.step}: no complete checkpoint {ckpt}")
     step = (checkpoint.read_manifest(ckpt) or {}).get("step")
-    out = Path(args.out) if args.out else Path(args.run_dir) / f"export-step-{step}"
-    export(ckpt, out, dtype=args.dtype, max_shard_size=args.max_shard_size)
-    print(f"exported step {step} from {ckpt} to {out} ({args.dtype})")
+    suffix = "-merged" if args.merge else ""
+    out = Path(args.out) if args.out else Path(args.run_dir) / f"export-step-{step}{suffix}"
+    export(ckpt, out, dtype=args.dtype, max_shard_size=args.max_shard_size, merge=args.merge)
+    print(f"exported step {step} from {ckpt} to {out} ({args.dtype}{', merged' if args.merge else ''})")
     return 0
 
 

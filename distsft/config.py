@@ -46,6 +46,8 @@ class ModelConfig:
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
     revision: str | None = None
+    quantization: Literal["none", "4bit", "8bit"] = "none"
+    """Hold the frozen base in 4 bits (NF4, double quantisation: QLoRA) or 8 bits; needs ``lora.r > 0``."""
     config_path: str | None = None
     """A ``config.json`` of the architecture for ``--dry-run`` planning when the driver cannot read
     ``model.path`` (weights only on the nodes, or no hub access); training always uses ``model.path``."""
@@ -113,6 +115,20 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class LoraConfig:
+    """Low-rank adapters (peft) on a frozen base; ``r: 0`` is full fine-tuning."""
+
+    r: int = 0
+    alpha: float | None = None
+    """Scale ``alpha / r`` of the adapters' output; default ``2 * r``."""
+    dropout: float = 0.0
+    target_modules: str | list[str] = "all-linear"
+    """``all-linear`` (every linear layer but the output layer) or a list of module names (``q_proj``, ...)."""
+    modules_to_save: list[str] = field(default_factory=list)
+    """Whole modules trained and saved with the adapter, e.g. ``[embed_tokens, lm_head]`` after adding tokens."""
+
+
+@dataclass(frozen=True)
 class CheckpointConfig:
     every_steps: int = 0
     """Save every N optimizer steps; 0 saves only at the end (and on SIGTERM/SIGINT)."""
@@ -122,6 +138,9 @@ class CheckpointConfig:
     checkpoint (``.../checkpoints/step-00000100``) or a run directory, which must exist and be complete."""
     allow_changes: bool = False
     """Resume even when the config differs from the checkpoint's in ways that change the continuation."""
+    final: bool = True
+    """Save a checkpoint at the end and export it to ``output_dir/final``; ``false`` for throughput
+    measurements and sweeps that keep nothing (checkpoints every ``every_steps`` are still saved)."""
 
 
 @dataclass(frozen=True)
@@ -156,6 +175,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
@@ -209,6 +229,9 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "train.eval_every": (lambda v: v >= 0, "an integer >= 0"),
     "train.router_aux_loss_coef": (lambda v: v is None or v >= 0, "a number >= 0, or null for the model's own"),
     "train.log_every": (lambda v: v >= 1, "an integer >= 1"),
+    "lora.r": (lambda v: v >= 0, "an integer >= 0 (0: full fine-tuning)"),
+    "lora.alpha": (lambda v: v is None or v > 0, "a number > 0, or null for 2 * r"),
+    "lora.dropout": (lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
     "checkpoint.every_steps": (lambda v: v >= 0, "an integer >= 0"),
     "checkpoint.keep_last": (lambda v: v >= 1, "an integer >= 1"),
     "logging.peak_tflops": (lambda v: v is None or v > 0, "a number > 0 (TFLOP/s of one device)"),
@@ -218,7 +241,21 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Load ``path`` (the bundled demo config when None), apply ``key=value`` overrides, validate."""
-    return load_typed(Config, path if path is not None else DEMO_CONFIG, overrides)
+    return load_typed(Config, path if path is not None else DEMO_CONFIG, overrides, combined=_combinations)
+
+
+def _combinations(cfg: Config) -> tuple[str, str] | None:
+    """Keys that are valid alone but not together: (the key to name, what is wrong), checked at load."""
+    q, stage = cfg.model.quantization, cfg.train.zero_stage
+    if q != "none" and cfg.lora.r == 0:
+        return "model.quantization", f"{q} quantises a base that LoRA adapters train on: set lora.r > 0 (QLoRA)"
+    if q == "8bit" and stage in (3, "3_offload"):
+        return "model.quantization", "8-bit weights cannot be sharded by ZeRO-3: use 4bit, or zero_stage 1 or 2"
+    if q != "none" and stage == "3_offload":
+        return "model.quantization", "quantised weights cannot be offloaded to CPU: use zero_stage 3 without offload"
+    if cfg.lora.modules_to_save and cfg.lora.r == 0:
+        return "lora.modules_to_save", "only means something with adapters: set lora.r > 0"
+    return None
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -240,14 +277,22 @@ def build_config(raw: dict[str, Any], source: str = "<dict>", lines: dict[str, i
     return _build(Config, raw, prefix="", source=source, lines=lines or {})
 
 
-def load_typed(cls: type, path: str | Path, overrides: list[str] | tuple[str, ...] = (), checks=None) -> Any:
-    """Load any of our YAML files (run configs, cluster files) into the frozen dataclass ``cls``."""
+def load_typed(
+    cls: type, path: str | Path, overrides: list[str] | tuple[str, ...] = (), checks=None, combined=None
+) -> Any:
+    """Load any of our YAML files (run configs, cluster files) into the frozen dataclass ``cls``;
+    ``combined(obj)`` names a key whose value does not fit with the others, and why."""
     raw, lines = _read_yaml(Path(path))
     for item in overrides:
         key, value = parse_override(item)
         _set_dotted(raw, key, value)
         lines[key] = None
-    return _build(cls, raw, prefix="", source=str(path), lines=lines, checks=checks)
+    obj = _build(cls, raw, prefix="", source=str(path), lines=lines, checks=checks)
+    problem = combined(obj) if combined else None
+    if problem:
+        key, why = problem
+        raise ConfigError(f"{_where(str(path), lines, key)}: {key}: {why}")
+    return obj
 
 
 def save_config(cfg: Config, path: Path) -> None:

@@ -29,10 +29,15 @@ def evaluate_model(model: Any, rows: Any, pad_id: int, batch_size: int, device: 
 
 def evaluate_dir(cfg: Config, model_dir: str) -> dict[str, Any]:
     """Evaluate ``data.eval_path`` when set, else all of ``data.path``, with the model's own tokenizer."""
+    from distsft.lora import adapter_base, is_adapter_dir, with_adapter
     from distsft.model import load_model, load_tokenizer, model_plan, resolve_dtype
     from distsft.traits import check_training_fit
 
-    model_cfg = dataclasses.replace(cfg.model, path=model_dir, tokenizer=None, gradient_checkpointing=False)
+    adapter = model_dir if is_adapter_dir(model_dir) else None  # a LoRA run's final/: its base, then it
+    base = adapter_base(adapter) if adapter else model_dir
+    model_cfg = dataclasses.replace(
+        cfg.model, path=base, tokenizer=model_dir, gradient_checkpointing=False, quantization="none"
+    )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     traits, attn = model_plan(model_cfg, device)
     check_training_fit(traits, cfg.data.packing, None)
@@ -42,6 +47,8 @@ def evaluate_dir(cfg: Config, model_dir: str) -> dict[str, Any]:
     data = prepare(data_cfg, tokenizer, seed=cfg.train.seed)
     if not len(data.train):
         raise DistsftError("eval: no rows to evaluate")
-    model = load_model(model_cfg, resolve_dtype(model_cfg, device), attn, cfg.train.seed).to(device)
-    model.eval()
+    model = load_model(model_cfg, resolve_dtype(model_cfg, device), attn, cfg.train.seed)
+    if adapter:
+        model = with_adapter(model, adapter)
+    model = model.to(device).eval()
     return evaluate_model(model, data.train, tokenizer.pad_token_id, cfg.train.micro_batch_size, device, attn)

@@ -20,35 +20,66 @@ from typing import Any
 
 from distsft import checkpoint
 from distsft.errors import ConfigError
+from distsft.lora import is_adapter_dir, write_adapter
+from distsft.lora import merge as merge_adapter
 
 DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
-def export(ckpt: Path, out: Path, dtype: str = "fp32", max_shard_size: str = "5GB") -> Path:
+def export(ckpt: Path, out: Path, dtype: str = "fp32", max_shard_size: str = "5GB", merge: bool = False) -> Path:
     """Write ``out`` (config, generation config, tokenizer, safetensors weights) from checkpoint ``ckpt``;
-    the directory appears under its final name only once complete."""
+    the directory appears under its final name only once complete. A LoRA checkpoint gives a PEFT adapter
+    directory, or with ``merge`` a plain model whose weights are base + scaled BA."""
+    if merge:
+        if not is_adapter_dir(ckpt / checkpoint.HF_DIR):
+            raise ConfigError(f"checkpoint {ckpt}: --merge needs a LoRA run; this one trained the whole model")
+        adapter = export(ckpt, out.with_name(out.name + ".adapter"), "fp32")
+        try:
+            return merge_adapter(adapter, out, _torch_dtype(dtype))
+        finally:
+            shutil.rmtree(adapter, ignore_errors=True)
     if checkpoint.read_manifest(ckpt) is None:
         raise ConfigError(f"checkpoint {ckpt}: incomplete (no valid {checkpoint.MANIFEST}); refusing to export it")
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(ckpt / checkpoint.HF_DIR, tmp)
+    if is_adapter_dir(ckpt / checkpoint.HF_DIR):  # a LoRA run: a PEFT adapter directory
+        state, _aliases = consolidated_state(ckpt, trainable_only=True)
+        weights = {k: v.contiguous() for k, v in state.items()}
+        write_adapter(weights, ckpt / checkpoint.HF_DIR, tmp, _torch_dtype(dtype))
+        for name in ("config.json", "generation_config.json"):  # the base's: peft's layout has adapter files only
+            (tmp / name).unlink(missing_ok=True)
+        _publish(tmp, out)
+        return out
     state, _aliases = consolidated_state(ckpt)
     write_safetensors(state, tmp, dtype, max_shard_size)
     config = json.loads((tmp / "config.json").read_text())
     config["torch_dtype"] = config["dtype"] = DTYPE_NAMES[dtype]
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    _publish(tmp, out)
     return out
 
 
-def consolidated_state(ckpt: Path) -> tuple[dict[str, Any], dict[str, str]]:
+def _publish(tmp: Path, out: Path) -> None:
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+
+
+def _torch_dtype(dtype: str) -> Any:
+    import torch
+
+    return getattr(torch, DTYPE_NAMES[dtype])
+
+
+def consolidated_state(ckpt: Path, trainable_only: bool = False) -> tuple[dict[str, Any], dict[str, str]]:
     """Lazy full-size tensors by name, with each tied weight under one name; and ``{alias: kept name}``."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        lazy = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=checkpoint.DS_TAG, lazy_mode=True)
+        lazy = get_fp32_state_dict_from_zero_checkpoint(
+            str(ckpt), tag=checkpoint.DS_TAG, exclude_frozen_parameters=trainable_only, lazy_mode=True
+        )
     state: dict[str, Any] = {}
     owner: dict[int, str] = {}
     aliases: dict[str, str] = {}

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from distsft.model import numel
 from distsft.traits import experts_per_token, read_traits, routed_experts, text_config
 
 # Dense (no sparsity) bf16 tensor-core peak per device, FLOP/s. More specific names come first.
@@ -61,6 +62,8 @@ class FlopsModel:
     """Parameters in matmuls per token: all but the input embedding (a lookup, not a matmul)."""
     full_attention: int
     """Sum over full-attention layers of heads x head_dim (the width of their score and value matmuls)."""
+    frozen_params: int = 0
+    """Of ``dense_params``, those that get no weight gradient (a LoRA base): 4 FLOPs per token, not 6."""
     sliding_attention: int = 0
     """The same over sliding-window layers, whose context is at most ``window``."""
     window: int | None = None
@@ -73,25 +76,35 @@ class FlopsModel:
         """The same, one figure per example length (vectorised: a data set's worth at once)."""
         n = np.asarray(n, dtype=np.float64)
         context = self.full_attention * n + self.sliding_attention * np.minimum(n, self.window or n)
-        return n * (6 * self.dense_params + 12 * context)
+        return n * (6 * self.dense_params - 2 * self.frozen_params + 12 * context)
 
 
 def flops_model(model: Any, total_params: int) -> FlopsModel:
     """Read the shape from the model's Hugging Face config; ``total_params`` must count ZeRO-3 partitioned
     parameters at full size (``count_parameters`` does)."""
     emb = model.get_input_embeddings().weight
-    emb_numel = _numel(emb)
+    emb_numel = numel(emb)
     dense = total_params - emb_numel
     out = model.get_output_embeddings()
     if out is not None and out.weight is emb:  # tied: the output matmul reuses the embedding matrix
         dense += emb_numel
     top_k, n_experts = experts_per_token(model)
     if n_experts:  # a token runs through top_k of each layer's routed experts, not all of them
-        routed = sum(_numel(p) for _, experts in routed_experts(model) for p in experts.parameters())
+        routed = sum(numel(p) for _, experts in routed_experts(model) for p in experts.parameters())
         dense -= round(routed * (1 - top_k / n_experts))
-    traits = read_traits(model.config, type(model))
-    full, sliding = attention_widths(text_config(model.config), traits.sliding_window)
-    return FlopsModel(dense_params=dense, full_attention=full, sliding_attention=sliding, window=traits.sliding_window)
+    base = getattr(model, "get_base_model", lambda: model)()  # a PEFT model's architecture is its base's
+    traits = read_traits(base.config, type(base))
+    full, sliding = attention_widths(text_config(base.config), traits.sliding_window)
+    # forward (2N) and the gradient of the activations (2N) for every weight; the weight gradient (2N)
+    # only for weights that train
+    frozen = sum(numel(p) for p in model.parameters() if not p.requires_grad and p is not emb)
+    return FlopsModel(
+        dense_params=dense,
+        full_attention=full,
+        frozen_params=frozen,
+        sliding_attention=sliding,
+        window=traits.sliding_window,
+    )
 
 
 def attention_widths(cfg: Any, window: int | None) -> tuple[int, int]:
@@ -113,10 +126,6 @@ def attention_widths(cfg: Any, window: int | None) -> tuple[int, int]:
         elif kind in ("full_attention", "chunked_attention", "sliding_attention"):
             full += width
     return full, sliding
-
-
-def _numel(p: Any) -> int:
-    return int(getattr(p, "ds_numel", p.numel()))  # ZeRO-3 partitioned parameters keep their full size here
 
 
 def rows_flops(fm: FlopsModel, rows: Sequence[dict[str, Any]]) -> float:

@@ -20,10 +20,15 @@ def generate(
 
     hf_logging.disable_progress_bar()
 
-    if not (Path(model_dir) / "config.json").is_file():
-        raise DistsftError(f"--model {model_dir}: not a model directory (no config.json)")
+    from distsft.lora import adapter_base, is_adapter_dir, with_adapter
+
+    adapter = is_adapter_dir(model_dir)
+    if not adapter and not (Path(model_dir) / "config.json").is_file():
+        raise DistsftError(f"--model {model_dir}: not a model directory (no config.json nor adapter_config.json)")
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=trust_remote_code).eval()
+    base = adapter_base(model_dir) if adapter else model_dir
+    model = AutoModelForCausalLM.from_pretrained(base, trust_remote_code=trust_remote_code)
+    model = (with_adapter(model, model_dir) if adapter else model).eval()
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     if not tokenizer.chat_template:
         from distsft.data.tokenize import DEFAULT_CHAT_TEMPLATE

@@ -84,15 +84,16 @@ def _finish(
     """The coordinator's last job: consolidate the final checkpoint's shards into ``output_dir/final``,
     then summarise the run and draw its loss curve."""
     summary["data"] = data.stats.as_dict()
-    summary["checkpoint"] = str(checkpoint.find_latest(root))
+    latest = checkpoint.find_latest(root)
+    summary["checkpoint"] = str(latest) if latest else None
     if summary.get("stopped_at"):
         print(
             f"stopped at step {summary['stopped_at']}; checkpoint {summary['checkpoint']}; "
             "run the same command again to continue",
             flush=True,
         )
-    else:
-        export(Path(summary["checkpoint"]), out / "final")
+    elif cfg.checkpoint.final:
+        export(latest, out / "final")
         summary["final_dir"] = str(out / "final")
     summary["wall_s"] = time.perf_counter() - t0
     add_run_figures(summary, read_metrics(out), out, start_step, plot=cfg.logging.plot)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from distsft import hub
-from distsft.config import DEMO_DIR, ModelConfig, cache_home
+from distsft.config import DEMO_DIR, LoraConfig, ModelConfig, cache_home
 from distsft.hub import ModelSource
 from distsft.traits import ModelTraits, choose_attention, model_class, read_traits
 
@@ -113,22 +113,36 @@ def materialize_demo(seed: int) -> Path:
     return out
 
 
-def load_model(cfg: ModelConfig, dtype: torch.dtype, attn_implementation: str, seed: int) -> Any:
-    """The demo is a seeded random init (see :func:`materialize_demo`); everything else is pretrained."""
+def base_path(cfg: ModelConfig, seed: int) -> str:
+    """Where the base weights load from (the demo's seeded init is materialised first)."""
+    return str(materialize_demo(seed)) if cfg.path == "demo" else source(cfg).path
+
+
+def load_model(
+    cfg: ModelConfig, dtype: torch.dtype, attn_implementation: str, seed: int, lora: LoraConfig | None = None
+) -> Any:
+    """The demo is a seeded random init (see :func:`materialize_demo`); everything else is pretrained. With
+    ``lora.r > 0`` the base is frozen (and quantised per ``model.quantization``) under seeded adapters."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
+
+    from distsft.lora import apply_lora, bnb_config
 
     hf_logging.disable_progress_bar()
 
     src = ModelSource(str(materialize_demo(seed))) if cfg.path == "demo" else source(cfg)
+    quantization = bnb_config(cfg.quantization, dtype)
     model = AutoModelForCausalLM.from_pretrained(
         src.path,
         dtype=dtype,
         attn_implementation=attn_implementation,
         trust_remote_code=cfg.trust_remote_code,
         revision=None if cfg.path == "demo" else cfg.revision,
+        **({"quantization_config": quantization} if quantization is not None else {}),
         **src.kwargs(),
     )
+    if lora is not None and lora.r > 0:
+        model = apply_lora(model, lora, quantized=quantization is not None, seed=seed)
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(model)
     return model
@@ -144,5 +158,13 @@ def enable_activation_checkpointing(model: Any) -> None:
 
 
 def count_parameters(model: torch.nn.Module) -> int:
-    """Works under ZeRO-3 too, where partitioned parameters carry their full size in ``ds_numel``."""
-    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    return sum(numel(p) for p in model.parameters())
+
+
+def numel(p: torch.Tensor) -> int:
+    """A parameter's logical size: ZeRO-3 partitions keep it in ``ds_numel``, and a bitsandbytes 4-bit
+    weight packs two values per byte (its ``quant_state`` keeps the shape it stands for)."""
+    quant = getattr(p, "quant_state", None)
+    if quant is not None and getattr(quant, "shape", None) is not None:
+        return int(torch.Size(quant.shape).numel())
+    return int(getattr(p, "ds_numel", p.numel()))

@@ -21,6 +21,10 @@ class ModelSize(NamedTuple):
     """Parameters of the largest single module (what ZeRO-3 must gather at once)."""
     family: str
     """What the family is and runs with (attention, tied weights, windows, experts)."""
+    trainable: int
+    """Parameters that train: all of them, or the adapters (and ``modules_to_save``) of a LoRA run."""
+    quantizable: int
+    """Frozen parameters that bitsandbytes would hold in 4 or 8 bits (linear layers but the output layer)."""
 
 
 def model_sizes(cfg: Config, device_type: str = "cuda") -> ModelSize | None:
@@ -41,10 +45,11 @@ def model_sizes(cfg: Config, device_type: str = "cuda") -> ModelSize | None:
         return None
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
-    seen: dict[int, int] = {}
-    for p in model.parameters():
-        seen[id(p)] = p.numel()
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    out_layer = model.get_output_embeddings()
+    quantizable = sum(
+        m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not out_layer
+    )
     from distsft.errors import ConfigError
     from distsft.traits import choose_attention, read_traits
 
@@ -53,7 +58,15 @@ def model_sizes(cfg: Config, device_type: str = "cuda") -> ModelSize | None:
         family = traits.describe(choose_attention(cfg.model.attn_implementation, traits, torch.device(device_type)))
     except ConfigError as e:
         family = f"{traits.class_name}: {e}"
-    return ModelSize(sum(seen.values()), largest, family)
+    base_total = sum(p.numel() for p in model.parameters())
+    trainable = base_total
+    if cfg.lora.r > 0:
+        from distsft.lora import apply_lora, trainable_and_total
+
+        with torch.device("meta"):
+            model = apply_lora(model, cfg.lora, quantized=False, seed=0)
+        trainable, _ = trainable_and_total(model)
+    return ModelSize(base_total + (trainable if cfg.lora.r > 0 else 0), largest, family, trainable, quantizable)
 
 
 def memory_estimate(stage: int, offload_opt: bool, offload_param: bool, sizes: ModelSize, cluster: ClusterConfig):
@@ -77,6 +90,23 @@ def memory_estimate(stage: int, offload_opt: bool, offload_param: bool, sizes: M
     else:  # DeepSpeed estimates stage 2; stage 1 keeps full fp16 gradients too, so it needs a little more
         cpu, gpu = estimate_zero2_model_states_mem_needs(total, per_node, cluster.num_nodes, cpu_offload=offload_opt)
     return cpu, gpu
+
+
+def adapter_memory(cfg: Config, stage: int, sizes: ModelSize, workers_per_node: int, world: int) -> tuple[float, float]:
+    """(base bytes, adapter + gradient + optimizer bytes) per GPU for a LoRA run: the frozen base in the
+    model's dtype, or 4/8 bits for its linear layers (NF4 with double quantisation is about 4.13 bits a
+    weight); what trains needs bf16 weights and gradients and fp32 master weights plus Adam's two moments,
+    each partitioned over the workers as the ZeRO stage says."""
+    dtype_bytes = 4 if cfg.model.dtype == "float32" else 2
+    base = sizes.total - sizes.trainable
+    quantized = min(sizes.quantizable, base) if cfg.model.quantization != "none" else 0
+    bits = {"none": 8 * dtype_bytes, "4bit": 4.13, "8bit": 8.0}[cfg.model.quantization]
+    base_bytes = quantized * bits / 8 + (base - quantized) * dtype_bytes
+    if stage == 3:
+        base_bytes /= world
+    t = sizes.trainable
+    states = t * 2 / (world if stage == 3 else 1) + t * 2 / (world if stage >= 2 else 1) + t * 12 / world
+    return base_bytes, states
 
 
 def _params(n: float) -> str:
@@ -129,20 +159,35 @@ def dry_run(cfg: Config, cluster: ClusterConfig, local: bool = False) -> list[st
         "checkpoints:    "
         + (f"every {cfg.checkpoint.every_steps} steps" if cfg.checkpoint.every_steps else "at the end")
         + f", keep {cfg.checkpoint.keep_last}, to {cluster.storage_path or cfg.output_dir}",
-        f"output:         {cfg.output_dir}/final (Hugging Face directory)",
+        f"output:         {cfg.output_dir}/final "
+        + ("(PEFT adapter directory; --merge on export for one model)" if cfg.lora.r else "(Hugging Face directory)"),
     ]
     sizes = model_sizes(cfg, "cuda" if cluster.use_gpu else "cpu")
     if sizes is None:
         lines.append(f"model:          {cfg.model.path} (config not reachable from here: no memory estimate)")
     else:
-        cpu, gpu = memory_estimate(stage, offload_opt, offload_param, sizes, cluster)
         lines.append(
             f"model:          {cfg.model.path}: {sizes.total / 1e9:.2f}B parameters "
             f"(largest layer {sizes.largest / 1e6:.0f}M)"
         )
         lines.append(f"family:         {sizes.family}")
-        lines.append(
-            f"model states:   {gpu / GiB:.1f} GiB per GPU, {cpu / GiB:.1f} GiB CPU per node "
-            "(DeepSpeed estimate: params, grads, optimizer; activations come on top)"
-        )
+        if cfg.lora.r > 0:
+            base, states = adapter_memory(cfg, stage, sizes, cluster.workers_per_node, cluster.num_workers)
+            kind = {"none": "LoRA", "4bit": "QLoRA (4-bit NF4 base)", "8bit": "LoRA on an 8-bit base"}
+            lines.append(
+                f"adapters:       {kind[cfg.model.quantization]}, r {cfg.lora.r}, targets {cfg.lora.target_modules}: "
+                f"{_params(sizes.trainable)} trainable ({sizes.trainable / sizes.total:.2%} of the parameters)"
+            )
+            per_gpu = base + states
+            lines.append(
+                f"model states:   {_bytes(per_gpu)} per GPU = base {_bytes(base)} + adapters, gradients and "
+                f"optimizer {_bytes(states)}; {_bytes(per_gpu * cluster.workers_per_node)} per node of "
+                f"{cluster.workers_per_node} (activations come on top)"
+            )
+        else:
+            cpu, gpu = memory_estimate(stage, offload_opt, offload_param, sizes, cluster)
+            lines.append(
+                f"model states:   {gpu / GiB:.1f} GiB per GPU, {cpu / GiB:.1f} GiB CPU per node "
+                "(DeepSpeed estimate: params, grads, optimizer; activations come on top)"
+            )
     return lines

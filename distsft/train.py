@@ -37,7 +37,7 @@ from distsft.data.sampler import total_steps
 from distsft.engine import build_engine, init_distributed, render_ds_config
 from distsft.flops import flops_model, peak_flops
 from distsft.loss import token_loss_sum
-from distsft.model import count_parameters, load_model, load_tokenizer, model_plan, resolve_dtype
+from distsft.model import base_path, count_parameters, load_model, load_tokenizer, model_plan, resolve_dtype
 from distsft.profiling import StepProfiler, phase
 from distsft.traits import varlen
 
@@ -171,8 +171,9 @@ def train(cfg: Config, train_rows: Any, eval_rows: Any, ctx: WorkerContext) -> d
 
     ds_config = render_ds_config(cfg, plan, dtype, device, traits.hidden_size or None)
     engine, _hf_ds = build_engine(
-        cfg, ds_config, lambda: load_model(cfg.model, dtype, attn, cfg.train.seed), total_steps=steps
+        cfg, ds_config, lambda: load_model(cfg.model, dtype, attn, cfg.train.seed, cfg.lora), total_steps=steps
     )
+    adapters = cfg.lora.r > 0
     n_params = count_parameters(engine.module)
     fm = flops_model(engine.module, n_params)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
@@ -190,14 +191,17 @@ def train(cfg: Config, train_rows: Any, eval_rows: Any, ctx: WorkerContext) -> d
     start_step = 0
     resume_from = checkpoint.pick_resume(cfg.checkpoint.resume, root, ctx.run_meta.get("run_id", ""))
     if resume_from is not None:
-        start_step = checkpoint.load(engine, resume_from)
+        start_step = checkpoint.load(engine, resume_from, frozen_base=adapters)
         if ctx.rank == 0:
             print(f"resumed from {resume_from} at step {start_step}", flush=True)
     hf_parts = [engine.module.config, tokenizer, getattr(engine.module, "generation_config", None)]
+    if adapters:
+        hf_parts.append(AdapterConfig(engine.module, base_path(cfg.model, cfg.train.seed)))
     meta = {**ctx.run_meta, "config": cfg.to_dict()}
 
     def save(step: int) -> None:
-        checkpoint.save(engine, root, step, meta, cfg.checkpoint.keep_last, [p for p in hf_parts if p is not None])
+        parts = [p for p in hf_parts if p is not None]
+        checkpoint.save(engine, root, step, meta, cfg.checkpoint.keep_last, parts, frozen_base=adapters)
 
     clock = StepClock(device)
     pending: list[PendingStep] = []
@@ -263,8 +267,8 @@ def train(cfg: Config, train_rows: Any, eval_rows: Any, ctx: WorkerContext) -> d
             done, every = step + 1, cfg.checkpoint.every_steps
             every_eval = cfg.train.eval_every and done % cfg.train.eval_every == 0
             wants_eval = bool(len(eval_rows)) and (every_eval or done == steps)  # the last step always has one
-            saves = done == steps or bool(every and done % every == 0)
-            if not (done % cfg.train.log_every == 0 or wants_eval or saves):
+            saves = (done == steps and cfg.checkpoint.final) or bool(every and done % every == 0)
+            if not (done % cfg.train.log_every == 0 or wants_eval or saves or done == steps):
                 continue
             records = read_pending(pending, clock, plan, aux_coef, device, start)
             pending.clear()
@@ -287,6 +291,19 @@ def train(cfg: Config, train_rows: Any, eval_rows: Any, ctx: WorkerContext) -> d
         summary["eval_loss"] = summary["last"].get("eval_loss")
     ctx.flush()
     return summary
+
+
+@dataclass
+class AdapterConfig:
+    """Saved with every LoRA checkpoint: the adapter's config, naming the base it trains on."""
+
+    model: Any
+    base: str
+
+    def save_pretrained(self, out: Path) -> None:
+        from distsft.lora import save_adapter_config
+
+        save_adapter_config(self.model, out, self.base)
 
 
 def read_pending(

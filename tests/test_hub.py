@@ -19,6 +19,7 @@ CLOSED_PORT = "http://127.0.0.1:9"  # the discard port: nothing listens, the con
 
 def run_cli(*args: str, env: dict[str, str], timeout: float = 300) -> tuple[subprocess.CompletedProcess, float]:
     full_env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    full_env["HF_DATASETS_OFFLINE"] = "1"  # only the model's source is under test
     full_env.update(env)
     t0 = time.monotonic()
     proc = subprocess.run(

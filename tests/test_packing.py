@@ -106,7 +106,7 @@ def _gpu_attentions() -> list[str]:
 
     if not torch.cuda.is_available():
         return ["sdpa", "flex_attention"]  # skipped below; listed so the GPU tier shows in the report
-    kinds = ["sdpa", "flex_attention", "eager"]
+    kinds = ["sdpa", "flex_attention", "eager", "distsft_varlen"]
     return kinds + (["flash_attention_2"] if importlib.util.find_spec("flash_attn") else [])
 
 
@@ -115,6 +115,9 @@ def _gpu_attentions() -> list[str]:
 @pytest.mark.parametrize("attn", _gpu_attentions())
 def test_every_gpu_attention_isolates_packed_examples(attn):
     """Every implementation `auto` can pick on a GPU, in bf16: packed = alone within bf16 rounding."""
+    from distsft import attention
+
+    attention.register()
     model = tiny_model(attn, False).to("cuda", torch.bfloat16)
     packed, alone, logit_diff, _ = packed_vs_alone(model, [7, 19, 4, 30], 64, device="cuda")
     assert packed == pytest.approx(alone, rel=2e-2)

@@ -105,7 +105,8 @@ def test_records_read_every_few_steps_are_the_records_read_every_step(tmp_path):
     """Losses stay on the device and are read only at logged steps; the numbers must not change."""
     every, sparse = tmp_path / "every", tmp_path / "sparse"
     launch_local(small_cfg(every, "train.max_steps=5", "train.log_every=1"), quiet=True)
-    launch_local(small_cfg(sparse, "train.max_steps=5", "train.log_every=3"), quiet=True)
+    # steps 4 and 5 are read at the end, which is neither a logged step nor (without a final save) a save
+    launch_local(small_cfg(sparse, "train.max_steps=5", "train.log_every=3", "checkpoint.final=false"), quiet=True)
     a, b = metrics(every), metrics(sparse)
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4, 5]
     for ra, rb in zip(a, b, strict=True):
