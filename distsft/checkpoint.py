@@ -1,12 +1,15 @@
-"""Atomic, resumable checkpoints of DeepSpeed engines, and their consolidation into a HF directory.
+"""Atomic, resumable checkpoints of DeepSpeed engines, on a shared disk or in an object store.
 
-A checkpoint counts only once it is complete: every rank writes its shards into ``.tmp-step-N``; after
-a barrier, rank 0 writes ``MANIFEST.json`` (every file and its size) and fsyncs it, renames the
-directory to ``step-N``, and only then moves the ``latest`` pointer with an atomic replace. Loading
+A checkpoint counts only once it is complete. On a disk every rank writes its shards into
+``.tmp-step-N``; after a barrier, rank 0 writes ``MANIFEST.json`` (every file and its size) and fsyncs
+it, renames the directory to ``step-N``, and only then moves the ``latest`` pointer with an atomic
+replace. In an object store (``s3://``, ``gs://``: see ``distsft/storage.py``) every rank saves into
+node-local staging and uploads its own files under ``step-N/``; rank 0 checks that every file each rank
+sent is there with its size, and only then writes the manifest object, and then ``latest``. Loading
 trusts nothing else: ``latest`` is checked against its manifest, and when it is missing or wrong the
-newest ``step-*`` directory whose manifest matches its files wins. A crash mid-save therefore leaves
-only a ``.tmp-*`` directory, which is ignored and cleaned up by the next save. DeepSpeed's own
-``latest`` file (written without any of this) is never created or read.
+newest ``step-*`` whose manifest matches its files wins. A crash mid-save (a kill during the upload
+included) therefore leaves files without a manifest, which are ignored and removed by the next save.
+DeepSpeed's own ``latest`` file (written without any of this) is never created or read.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from distsft import storage
 from distsft.errors import ConfigError
 
 PREFIX = "step-"
@@ -27,54 +31,77 @@ LATEST = "latest"
 DS_TAG = "ds"
 HF_DIR = "hf"  # model config, generation config and tokenizer: what export needs besides the weights
 
+Location = str | Path
+"""A checkpoint or checkpoints root: a directory, or an ``s3://`` / ``gs://`` URI."""
+
 
 # --- layout and validation -------------------------------------------------------------------------
-def step_dir(root: Path, step: int) -> Path:
-    return root / f"{PREFIX}{step:08d}"
+def step_dir(root: Location, step: int) -> Location:
+    return storage.join(root, f"{PREFIX}{step:08d}")
 
 
-def read_manifest(ckpt: Path) -> dict[str, Any] | None:
+def _files(ckpt: Location) -> dict[str, int]:
+    if storage.is_remote(ckpt):
+        return storage.bucket(ckpt).files(ckpt)
+    ckpt = Path(ckpt)
+    return {f.relative_to(ckpt).as_posix(): f.stat().st_size for f in ckpt.rglob("*") if f.is_file()}
+
+
+def _read(location: Location) -> str | None:
+    if storage.is_remote(location):
+        return storage.bucket(location).read_text(location)
+    try:
+        return Path(location).read_text()
+    except OSError:
+        return None
+
+
+def read_manifest(ckpt: Location) -> dict[str, Any] | None:
     """The manifest if ``ckpt`` is complete (every listed file present with its size), else None."""
     try:
-        manifest = json.loads((ckpt / MANIFEST).read_text())
+        manifest = json.loads(_read(storage.join(ckpt, MANIFEST)) or "")
+        present = _files(ckpt) if storage.is_remote(ckpt) else None
         for rel, size in manifest["files"].items():
-            if (ckpt / rel).stat().st_size != size:
+            have = present.get(rel) if present is not None else (Path(ckpt) / rel).stat().st_size
+            if have != size:
                 return None
         return manifest
     except (OSError, ValueError, KeyError):
         return None
 
 
-def find_latest(root: Path) -> Path | None:
+def find_latest(root: Location) -> Location | None:
     """The newest complete checkpoint under ``root``; the pointer is a hint, the manifests decide."""
-    if not root.is_dir():
-        return None
-    pointer = root / LATEST
-    if pointer.is_file():
-        candidate = root / pointer.read_text().strip()
+    steps = _step_dirs(root)
+    pointer = (_read(storage.join(root, LATEST)) or "").strip()
+    if pointer.startswith(PREFIX):
+        candidate = storage.join(root, pointer)
         if read_manifest(candidate) is not None:
-            newer = [d for d in _step_dirs(root) if d.name > candidate.name and read_manifest(d) is not None]
+            newer = [d for d in steps if storage.name(d) > pointer and read_manifest(d) is not None]
             return newer[-1] if newer else candidate
-    for d in reversed(_step_dirs(root)):
+    for d in reversed(steps):
         if read_manifest(d) is not None:
             return d
     return None
 
 
-def _step_dirs(root: Path) -> list[Path]:
-    return sorted(d for d in root.glob(f"{PREFIX}*") if d.is_dir())
+def _step_dirs(root: Location) -> list[Location]:
+    if storage.is_remote(root):
+        return [storage.join(root, n) for n in storage.bucket(root).children(root) if n.startswith(PREFIX)]
+    root = Path(root)
+    return sorted(d for d in root.glob(f"{PREFIX}*") if d.is_dir()) if root.is_dir() else []
 
 
-def resolve(path: str | Path) -> Path:
+def resolve(path: Location) -> Location:
     """A user-given checkpoint: a ``step-N`` directory, or a run/checkpoints directory (its latest)."""
-    p = Path(path).expanduser()
-    for candidate in (p, p / "checkpoints"):
+    p: Location = path if storage.is_remote(path) else Path(path).expanduser()
+    for candidate in (p, storage.join(p, "checkpoints")):
         if read_manifest(candidate) is not None:
             return candidate
         latest = find_latest(candidate)
         if latest is not None:
             return latest
-    if not p.exists():
+    if not storage.is_remote(p) and not Path(p).exists():
         raise ConfigError(f"checkpoint {p}: no such directory")
     raise ConfigError(f"checkpoint {p}: no complete checkpoint there (no valid {MANIFEST})")
 
@@ -82,51 +109,78 @@ def resolve(path: str | Path) -> Path:
 # --- save --------------------------------------------------------------------------------------------
 def save(
     engine: Any,
-    root: Path,
+    root: Location,
     step: int,
     meta: dict[str, Any],
     keep_last: int,
     hf_parts: list[Any],
     frozen_base: bool = False,
-) -> Path:
+) -> Location:
     """Collective: every rank calls it. ``hf_parts`` (config, tokenizer, ...) are saved by rank 0. With a
     frozen base (LoRA) only what trains is saved: the base comes from ``model.path`` again on resume."""
     import torch.distributed as dist
 
     rank = dist.get_rank()
+    remote = storage.is_remote(root)
     final = step_dir(root, step)
-    tmp = root / f".tmp-{final.name}"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
+    if remote:  # every rank stages what it writes on its own node, then uploads it
+        tmp = storage.staging_dir(storage.name(storage.parent(root)), f"save-{storage.name(final)}-rank{rank}")
+        storage.remove(tmp)
         tmp.mkdir(parents=True)
+    else:
+        tmp = Path(root) / f".tmp-{storage.name(final)}"
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
     dist.barrier()
     engine.save_checkpoint(
         str(tmp), tag=DS_TAG, client_state={"step": step}, save_latest=False, exclude_frozen_parameters=frozen_base
     )
     (tmp / f"rng-rank{rank}.json").write_text(json.dumps(_rng_state()))
-    os.sync()  # each rank makes its own shards durable before rank 0 vouches for them
-    _maybe_die_in_save(step)
-    dist.barrier()
     if rank == 0:
         for part in hf_parts:
             part.save_pretrained(tmp / HF_DIR)
-        files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+    if remote:
+        _maybe_die_in_save(step, "upload")
+        sent = storage.bucket(root).upload(tmp, final)
+        storage.remove(tmp)
+    else:
+        os.sync()  # each rank makes its own shards durable before rank 0 vouches for them
+        sent = {}
+    _maybe_die_in_save(step)
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, sent)
+    if rank == 0:
+        if remote:
+            files = {rel: size for part in every for rel, size in part.items()}
+            missing = [rel for rel, size in files.items() if _files(final).get(rel) != size]
+            if missing:
+                raise RuntimeError(f"checkpoint {final}: uploaded files are not there: {missing[:5]}")
+        else:
+            files = _files(tmp)
         manifest = {"step": step, "world_size": dist.get_world_size(), "files": files, "created": time.time(), **meta}
-        _write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1))
-        if final.exists():  # a rerun with resume: never, overwriting its own old step
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        _fsync_dir(root)
-        _write_atomic(root / LATEST, final.name)
+        text = json.dumps(manifest, indent=1)
+        if remote:
+            storage.bucket(root).write_text(storage.join(final, MANIFEST), text)
+            storage.bucket(root).write_text(storage.join(root, LATEST), storage.name(final))
+        else:
+            _write_atomic(tmp / MANIFEST, text)
+            if Path(final).exists():  # a rerun with resume: never, overwriting its own old step
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            _fsync_dir(Path(root))
+            _write_atomic(Path(root) / LATEST, storage.name(final))
         _purge(root, keep_last, keep=final)
     dist.barrier()
     return final
 
 
-def _maybe_die_in_save(step: int) -> None:
-    """Crash injection for tests: ``DISTSFT_KILL_IN_SAVE=STEP`` SIGKILLs this process after its shards of
-    that step are written and before the manifest exists: the worst moment for a crash."""
-    if os.environ.get("DISTSFT_KILL_IN_SAVE") == str(step):
+def _maybe_die_in_save(step: int, moment: str = "shards") -> None:
+    """Crash injection for tests: ``DISTSFT_KILL_IN_SAVE=STEP[:upload]`` SIGKILLs this process after its
+    shards of that step are written (or, for an object store, before they are uploaded) and before the
+    manifest exists: the worst moments for a crash."""
+    spec = os.environ.get("DISTSFT_KILL_IN_SAVE", "")
+    if spec == str(step) if moment == "shards" else spec == f"{step}:{moment}":
         import signal
 
         os.kill(os.getpid(), signal.SIGKILL)
@@ -150,38 +204,69 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _purge(root: Path, keep_last: int, keep: Path) -> None:
-    """Old complete checkpoints beyond ``keep_last`` and leftovers of crashed saves; never ``keep``."""
-    complete = [d for d in _step_dirs(root) if read_manifest(d) is not None]
-    for d in complete[:-keep_last]:
-        if d != keep:
-            shutil.rmtree(d, ignore_errors=True)
-    for d in root.glob(".tmp-*"):
+def _purge(root: Location, keep_last: int, keep: Location) -> None:
+    """Old complete checkpoints beyond ``keep_last`` and leftovers of crashed saves; never ``keep``. A
+    checkpoint is deleted manifest first, so it stops counting before it loses a file."""
+    steps = _step_dirs(root)
+    complete = [d for d in steps if read_manifest(d) is not None]
+    stale = [d for d in complete[:-keep_last] if d != keep] + [d for d in steps if d not in complete and d != keep]
+    if storage.is_remote(root):
+        for d in stale:
+            storage.bucket(root).delete(d)
+        return
+    for d in stale:
+        (Path(d) / MANIFEST).unlink(missing_ok=True)
+        shutil.rmtree(d, ignore_errors=True)
+    for d in Path(root).glob(".tmp-*"):
         shutil.rmtree(d, ignore_errors=True)
 
 
 # --- load --------------------------------------------------------------------------------------------
-def load(engine: Any, ckpt: Path, frozen_base: bool = False) -> int:
+def load(engine: Any, ckpt: Location, frozen_base: bool = False) -> int:
     """Restore weights, optimizer, LR schedule and this rank's RNG; returns the step to continue after.
 
     DeepSpeed's optimizer shards are pickles (``torch.load(weights_only=False)`` inside DeepSpeed); they
     are only ever read from a checkpoint whose manifest this run validated, written by distsft itself.
+    From an object store each rank downloads what it reads (not the other ranks' shards) to its node.
     """
     import torch.distributed as dist
 
-    path, client = engine.load_checkpoint(
-        str(ckpt),
-        tag=DS_TAG,
-        load_optimizer_states=True,
-        load_lr_scheduler_states=True,
-        load_module_strict=not frozen_base,  # a LoRA checkpoint holds no frozen base weights
-    )
-    if path is None:
-        raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt}")
-    rng = ckpt / f"rng-rank{dist.get_rank()}.json"
-    if rng.is_file():
-        _set_rng_state(json.loads(rng.read_text()))
+    rank = dist.get_rank()
+    local = Path(ckpt) if not storage.is_remote(ckpt) else fetch(ckpt, rank)
+    try:
+        path, client = engine.load_checkpoint(
+            str(local),
+            tag=DS_TAG,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=True,
+            load_module_strict=not frozen_base,  # a LoRA checkpoint holds no frozen base weights
+        )
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt}")
+        rng = local / f"rng-rank{rank}.json"
+        if rng.is_file():
+            _set_rng_state(json.loads(rng.read_text()))
+    finally:
+        if storage.is_remote(ckpt):
+            storage.remove(local)
     return int(client["step"])
+
+
+def fetch(ckpt: Location, rank: int | None = None) -> Path:
+    """A node-local copy of a checkpoint in an object store: everything, or what ``rank`` reads."""
+    import re
+
+    local = storage.staging_dir(storage.name(storage.parent(storage.parent(ckpt))), f"load-{storage.name(ckpt)}")
+    if rank is not None:
+        local = local.with_name(f"{local.name}-rank{rank}")
+
+    def mine(rel: str) -> bool:
+        other = re.search(r"zero_pp_rank_(\d+)_|rng-rank(\d+)\.json", rel)
+        return rank is None or other is None or int(other.group(1) or other.group(2)) == rank
+
+    storage.remove(local)
+    storage.bucket(ckpt).download(ckpt, local, keep=mine)
+    return local
 
 
 def _rng_state() -> dict[str, Any]:
@@ -236,7 +321,7 @@ CONTINUATION_KEYS = [
 IGNORED_DATA_KEYS = ("num_proc", "cache_dir", "on_error")
 
 
-def pick_resume(mode: str, root: Path, run_id: str) -> Path | None:
+def pick_resume(mode: str, root: Location, run_id: str) -> Location | None:
     """Which checkpoint a run starts from. A checkpoint of this very run (a worker-group restart after a
     failure) always wins; otherwise ``checkpoint.resume`` decides."""
     latest = find_latest(root)
@@ -250,14 +335,26 @@ def pick_resume(mode: str, root: Path, run_id: str) -> Path | None:
 
 
 def check_continuation(
-    manifest: dict[str, Any], config: dict[str, Any], world_size: int, data_fingerprint: str, allow: bool
+    manifest: dict[str, Any],
+    config: dict[str, Any],
+    world_size: int,
+    data_fingerprint: str,
+    allow: bool,
+    engine_stage: int | str | None = None,
 ) -> list[str]:
-    """Differences between the checkpoint's run and this one; raises unless ``allow`` (world size always)."""
+    """Differences between the checkpoint's run and this one; raises unless ``allow`` (world size and the
+    engine's checkpoint layout always)."""
+    fresh = "export the checkpoint (`distsft export RUN_DIR`) and start a new run from it with a fresh optimizer"
     if manifest.get("world_size") != world_size:
         raise ConfigError(
             f"the checkpoint was written by {manifest.get('world_size')} workers and this run has {world_size}; "
-            "ZeRO shards are split per worker, so resume with the same number of workers, or export the "
-            "checkpoint (`distsft export RUN_DIR`) and start a new run from it with a fresh optimizer"
+            f"ZeRO shards are split per worker, so resume with the same number of workers, or {fresh}"
+        )
+    written = manifest.get("engine_stage", manifest.get("config", {}).get("train", {}).get("zero_stage"))
+    if engine_stage is not None and written is not None and written != engine_stage:
+        raise ConfigError(
+            f"the checkpoint was written by a ZeRO stage {written} engine and this run's is stage {engine_stage} "
+            f"(one worker runs without ZeRO); its optimizer state does not load across layouts: {fresh}"
         )
     old = manifest.get("config", {})
     diffs = []

@@ -73,21 +73,35 @@ def _torch_dtype(dtype: str) -> Any:
 
 
 def consolidated_state(ckpt: Path, trainable_only: bool = False) -> tuple[dict[str, Any], dict[str, str]]:
-    """Lazy full-size tensors by name, with each tied weight under one name; and ``{alias: kept name}``."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    """Full-size tensors by name (lazy for ZeRO shards), each tied weight under one name; and
+    ``{alias: kept name}``. A checkpoint of a one-worker engine (no ZeRO) holds its module whole."""
+    ds_dir = ckpt / checkpoint.DS_TAG
+    if any(ds_dir.glob("zero_pp_rank_*")) or any(ds_dir.glob("*_optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        lazy = get_fp32_state_dict_from_zero_checkpoint(
-            str(ckpt), tag=checkpoint.DS_TAG, exclude_frozen_parameters=trainable_only, lazy_mode=True
-        )
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            lazy = get_fp32_state_dict_from_zero_checkpoint(
+                str(ckpt), tag=checkpoint.DS_TAG, exclude_frozen_parameters=trainable_only, lazy_mode=True
+            )
+        identity = id
+    else:
+        import torch
+
+        states = torch.load(ds_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
+        lazy = states["module"]  # a LoRA checkpoint saved only what trains
+
+        def identity(t):  # tied weights come back from torch.load as one storage
+            return t.untyped_storage().data_ptr()
+
     state: dict[str, Any] = {}
     owner: dict[int, str] = {}
     aliases: dict[str, str] = {}
     for name, tensor in lazy.items():
-        if id(tensor) in owner:  # DeepSpeed lists a tied parameter again under its second name
-            aliases[name] = owner[id(tensor)]
+        key = identity(tensor)
+        if key in owner:  # a tied parameter listed again under its second name
+            aliases[name] = owner[key]
             continue
-        owner[id(tensor)] = name
+        owner[key] = name
         state[name] = tensor
     return state, aliases
 

@@ -134,13 +134,20 @@ def checkpoint_root(cfg: Config, cluster: ClusterConfig | None) -> Path:
 def _resume_plan(cfg: Config, root: Path, world_size: int, data: PreparedData) -> tuple[dict[str, Any], int]:
     """Validate the checkpoint this launch will continue from, before any worker starts; returns the run's
     metadata and the step it starts after (0 for a fresh run)."""
-    meta = {"run_id": uuid.uuid4().hex, "data_fingerprint": data.cache_dir.name if data.cache_dir else ""}
+    from distsft.engine import engine_stage
+
+    meta = {
+        "run_id": uuid.uuid4().hex,
+        "data_fingerprint": data.cache_dir.name if data.cache_dir else "",
+        "engine_stage": engine_stage(cfg, world_size),
+    }
     ckpt = checkpoint.pick_resume(cfg.checkpoint.resume, root, meta["run_id"])
     if ckpt is not None:
         manifest = checkpoint.read_manifest(ckpt) or {}
         diffs = checkpoint.check_continuation(
-            manifest, cfg.to_dict(), world_size, meta["data_fingerprint"], cfg.checkpoint.allow_changes
-        )
+            manifest, cfg.to_dict(), world_size, meta["data_fingerprint"], cfg.checkpoint.allow_changes,
+            engine_stage=meta["engine_stage"],
+        )  # fmt: skip
         note = f" (allowed changes: {'; '.join(diffs)})" if diffs else ""
         print(f"resuming from {ckpt} (step {manifest.get('step')}){note}", flush=True)
         return meta, int(manifest.get("step") or 0)

@@ -39,13 +39,20 @@ class LossParts(NamedTuple):
     """The router's load-balancing loss of this forward (a mean over its tokens), when asked for."""
 
 
-def token_loss_sum(model: Any, batch: dict[str, Any], router_loss: bool = False, mode: str = "plain") -> LossParts:
+def token_loss_sum(
+    model: Any,
+    batch: dict[str, Any],
+    router_loss: bool = False,
+    mode: str = "plain",
+    compute_dtype: torch.dtype | None = None,
+) -> LossParts:
     """Summed next-token cross-entropy over supervised tokens, their count, and the router loss if asked.
 
     A sum, not a mean: the caller divides by the supervised-token count of the whole optimizer step (or
     eval set), which is what makes the loss independent of how rows are packed, batched or sharded.
     Labels are shifted here (Hugging Face convention: ``labels`` align with ``input_ids``). A model's
-    final-logit soft-capping (Gemma-2) applies to exactly the logits computed.
+    final-logit soft-capping (Gemma-2) applies to exactly the logits computed. ``compute_dtype`` is what the
+    fused loss's matmuls run in (bf16 under autocast, where the weights are fp32); default: the weights'.
     """
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     if router_loss:
@@ -64,7 +71,7 @@ def token_loss_sum(model: Any, batch: dict[str, Any], router_loss: bool = False,
         with _capture_head_input(head) as hidden:
             out = model(**inputs, use_cache=False, logits_to_keep=positions)
         softcap = getattr(_text_config(model), "final_logit_softcapping", None)
-        loss = fused_linear_cross_entropy(hidden[0], head.weight, target, softcap=softcap)
+        loss = fused_linear_cross_entropy(hidden[0], head.weight, target, softcap=softcap, compute_dtype=compute_dtype)
     else:
         out = model(**inputs, use_cache=False, logits_to_keep=positions)  # (supervised, vocab)
         loss = chunked_cross_entropy(out.logits, target) if mode == "chunked" else _ce(out.logits, target)
@@ -90,13 +97,14 @@ class _FusedLinearCE(torch.autograd.Function):
     chunk by chunk, so no chunk's logits outlive it (the backward only scales them)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, target, chunk, softcap):  # noqa: D401 - autograd signature
+    def forward(ctx, hidden, weight, target, chunk, softcap, compute_dtype):  # noqa: D401 - autograd signature
         grad_h = torch.empty_like(hidden) if hidden.requires_grad else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if weight.requires_grad else None
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        w = weight.to(compute_dtype)  # once per call: the weights are fp32 under autocast
         for s in range(0, hidden.shape[0], chunk):
-            h, t = hidden[s : s + chunk], target[s : s + chunk]
-            z = (h @ weight.T).float()
+            h, t = hidden[s : s + chunk].to(compute_dtype), target[s : s + chunk]
+            z = (h @ w.T).float()
             if softcap:
                 capped = torch.tanh(z / softcap)
                 z = capped * softcap
@@ -107,12 +115,12 @@ class _FusedLinearCE(torch.autograd.Function):
             if softcap:
                 g *= 1.0 - capped * capped
             if grad_h is not None:
-                grad_h[s : s + chunk] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
+                grad_h[s : s + chunk] = (g.to(compute_dtype) @ w).to(hidden.dtype)
             if grad_w is not None:  # accumulated in fp32 across chunks, like one matmul's accumulator
-                if weight.dtype == torch.float32:
+                if compute_dtype == torch.float32:
                     grad_w.addmm_(g.T, h)
                 else:
-                    grad_w += (g.T.to(weight.dtype) @ h.to(weight.dtype)).float()
+                    grad_w += (g.T.to(compute_dtype) @ h).float()
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
         return loss
@@ -122,13 +130,19 @@ class _FusedLinearCE(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
         gw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
-        return gh, gw, None, None, None
+        return gh, gw, None, None, None, None
 
 
 def fused_linear_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, softcap: float | None = None, chunk: int = 0
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    softcap: float | None = None,
+    chunk: int = 0,
+    compute_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    return _FusedLinearCE.apply(hidden, weight, target, chunk or CHUNK_TOKENS, softcap)
+    dtype = compute_dtype or weight.dtype
+    return _FusedLinearCE.apply(hidden, weight, target, chunk or CHUNK_TOKENS, softcap, dtype)
 
 
 def output_head(model: Any) -> Any:
@@ -161,7 +175,7 @@ class _capture_head_input:
         self.handle.remove()
 
 
-def fused_matches(model: Any, batch: dict[str, Any], rtol: float) -> bool:
+def fused_matches(model: Any, batch: dict[str, Any], rtol: float, compute_dtype: torch.dtype | None = None) -> bool:
     """Whether this model's logits are exactly its output layer's (plus the soft-capping the fused loss
     applies): some families scale logits after the layer, which the fused loss would not see. Checked on
     one real batch, forward only, before the fused loss is trusted."""
@@ -169,7 +183,7 @@ def fused_matches(model: Any, batch: dict[str, Any], rtol: float) -> bool:
         return False
     with torch.no_grad():
         plain = token_loss_sum(model, batch, mode="plain").loss_sum
-        fused = token_loss_sum(model, batch, mode="fused").loss_sum
+        fused = token_loss_sum(model, batch, mode="fused", compute_dtype=compute_dtype).loss_sum
     return bool(torch.isclose(plain, fused, rtol=rtol, atol=1e-3).item())
 
 

@@ -34,7 +34,7 @@ from distsft.batches import Prefetcher, RowTable
 from distsft.config import Config
 from distsft.data.collate import collate
 from distsft.data.sampler import total_steps
-from distsft.engine import build_engine, init_distributed, render_ds_config
+from distsft.engine import build_engine, init_distributed, plan_precision, render_ds_config
 from distsft.flops import flops_model, peak_flops
 from distsft.loss import token_loss_sum
 from distsft.model import base_path, count_parameters, load_model, load_tokenizer, model_plan, resolve_dtype
@@ -164,14 +164,15 @@ def train(cfg: Config, train_rows: Any, eval_rows: Any, ctx: WorkerContext) -> d
     seed_everything(cfg.train.seed)
     plan = cfg.batch_plan(ctx.world_size)
     steps = total_steps(len(train_rows), plan, cfg.train.max_steps, cfg.train.epochs)
-    dtype = resolve_dtype(cfg.model, device)
-    traits, attn = model_plan(cfg.model, device, dtype)
+    precision = plan_precision(cfg, device, resolve_dtype(cfg.model, device), ctx.world_size)
+    traits, attn = model_plan(cfg.model, device, precision.compute)
     aux_coef = router_aux_coef(cfg, traits)
     tokenizer = load_tokenizer(cfg.model)
 
-    ds_config = render_ds_config(cfg, plan, dtype, device, traits.hidden_size or None)
+    ds_config = render_ds_config(cfg, plan, precision, device, traits.hidden_size or None)
+    weights = precision.weights
     engine, _hf_ds = build_engine(
-        cfg, ds_config, lambda: load_model(cfg.model, dtype, attn, cfg.train.seed, cfg.lora), total_steps=steps
+        cfg, ds_config, lambda: load_model(cfg.model, weights, attn, cfg.train.seed, cfg.lora), total_steps=steps
     )
     adapters = cfg.lora.r > 0
     n_params = count_parameters(engine.module)
@@ -204,6 +205,8 @@ def train(cfg: Config, train_rows: Any, eval_rows: Any, ctx: WorkerContext) -> d
         checkpoint.save(engine, root, step, meta, cfg.checkpoint.keep_last, parts, frozen_base=adapters)
 
     clock = StepClock(device)
+    clip_here = ds_config.get("zero_optimization", {}).get("stage", 0) == 0 and ds_config["gradient_clipping"] == 0
+    grad_norm: Any = None
     pending: list[PendingStep] = []
     loss_mode = cross_entropy_mode(cfg, ds_config)
     start = time.perf_counter()
@@ -227,14 +230,14 @@ def train(cfg: Config, train_rows: Any, eval_rows: Any, ctx: WorkerContext) -> d
                 batches = inputs.to_device(device)
             clock.mark("data")
             if step == start_step and loss_mode == "fused?":
-                loss_mode = settle_fused(engine, batches[0], dtype, device)
+                loss_mode = settle_fused(engine, batches[0], precision.compute, device)
             scale = plan.grad_accum_steps * plan.world_size / max(inputs.global_supervised, 1)
             lr = engine.get_lr()[0]  # the rate this step's update uses; the scheduler moves on in step()
             sums = torch.zeros(2, dtype=torch.float32, device=device)
             inject_fault(ctx.rank, step + 1)
             for i, b in enumerate(batches):
                 with phase("forward"):
-                    parts = token_loss_sum(engine, b, router_loss=aux_coef > 0, mode=loss_mode)
+                    parts = token_loss_sum(engine, b, aux_coef > 0, mode=loss_mode, compute_dtype=precision.compute)
                     objective = parts.loss_sum * scale
                     sums[0] += parts.loss_sum.detach()
                     if parts.aux is not None:
@@ -247,6 +250,8 @@ def train(cfg: Config, train_rows: Any, eval_rows: Any, ctx: WorkerContext) -> d
                 if i == len(batches) - 1:
                     clock.mark("fwd_bwd")
                 with phase("optimizer"):
+                    if i == len(batches) - 1 and clip_here:
+                        grad_norm = clip_gradients(engine, cfg.train.max_grad_norm)
                     engine.step()  # the optimizer runs at the last micro-batch only
             clock.mark("optimizer")
             record = {
@@ -260,7 +265,9 @@ def train(cfg: Config, train_rows: Any, eval_rows: Any, ctx: WorkerContext) -> d
                 "peak_mem_mb": peak_memory_mb(device),
                 "rank": ctx.rank,
             }
-            pending.append(PendingStep(record, sums, engine.get_global_grad_norm(), clock.take()))
+            if not clip_here:
+                grad_norm = engine.get_global_grad_norm()
+            pending.append(PendingStep(record, sums, grad_norm, clock.take()))
             summary_file = profiler.step_ends(step + 1)
             if summary_file:
                 print(f"profile of steps {profiler.first}-{profiler.last}: {summary_file}", flush=True)
@@ -306,6 +313,17 @@ class AdapterConfig:
         save_adapter_config(self.model, out, self.base)
 
 
+def clip_gradients(engine: Any, max_norm: float) -> torch.Tensor:
+    """Clip to ``max_norm`` (0: only measure) and return the global norm, all on the device (DeepSpeed
+    without ZeRO would read the norm back to the host). Squares are summed in fp64, so the norm does not
+    depend on how the gradients were summed (1 worker x 4 micro-batches or 2 x 2)."""
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float64)))
+    if max_norm > 0:
+        torch._foreach_mul_(grads, (max_norm / (norm + 1e-6)).clamp(max=1.0).to(grads[0].dtype))
+    return norm
+
+
 def read_pending(
     pending: list[PendingStep], clock: StepClock, plan: Any, aux_coef: float, device: torch.device, start: float
 ) -> list[dict[str, Any]]:
@@ -344,7 +362,7 @@ def settle_fused(engine: Any, batch: dict[str, Any], dtype: torch.dtype, device:
     """The fused loss only where it computes this model's loss (every rank must agree)."""
     from distsft.loss import fused_matches
 
-    ok = fused_matches(engine, batch, rtol=1e-4 if dtype == torch.float32 else 2e-2)
+    ok = fused_matches(engine, batch, rtol=1e-4 if dtype == torch.float32 else 2e-2, compute_dtype=dtype)
     (votes,) = all_sum([0.0 if ok else 1.0], device)
     return "fused" if votes == 0 else "chunked"
 

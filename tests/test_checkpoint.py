@@ -64,7 +64,7 @@ def test_partial_or_corrupt_checkpoints_are_ignored(tmp_path):
     # a directory renamed into place but with a truncated shard, and a pointer that names it
     bad = root / "step-00000008"
     shutil.copytree(root / "step-00000004", bad)
-    shard = next((bad / "ds").glob("*optim_states.pt"))
+    shard = max((bad / "ds").glob("*.pt"), key=lambda f: f.stat().st_size)
     shard.write_bytes(shard.read_bytes()[:100])
     (root / "latest").write_text(bad.name)
     assert checkpoint.find_latest(root).name == "step-00000004"
@@ -97,6 +97,15 @@ def test_a_different_worker_count_is_refused_clearly():
         checkpoint.check_continuation({"world_size": 2, "config": {}}, {}, 4, "", allow=True)
 
 
+def test_a_checkpoint_of_another_engine_layout_is_refused_clearly():
+    """One worker runs without ZeRO: a one-worker ZeRO-2 checkpoint (an older distsft) cannot resume it."""
+    old = {"world_size": 1, "config": {"train": {"zero_stage": 2}}}
+    with pytest.raises(ConfigError, match="ZeRO stage 2 engine and this run's is stage 0"):
+        checkpoint.check_continuation(old, {}, 1, "", allow=True, engine_stage=0)
+    same = checkpoint.check_continuation({**old, "engine_stage": 0}, old["config"], 1, "", False, engine_stage=0)
+    assert same == []
+
+
 @pytest.mark.parametrize("model", ["demo", "llama-tied"])
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_consolidated_weights_equal_the_engines_weights(tmp_path, stage, model):
@@ -105,14 +114,14 @@ def test_consolidated_weights_equal_the_engines_weights(tmp_path, stage, model):
     import deepspeed
     from families import save_family
 
-    from distsft.engine import build_engine, render_ds_config
+    from distsft.engine import Precision, build_engine, render_ds_config
     from distsft.model import load_model
 
     out = tmp_path / "run"
     extra = [] if model == "demo" else [f"model.path={save_family(model, tmp_path / model)}", "model.tokenizer=demo"]
     cfg = ckpt_cfg(out, "train.max_steps=2", f"train.zero_stage={stage}", *extra)
     launch_local(cfg, quiet=True)
-    ds = render_ds_config(cfg, cfg.batch_plan(1), torch.float32, torch.device("cpu"), 256)
+    ds = render_ds_config(cfg, cfg.batch_plan(1), Precision(torch.float32, torch.float32), torch.device("cpu"), 256)
     engine, _keep = build_engine(cfg, ds, lambda: load_model(cfg.model, torch.float32, "sdpa", 0), 2)
     checkpoint.load(engine, checkpoint.find_latest(out / "checkpoints"))
     exported = final_weights(out)

@@ -1,0 +1,164 @@
+"""Where checkpoints live: a directory every node sees (local disk, NFS), or an object store (``s3://``,
+``gs://``) through the filesystems Ray Train itself uses (pyarrow's S3 and GCS clients).
+
+An object store has no rename and no directories, so the same promise is kept differently: on a disk a
+checkpoint is written under a temporary name and renamed into place, in a bucket its files are uploaded
+under their final keys and the manifest object is written last. Either way a checkpoint counts only once
+its manifest exists and lists every file with its size, and a single object (or an atomic replace) moves
+the ``latest`` pointer. Credentials and endpoints come from the environment, never from config files:
+``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` / ``AWS_ENDPOINT_URL`` (S3-compatible servers such as
+MinIO), or Google's application default credentials.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from distsft.errors import ConfigError
+
+SCHEMES = ("s3://", "gs://")
+
+
+def is_remote(location: str | Path) -> bool:
+    return str(location).startswith(SCHEMES)
+
+
+def join(location: str | Path, *parts: str) -> str | Path:
+    if is_remote(location):
+        return "/".join([str(location).rstrip("/"), *parts])
+    return Path(location).joinpath(*parts)
+
+
+def name(location: str | Path) -> str:
+    return str(location).rstrip("/").rsplit("/", 1)[-1]
+
+
+def parent(location: str | Path) -> str | Path:
+    if is_remote(location):
+        return str(location).rstrip("/").rsplit("/", 1)[0]
+    return Path(location).parent
+
+
+class Bucket:
+    """The few operations checkpoints need, on one object-store location (``s3://bucket/prefix``)."""
+
+    def __init__(self, uri: str) -> None:
+        import pyarrow.fs as pafs
+
+        kwargs: dict[str, Any] = {}
+        if uri.startswith("s3://"):
+            endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
+            if endpoint:
+                scheme, _, host = endpoint.partition("://")
+                kwargs = {"endpoint_override": host or scheme, "scheme": scheme if host else "https"}
+            self.fs = pafs.S3FileSystem(
+                region=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or None,
+                **kwargs,
+            )
+        else:
+            self.fs = pafs.GcsFileSystem()
+        self.uri = uri.rstrip("/")
+
+    def path(self, location: str | Path) -> str:
+        """The filesystem's own path (``bucket/key``) of a URI under this bucket."""
+        return str(location).split("://", 1)[1].rstrip("/")
+
+    def files(self, location: str | Path) -> dict[str, int]:
+        """Every object under ``location`` (relative key -> size); empty when there is none."""
+        import pyarrow.fs as pafs
+
+        base = self.path(location)
+        try:
+            infos = self.fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+        except OSError:
+            return {}
+        return {i.path[len(base) + 1 :]: i.size for i in infos if i.type == pafs.FileType.File}
+
+    def children(self, location: str | Path) -> list[str]:
+        """Names of the 'directories' directly under ``location``."""
+        import pyarrow.fs as pafs
+
+        base = self.path(location)
+        try:
+            infos = self.fs.get_file_info(pafs.FileSelector(base, recursive=False, allow_not_found=True))
+        except OSError:
+            return []
+        return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
+
+    def read_text(self, location: str | Path) -> str | None:
+        try:
+            with self.fs.open_input_stream(self.path(location)) as f:
+                return f.read().decode("utf-8")
+        except (OSError, FileNotFoundError):
+            return None
+
+    def write_text(self, location: str | Path, text: str) -> None:
+        """One PUT: the object appears whole or not at all."""
+        with self.fs.open_output_stream(self.path(location)) as f:
+            f.write(text.encode("utf-8"))
+
+    def upload(self, local_dir: Path, location: str | Path) -> dict[str, int]:
+        """Every file under ``local_dir`` to the same relative keys under ``location``; returns what went."""
+        import pyarrow.fs as pafs
+
+        sent = {}
+        for f in sorted(p for p in local_dir.rglob("*") if p.is_file()):
+            rel = f.relative_to(local_dir).as_posix()
+            pafs.copy_files(str(f), f"{self.path(location)}/{rel}", destination_filesystem=self.fs)
+            sent[rel] = f.stat().st_size
+        return sent
+
+    def download(self, location: str | Path, local_dir: Path, keep=lambda rel: True) -> None:
+        import pyarrow.fs as pafs
+
+        for rel in self.files(location):
+            if keep(rel):
+                target = local_dir / rel
+                target.parent.mkdir(parents=True, exist_ok=True)
+                pafs.copy_files(f"{self.path(location)}/{rel}", str(target), source_filesystem=self.fs)
+
+    def delete(self, location: str | Path) -> None:
+        """The manifest first, so a checkpoint being deleted stops counting before it loses any file."""
+        base = self.path(location)
+        files = self.files(location)
+        for rel in sorted(files, key=lambda r: r != "MANIFEST.json"):
+            try:
+                self.fs.delete_file(f"{base}/{rel}")
+            except OSError:
+                pass
+
+
+def bucket(location: str | Path) -> Bucket:
+    loc = str(location)
+    if not is_remote(loc):
+        raise ValueError(f"{loc}: not an object-store URI")
+    root = "/".join(loc.split("/", 3)[:3])  # scheme://bucket
+    return _buckets.setdefault(root, Bucket(root))
+
+
+_buckets: dict[str, Bucket] = {}
+
+
+def check_uri(uri: str, key: str) -> None:
+    """``s3://bucket/prefix`` or ``gs://bucket/prefix``; anything else with a scheme is refused."""
+    scheme = uri.split("://", 1)[0] if "://" in uri else ""
+    if scheme and f"{scheme}://" not in SCHEMES:
+        raise ConfigError(f"{key} {uri}: {scheme}:// is not supported; use a path, s3://bucket/prefix or gs://...")
+    if scheme and not uri.split("://", 1)[1].strip("/"):
+        raise ConfigError(f"{key} {uri}: name a bucket (s3://bucket/prefix)")
+
+
+def staging_dir(*parts: str) -> Path:
+    """Node-local scratch space for a checkpoint on its way to or from an object store."""
+    from distsft.config import cache_home
+
+    path = cache_home() / "staging" / Path(*parts)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def remove(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
