@@ -176,14 +176,20 @@ def save(
 
 
 def _maybe_die_in_save(step: int, moment: str = "shards") -> None:
-    """Crash injection for tests: ``DISTSFT_KILL_IN_SAVE=STEP[:upload]`` SIGKILLs this process after its
-    shards of that step are written (or, for an object store, before they are uploaded) and before the
-    manifest exists: the worst moments for a crash."""
-    spec = os.environ.get("DISTSFT_KILL_IN_SAVE", "")
-    if spec == str(step) if moment == "shards" else spec == f"{step}:{moment}":
-        import signal
+    """Crash injection for tests: ``DISTSFT_KILL_IN_SAVE=STEP[:upload[:MARKER]]`` SIGKILLs this process
+    after its shards of that step are written (or, for an object store, before they are uploaded) and
+    before the manifest exists: the worst moments for a crash. With a marker file it happens once."""
+    parts = os.environ.get("DISTSFT_KILL_IN_SAVE", "").split(":")
+    if parts[0] != str(step) or (parts[1] if len(parts) > 1 else "shards") != moment:
+        return
+    if len(parts) > 2:
+        marker = Path(parts[2])
+        if marker.exists():
+            return
+        marker.touch()
+    import signal
 
-        os.kill(os.getpid(), signal.SIGKILL)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _write_atomic(path: Path, text: str) -> None:

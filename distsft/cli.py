@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cluster", help="cluster file (Ray address, workers, resources); default: a local Ray instance")
     p.add_argument("--local", action="store_true", help="run in this process, world size 1, no Ray (debug mode)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved plan and exit; needs no cluster")
+    p.add_argument("--verbose", action="store_true", help="show every library's and worker's output live")
 
     p = sub.add_parser("prepare", help="prepare (or reuse the cached) training data and print its statistics")
     _add_config_args(p)
@@ -86,7 +87,10 @@ def cmd_launch(args: argparse.Namespace) -> int:
         return 0
     from distsft.launch import launch_local, launch_ray
 
-    launch_local(cfg) if args.local else launch_ray(cfg, cluster)  # both print the run's summary
+    if args.local:  # both print the run's summary
+        launch_local(cfg, verbose=args.verbose)
+    else:
+        launch_ray(cfg, cluster, verbose=args.verbose)
     return 0
 
 
@@ -128,17 +132,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from distsft import checkpoint
+    from distsft import checkpoint, storage
     from distsft.export import export
 
     ckpt = checkpoint.resolve(args.run_dir)
     if args.step is not None:
-        ckpt = checkpoint.step_dir(ckpt.parent, args.step)
+        ckpt = checkpoint.step_dir(storage.parent(ckpt), args.step)
         if checkpoint.read_manifest(ckpt) is None:
             raise DistsftError(f"--step {args.step}: no complete checkpoint {ckpt}")
     step = (checkpoint.read_manifest(ckpt) or {}).get("step")
     suffix = "-merged" if args.merge else ""
-    out = Path(args.out) if args.out else Path(args.run_dir) / f"export-step-{step}{suffix}"
+    if args.out:
+        out = Path(args.out)
+    elif storage.is_remote(args.run_dir):  # a bucket's run is exported here, into the working directory
+        out = Path(f"{storage.name(args.run_dir)}-export-step-{step}{suffix}")
+    else:
+        out = Path(args.run_dir) / f"export-step-{step}{suffix}"
     export(ckpt, out, dtype=args.dtype, max_shard_size=args.max_shard_size, merge=args.merge)
     print(f"exported step {step} from {ckpt} to {out} ({args.dtype}{', merged' if args.merge else ''})")
     return 0

@@ -19,7 +19,7 @@ def merge(records: list[dict[str, Any]]) -> dict[str, Any]:
     first = min(records, key=lambda r: r.get("rank", 0))
     times = [r["step_time_s"] for r in records]
     slowest = max(times)
-    drop = ("rank", "step_time_s", "node", "node_id", "pid", "peak_flops", "world_size")
+    drop = ("rank", "step_time_s", "node", "node_id", "pid", "peak_flops", "world_size", "resumed_from")
     merged = {k: v for k, v in first.items() if k not in drop}
     merged["step_time_s"] = slowest
     if "flops" in first:
@@ -103,6 +103,13 @@ class MetricsLog:
         os.replace(tmp, self.path)
         self.on_record = on_record
 
+    def truncate(self, keep_through: int) -> None:
+        """Keep the records of steps up to ``keep_through`` (a restarted run continues after it)."""
+        kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= keep_through]
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        os.replace(tmp, self.path)
+
     def log(self, records: list[dict[str, Any]] | dict[str, Any]) -> dict[str, Any]:
         rec = merge(records if isinstance(records, list) else [records])
         with open(self.path, "a", encoding="utf-8") as f:
@@ -110,30 +117,3 @@ class MetricsLog:
         if self.on_record is not None:
             self.on_record(rec)
         return rec
-
-
-def make_ray_coordinator(log: MetricsLog):
-    """A Ray Train callback: it runs in the Train controller (on the driver's node) and receives every
-    worker's report of a step at once, which is exactly what :func:`merge` needs."""
-    from ray.train.v2.api.callback import UserCallback
-
-    class RayCoordinator(UserCallback):
-        def __init__(self) -> None:
-            self.log = log
-            self.placement: dict[int, str] = {}
-
-        def after_report(self, run_context, metrics, checkpoint) -> None:
-            """``metrics[i]`` is worker i's batch of per-step records; they line up step by step."""
-            batches = [m["records"] for m in metrics]
-            first = [b[0] for b in batches]
-            if not self.placement or any(r.get("pid") != self.placement.get(r["rank"], {}).get("pid") for r in first):
-                # first report, or the worker group was restarted after a failure
-                self.placement = {
-                    r["rank"]: {"node": r.get("node"), "node_id": r.get("node_id"), "pid": r.get("pid")} for r in first
-                }
-                placement_file = self.log.path.parent / "workers.json"
-                placement_file.write_text(json.dumps({str(k): v for k, v in sorted(self.placement.items())}, indent=1))
-            for step_records in zip(*batches, strict=True):
-                self.log.log(list(step_records))
-
-    return RayCoordinator()

@@ -18,7 +18,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from distsft import checkpoint
+from distsft import checkpoint, storage
 from distsft.errors import ConfigError
 from distsft.lora import is_adapter_dir, write_adapter
 from distsft.lora import merge as merge_adapter
@@ -40,6 +40,12 @@ def export(ckpt: Path, out: Path, dtype: str = "fp32", max_shard_size: str = "5G
             shutil.rmtree(adapter, ignore_errors=True)
     if checkpoint.read_manifest(ckpt) is None:
         raise ConfigError(f"checkpoint {ckpt}: incomplete (no valid {checkpoint.MANIFEST}); refusing to export it")
+    if storage.is_remote(ckpt):  # consolidate from a node-local copy of the bucket's files
+        local = checkpoint.fetch(ckpt)
+        try:
+            return export(local, out, dtype, max_shard_size, merge)
+        finally:
+            storage.remove(local)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(ckpt / checkpoint.HF_DIR, tmp)

@@ -237,15 +237,27 @@ class Reporter:
 
 
 class Follower:
-    """Hands each record appended to ``metrics.jsonl`` (by the Ray Train controller) to ``handler``."""
+    """Hands each record appended to ``metrics.jsonl`` (by the record sink) to ``handler``, and prints one
+    line per worker placement (from ``workers.json``) as workers start or restart."""
 
-    def __init__(self, path: Path, handler: Callable[[dict[str, Any]], None], poll_s: float = 0.5) -> None:
-        self.path, self.handler, self.poll_s = path, handler, poll_s
+    def __init__(
+        self,
+        path: Path,
+        handler: Callable[[dict[str, Any]], None],
+        poll_s: float = 0.5,
+        workers: Path | None = None,
+        out: TextIO | None = None,
+    ) -> None:
+        self.path, self.handler, self.poll_s, self.workers = path, handler, poll_s, workers
+        self.out = out
         self._pos = path.stat().st_size if path.exists() else 0
+        self._placed: dict[str, Any] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="distsft-follow", daemon=True)
 
     def __enter__(self):
+        if self.workers is not None:
+            self.workers.unlink(missing_ok=True)  # a previous launch's placement is not this one's
         self._thread.start()
         return self
 
@@ -259,8 +271,11 @@ class Follower:
             self._drain()
 
     def _drain(self) -> None:
+        self._placement()
         if not self.path.exists():
             return
+        if self.path.stat().st_size < self._pos:  # truncated: a restarted worker group resumed earlier
+            self._pos = self.path.stat().st_size
         with open(self.path, "rb") as f:
             f.seek(self._pos)
             for line in f:
@@ -268,3 +283,21 @@ class Follower:
                     break  # a record still being written; read it next time
                 self._pos += len(line)
                 self.handler(json.loads(line))
+
+    def _placement(self) -> None:
+        if self.workers is None or not self.workers.exists():
+            return
+        try:
+            placed = json.loads(self.workers.read_text())
+        except ValueError:
+            return
+        for rank, where in sorted(placed.items(), key=lambda kv: int(kv[0])):
+            if self._placed.get(rank) != where:
+                again = "restarted: " if rank in self._placed else ""
+                device, pid = where.get("device"), where.get("pid")
+                print(
+                    f"worker: {again}rank {rank} on {where.get('node')} ({device}, pid {pid})",
+                    file=self.out or sys.stdout,
+                    flush=True,
+                )
+        self._placed = placed

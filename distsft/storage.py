@@ -123,12 +123,14 @@ class Bucket:
     def delete(self, location: str | Path) -> None:
         """The manifest first, so a checkpoint being deleted stops counting before it loses any file."""
         base = self.path(location)
-        files = self.files(location)
-        for rel in sorted(files, key=lambda r: r != "MANIFEST.json"):
-            try:
-                self.fs.delete_file(f"{base}/{rel}")
-            except OSError:
-                pass
+        try:
+            self.fs.delete_file(f"{base}/MANIFEST.json")
+        except OSError:
+            pass
+        try:
+            self.fs.delete_dir(base)
+        except OSError:
+            pass
 
 
 def bucket(location: str | Path) -> Bucket:

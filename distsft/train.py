@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from distsft import checkpoint
+from distsft import checkpoint, storage
 from distsft.batches import Prefetcher, RowTable
 from distsft.config import Config
 from distsft.data.collate import collate
@@ -58,7 +58,10 @@ class WorkerContext:
     run_meta: dict[str, Any] = field(default_factory=dict)
     """Recorded in every checkpoint's manifest: run id, data fingerprint (what resume compares)."""
     flush: Callable[[], None] = lambda: None
-    """Sends records ``report`` buffered; called by every rank at the same steps (before saves, at the end)."""
+    """Sends the records ``report`` buffered, without waiting (every rank, at the same steps)."""
+    wait: Callable[[], None] = lambda: None
+    """Returns once every record sent is written: before a checkpoint (which must never get ahead of the
+    records it covers) and at the end."""
 
 
 def pick_device(local_rank: int) -> torch.device:
@@ -159,6 +162,7 @@ class PendingStep:
 def train(cfg: Config, train_rows: Any, eval_rows: Any, ctx: WorkerContext) -> dict[str, Any]:
     # DeepSpeed calls torch.distributed APIs that torch now marks deprecated, once per bucket per step.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     device = pick_device(ctx.local_rank)
     init_distributed(device)
     seed_everything(cfg.train.seed)
@@ -188,7 +192,8 @@ def train(cfg: Config, train_rows: Any, eval_rows: Any, ctx: WorkerContext) -> d
         batch = collate(rows, tokenizer.pad_token_id, varlen=varlen(attn))
         return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
-    root = Path(ctx.checkpoint_dir or Path(cfg.output_dir) / "checkpoints")
+    root = ctx.checkpoint_dir or Path(cfg.output_dir) / "checkpoints"
+    root = root if storage.is_remote(root) else Path(root)  # an s3:// URI is no path
     start_step = 0
     resume_from = checkpoint.pick_resume(cfg.checkpoint.resume, root, ctx.run_meta.get("run_id", ""))
     if resume_from is not None:
@@ -204,6 +209,14 @@ def train(cfg: Config, train_rows: Any, eval_rows: Any, ctx: WorkerContext) -> d
         parts = [p for p in hf_parts if p is not None]
         checkpoint.save(engine, root, step, meta, cfg.checkpoint.keep_last, parts, frozen_base=adapters)
 
+    if ctx.rank == 0:
+        stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+        amp = f", {str(precision.compute).removeprefix('torch.')} autocast" if precision.autocast else ""
+        print(
+            f"engine: DeepSpeed {'without ZeRO' if stage == 0 else f'ZeRO stage {stage}'} x {ctx.world_size}, "
+            f"{str(precision.weights).removeprefix('torch.')} weights{amp}, attention {attn}",
+            flush=True,
+        )
     clock = StepClock(device)
     clip_here = ds_config.get("zero_optimization", {}).get("stage", 0) == 0 and ds_config["gradient_clipping"] == 0
     grad_norm: Any = None
@@ -264,6 +277,7 @@ def train(cfg: Config, train_rows: Any, eval_rows: Any, ctx: WorkerContext) -> d
                 "world_size": ctx.world_size,
                 "peak_mem_mb": peak_memory_mb(device),
                 "rank": ctx.rank,
+                "resumed_from": start_step,
             }
             if not clip_here:
                 grad_norm = engine.get_global_grad_norm()
@@ -283,10 +297,11 @@ def train(cfg: Config, train_rows: Any, eval_rows: Any, ctx: WorkerContext) -> d
                 records[-1]["eval_loss"] = evaluate(engine, eval_rows, plan.micro_batch_size, ctx, to_device, device)
             for record in records:
                 ctx.report(record)
+            ctx.flush()
             summary["last"] = records[-1]
             stop = stop_requested(ctx, device)
             if stop or saves:
-                ctx.flush()
+                ctx.wait()
                 save(done)
             if stop:
                 summary["stopped_at"] = done
@@ -296,7 +311,7 @@ def train(cfg: Config, train_rows: Any, eval_rows: Any, ctx: WorkerContext) -> d
         profiler.close()
     if len(eval_rows) and "last" in summary:
         summary["eval_loss"] = summary["last"].get("eval_loss")
-    ctx.flush()
+    ctx.wait()
     return summary
 
 

@@ -37,10 +37,10 @@ def metrics(out) -> list[dict]:
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def final_weights(out) -> dict[str, torch.Tensor]:
+def final_weights(out, name: str = "final") -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    (path,) = (out / "final").glob("*.safetensors")
+    (path,) = (out / name).glob("*.safetensors")
     return load_file(path)
 
 

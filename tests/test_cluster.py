@@ -7,7 +7,7 @@ from conftest import REPO
 
 from distsft.cluster import ClusterConfig, load_cluster
 from distsft.errors import ConfigError
-from distsft.launch import check_storage
+from distsft.ray_launch import check_storage
 
 
 def write(tmp_path, text):
@@ -50,8 +50,9 @@ def test_remote_cluster_needs_workers_per_node(tmp_path):
 def test_multi_node_without_shared_storage_is_refused_before_start():
     with pytest.raises(ConfigError, match="2 nodes but no storage_path"):
         check_storage(ClusterConfig(num_nodes=2, workers_per_node=8))
-    with pytest.raises(ConfigError, match="object-store URIs are not supported"):
-        check_storage(ClusterConfig(num_nodes=2, workers_per_node=8, storage_path="s3://bucket/x"))
+    with pytest.raises(ConfigError, match="ftp:// is not supported"):
+        check_storage(ClusterConfig(num_nodes=2, workers_per_node=8, storage_path="ftp://host/x"))
+    check_storage(ClusterConfig(num_nodes=2, workers_per_node=8, storage_path="s3://bucket/x"))
     check_storage(ClusterConfig(num_nodes=2, workers_per_node=8, storage_path="/shared"))
 
 

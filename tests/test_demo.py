@@ -29,6 +29,20 @@ def test_demo_launch_learns_the_support_reply(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     rows = metrics(tmp_path)
     assert rows[-1]["loss"] < rows[0]["loss"] / 5
+    assert [r["step"] for r in rows] == list(range(1, len(rows) + 1))
+    # the console is for a person: the run's own lines, no escape codes, no library or Ray internals
+    console = run.stdout + run.stderr
+    assert "\x1b" not in console
+    noise_words = ("RayTrainWorker", "core_worker", "DeepSpeed", "accelerator", "built successfully", "Writing")
+    for noise in (*noise_words, "Token authentication"):
+        assert noise not in console, (noise, console[-3000:])
+    lines = console.splitlines()
+    for start in ("cluster:", "config:", "model:", "data:", "worker: rank 0 ", "worker: rank 1 ", "done:"):
+        assert sum(line.startswith(start) for line in lines) == 1, (start, console[-3000:])
+    assert len(lines) <= 60, len(lines)
+    logs = tmp_path / "logs"
+    assert {p.name for p in logs.iterdir()} == {"driver.log", "rank-0.log", "rank-1.log"}
+    assert "done:" in (logs / "driver.log").read_text() and "rank 1 of 2" in (logs / "rank-1.log").read_text()
     gen = subprocess.run(
         [
             sys.executable,

@@ -94,8 +94,9 @@ def test_kill_9_of_a_worker_mid_run_recovers_to_the_uninterrupted_weights(ray_in
         time.sleep(0.05)
     thread.join(timeout=600)
     assert victim is not None and not errors, errors
-    steps = [r["step"] for r in metrics(killed)]
-    assert steps[-1] == 6 and len(steps) > 6, steps  # some steps ran twice: after the restart
+    # the restarted group ran again the steps after the checkpoint; the history keeps each step once,
+    # from the run whose weights continued
+    assert [r["step"] for r in metrics(killed)] == [1, 2, 3, 4, 5, 6]
     restarted = json.loads((killed / "workers.json").read_text())["1"]["pid"]
     assert restarted != victim
     wa, wb = final_weights(clean), final_weights(killed)

@@ -1,0 +1,99 @@
+"""Every rank's per-step records into one ``metrics.jsonl``: complete, in order, never behind a checkpoint.
+
+Workers hand their records to a ``RecordSink`` without waiting for it (on Ray an actor call, which
+returns at once; locally a plain call). The sink merges a step when every rank's record of it has
+arrived and appends the merged line (``coordinator.merge``). Before a checkpoint is saved every rank
+waits until the sink has its records (``Reporter.wait``), so a checkpoint never covers a step whose
+record is not written, and a launcher killed at any moment leaves at least the records of the latest
+complete checkpoint. A run that continues from step N keeps exactly the records of steps 1..N (the run
+whose weights it continues) and appends from N + 1: at launch by truncating the file, and after a
+worker-group restart when the first record of the new group says where it resumed from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from distsft.coordinator import MetricsLog
+
+
+class RecordSink:
+    """The coordinator's end: runs on the driver's node (a Ray actor, or in the launcher's process)."""
+
+    def __init__(
+        self, output_dir: str, world_size: int, keep_through: int, on_record: Callable[[dict], None] | None = None
+    ) -> None:
+        self.log = MetricsLog(output_dir, keep_through=keep_through, on_record=on_record)
+        self.world_size = world_size
+        self.resumed_from = keep_through
+        self.pending: dict[int, dict[int, dict[str, Any]]] = {}
+        self.placement: dict[int, dict[str, Any]] = {}
+        self.last_step = keep_through
+
+    def hello(self, rank: int, where: dict[str, Any]) -> None:
+        """A worker (re)started: where it runs, for ``workers.json`` and the console."""
+        self.placement[rank] = where
+        path = self.log.path.parent / "workers.json"
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps({str(k): v for k, v in sorted(self.placement.items())}, indent=1))
+        os.replace(tmp, path)
+
+    def put(self, rank: int, records: list[dict[str, Any]]) -> int:
+        """Take one rank's records (in step order); returns the last step written to the file."""
+        for rec in records:
+            start = rec.get("resumed_from", self.resumed_from)
+            if start != self.resumed_from:  # a restarted worker group continues from an earlier checkpoint
+                self.log.truncate(start)
+                self.pending = {s: r for s, r in self.pending.items() if s <= start}
+                self.resumed_from = self.last_step = start
+            self.pending.setdefault(rec["step"], {})[rank] = rec
+        for step in sorted(self.pending):
+            if step <= self.last_step:  # a step the file already has (sent twice): the first one stays
+                del self.pending[step]
+                continue
+            if len(self.pending[step]) < self.world_size:
+                break  # ranks deliver in step order, so no later step can be complete either
+            by_rank = self.pending.pop(step)
+            self.log.log([by_rank[r] for r in sorted(by_rank)])
+            self.last_step = step
+        return self.last_step
+
+    def written(self) -> int:
+        return self.last_step
+
+
+class Reporter:
+    """A worker's end: buffers records and sends them every ``log_every`` steps without waiting;
+    ``wait()`` blocks until the sink has them (before a checkpoint, and at the end)."""
+
+    def __init__(self, send: Callable[[list[dict[str, Any]]], Any], wait_for: Callable[[list[Any]], None]) -> None:
+        self.send, self.wait_for = send, wait_for
+        self.buffer: list[dict[str, Any]] = []
+        self.in_flight: list[Any] = []
+
+    def report(self, record: dict[str, Any]) -> None:
+        self.buffer.append(record)
+
+    def flush(self) -> None:
+        if self.buffer:
+            self.in_flight.append(self.send(list(self.buffer)))
+            self.buffer.clear()
+
+    def wait(self) -> None:
+        self.flush()
+        if self.in_flight:
+            self.wait_for(self.in_flight)
+            self.in_flight.clear()
+
+
+def local_reporter(sink: RecordSink) -> Reporter:
+    """``--local``: the sink is in this process; a record is written when it is sent."""
+    return Reporter(lambda records: sink.put(0, records), lambda refs: None)
+
+
+def metrics_path(output_dir: str | Path) -> Path:
+    return Path(output_dir).resolve() / "metrics.jsonl"

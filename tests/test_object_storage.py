@@ -1,0 +1,147 @@
+"""Checkpoints in an object store, against a real S3-compatible server (moto's server mode on 127.0.0.1):
+the same promises as on a disk, a kill during the upload and a launcher SIGKILL included."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+from conftest import REPO
+from raytest import SMALL, final_weights, metrics
+
+from distsft import checkpoint, storage
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """A moto S3 server on loopback with a bucket ``ckpt``; yields the environment that reaches it."""
+    pytest.importorskip("moto")
+    port = _free_port()
+    server = subprocess.Popen(
+        [os.path.join(os.path.dirname(sys.executable), "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+    }
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    import pyarrow.fs as pafs
+
+    pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", allow_bucket_creation=True).create_dir(
+        "ckpt"
+    )
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    storage._buckets.clear()
+    yield env
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    storage._buckets.clear()
+    server.terminate()
+    server.wait(timeout=30)
+
+
+def launch(out, cluster_file, *extra: str) -> list[str]:
+    sets = [
+        f"output_dir={out}",
+        f"data.path={SMALL}",
+        "data.max_seq_len=256",
+        "data.eval_fraction=0",
+        "train.max_steps=6",
+        "checkpoint.every_steps=2",
+        "checkpoint.keep_last=2",
+        "train.micro_batch_size=1",
+        "train.log_every=1",
+        "train.lr=1e-4",
+        *extra,
+    ]
+    return [sys.executable, "-m", "distsft", "launch", "--cluster", str(cluster_file)] + [
+        a for s in sets for a in ("--set", s)
+    ]
+
+
+def cluster_file(tmp_path, s3, **extra) -> str:
+    spec = {
+        "num_nodes": 1,
+        "workers_per_node": 2,
+        "resources_per_worker": {"cpus": 1},
+        "storage_path": "s3://ckpt/runs",
+        "env": dict(s3),
+        **extra,
+    }
+    path = tmp_path / f"cluster-{len(list(tmp_path.glob('cluster-*')))}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return str(path)
+
+
+def test_checkpoints_in_s3_survive_a_kill_in_the_upload_and_of_the_launcher(tmp_path, s3, cli):
+    env = {**os.environ, **s3}
+    # 1. every rank is killed while uploading step 4 (once): the worker group restarts from step 2, and
+    #    the history still has every step once
+    marker = tmp_path / "killed-once"
+    first = tmp_path / "first"
+    cluster = cluster_file(tmp_path, s3, max_failures=1, env={**s3, "DISTSFT_KILL_IN_SAVE": f"4:upload:{marker}"})
+    run = subprocess.run(launch(first, cluster), cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert marker.exists() and "worker: restarted: rank" in run.stdout
+    assert [r["step"] for r in metrics(first)] == [1, 2, 3, 4, 5, 6]
+    root = "s3://ckpt/runs/first/checkpoints"
+    assert storage.bucket(root).children(root) == ["step-00000004", "step-00000006"]  # rotation kept 2
+    assert checkpoint.find_latest(root) == f"{root}/step-00000006"
+    assert (first / "final" / "model.safetensors").is_file()
+
+    # 2. the launcher is SIGKILLed just after a checkpoint is complete; the same command continues
+    second = tmp_path / "second"
+    cluster = cluster_file(tmp_path, s3)
+    proc = subprocess.Popen(
+        launch(second, cluster), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # fmt: skip
+    root2 = "s3://ckpt/runs/second/checkpoints"
+    deadline = time.monotonic() + 300
+    while checkpoint.find_latest(root2) is None and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    killed_at = (checkpoint.read_manifest(checkpoint.find_latest(root2)) or {}).get("step")
+    assert killed_at in (2, 4, 6)
+    again = subprocess.run(launch(second, cluster), cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert [r["step"] for r in metrics(second)] == [1, 2, 3, 4, 5, 6]
+    wa, wb = final_weights(first), final_weights(second)
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-6, msg=k)
+
+    # 3. distsft export reads the shards straight from the bucket
+    code, _, err = cli("export", "s3://ckpt/runs/first", "--out", str(tmp_path / "exported"))
+    assert code == 0, err
+    exported = final_weights(tmp_path / "exported", name=".")
+    for k in wa:
+        torch.testing.assert_close(exported[k], wa[k], rtol=0, atol=0, msg=k)

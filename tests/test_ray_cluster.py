@@ -1,0 +1,110 @@
+"""A cluster as Ray runs them today: two nodes started with `ray start` (two raylets on this machine),
+token authentication on, a launch on it; a wrong token; and a launch without --cluster beside it."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+from conftest import REPO
+from raytest import SMALL, metrics
+
+pytestmark = pytest.mark.slow
+RAY = os.path.join(os.path.dirname(sys.executable), "ray")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_nodes(tmp_path_factory):
+    """`ray start --head` and `ray start --address`: the README's cluster start, with token auth on."""
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
+    env.pop("RAY_ADDRESS", None)
+    port = _free_port()
+    temp = tmp_path_factory.mktemp("ray")
+    common = ["--num-cpus=1", "--disable-usage-stats", f"--temp-dir={temp}"]
+    head = [RAY, "start", "--head", f"--port={port}", "--dashboard-host=127.0.0.1", *common]
+    subprocess.run(head, env=env, check=True, capture_output=True, timeout=120)
+    worker = [RAY, "start", f"--address=127.0.0.1:{port}", *common]
+    subprocess.run(worker, env=env, check=True, capture_output=True, timeout=120)
+    yield f"127.0.0.1:{port}", env
+    subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def cluster_file(tmp_path, address: str) -> str:
+    spec = {
+        "address": address,
+        "num_nodes": 2,
+        "workers_per_node": 1,
+        "resources_per_worker": {"cpus": 1},
+        "placement_strategy": "STRICT_SPREAD",
+        "storage_path": str(tmp_path / "shared"),
+        "placement_timeout_s": 60,
+    }
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return str(path)
+
+
+def launch(out, *extra: str) -> list[str]:
+    sets = [f"output_dir={out}", f"data.path={SMALL}", "data.max_seq_len=256", "data.eval_fraction=0",
+            "train.max_steps=2", "train.micro_batch_size=1", "logging.plot=false"]  # fmt: skip
+    return [sys.executable, "-m", "distsft", "launch", *extra] + [a for s in sets for a in ("--set", s)]
+
+
+def test_a_launch_on_a_two_node_ray_start_cluster_with_token_auth(two_nodes, tmp_path):
+    address, env = two_nodes
+    out = tmp_path / "run"
+    run = subprocess.run(
+        launch(out, "--cluster", cluster_file(tmp_path, address)), cwd=REPO, env=env, capture_output=True,
+        text=True, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    placed = json.loads((out / "workers.json").read_text())
+    assert len({w["node_id"] for w in placed.values()}) == 2  # one rank on each node
+    assert [r["step"] for r in metrics(out)] == [1, 2]
+    assert (out / "final" / "model.safetensors").is_file()
+
+
+def test_a_wrong_token_is_one_line_that_says_what_to_set(two_nodes, tmp_path):
+    address, env = two_nodes
+    t0 = time.monotonic()
+    run = subprocess.run(
+        launch(tmp_path / "run", "--cluster", cluster_file(tmp_path, address)), cwd=REPO,
+        env={**env, "RAY_AUTH_TOKEN": "not-the-token"}, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 2 and time.monotonic() - t0 < 120
+    err = run.stderr.strip()
+    assert "\n" not in err and "refused this launcher's Ray token: set RAY_AUTH_TOKEN" in err, err
+    assert "InvalidAuthToken" in (tmp_path / "run" / "logs" / "driver.log").read_text()
+
+
+def test_a_launch_without_cluster_starts_its_own_ray_beside_another(two_nodes, tmp_path):
+    """Another Ray instance runs on this machine (and RAY_ADDRESS even points at it): the embedded launch
+    neither joins it nor is confused by it."""
+    address, env = two_nodes
+    out = tmp_path / "run"
+    run = subprocess.run(
+        launch(out), cwd=REPO, env={**env, "RAY_ADDRESS": address}, capture_output=True, text=True, timeout=600
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert "cluster: a Ray instance started here" in run.stdout and "Found multiple" not in run.stdout + run.stderr
+    ours = {w["node_id"] for w in json.loads((out / "workers.json").read_text()).values()}
+    probe = (
+        f"import json, ray; ray.init(address='{address}', logging_level='ERROR'); "
+        "print(json.dumps([n['NodeID'] for n in ray.nodes()]))"
+    )
+    listed = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
+    theirs = set(json.loads(listed.stdout.strip().splitlines()[-1]))
+    assert len(theirs) == 2 and not ours & theirs
