@@ -210,16 +210,11 @@ def train(cfg: Config, train_rows: Any, eval_rows: Any, ctx: WorkerContext) -> d
         checkpoint.save(engine, root, step, meta, cfg.checkpoint.keep_last, parts, frozen_base=adapters)
 
     if ctx.rank == 0:
-        stage = ds_config.get("zero_optimization", {}).get("stage", 0)
-        amp = f", {str(precision.compute).removeprefix('torch.')} autocast" if precision.autocast else ""
-        print(
-            f"engine: DeepSpeed {'without ZeRO' if stage == 0 else f'ZeRO stage {stage}'} x {ctx.world_size}, "
-            f"{str(precision.weights).removeprefix('torch.')} weights{amp}, attention {attn}",
-            flush=True,
-        )
+        print(describe_engine(ds_config, precision, ctx.world_size, attn), flush=True)
     clock = StepClock(device)
-    clip_here = ds_config.get("zero_optimization", {}).get("stage", 0) == 0 and ds_config["gradient_clipping"] == 0
-    grad_norm: Any = None
+    # DeepSpeed without ZeRO leaves clipping to the loop (the norm stays on the device); ZeRO clips itself
+    without_zero = ds_config.get("zero_optimization", {}).get("stage", 0) == 0 and ds_config["gradient_clipping"] == 0
+    clip = cfg.train.max_grad_norm if without_zero else None
     pending: list[PendingStep] = []
     loss_mode = cross_entropy_mode(cfg, ds_config)
     start = time.perf_counter()
@@ -246,27 +241,9 @@ def train(cfg: Config, train_rows: Any, eval_rows: Any, ctx: WorkerContext) -> d
                 loss_mode = settle_fused(engine, batches[0], precision.compute, device)
             scale = plan.grad_accum_steps * plan.world_size / max(inputs.global_supervised, 1)
             lr = engine.get_lr()[0]  # the rate this step's update uses; the scheduler moves on in step()
-            sums = torch.zeros(2, dtype=torch.float32, device=device)
             inject_fault(ctx.rank, step + 1)
-            for i, b in enumerate(batches):
-                with phase("forward"):
-                    parts = token_loss_sum(engine, b, aux_coef > 0, mode=loss_mode, compute_dtype=precision.compute)
-                    objective = parts.loss_sum * scale
-                    sums[0] += parts.loss_sum.detach()
-                    if parts.aux is not None:
-                        # DeepSpeed divides by grad_accum and averages over ranks: the step adds the
-                        # coefficient times the mean router loss over every micro-batch of the global batch.
-                        objective = objective + aux_coef * parts.aux
-                        sums[1] += parts.aux.detach().float()
-                with phase("backward"):
-                    engine.backward(objective)
-                if i == len(batches) - 1:
-                    clock.mark("fwd_bwd")
-                with phase("optimizer"):
-                    if i == len(batches) - 1 and clip_here:
-                        grad_norm = clip_gradients(engine, cfg.train.max_grad_norm)
-                    engine.step()  # the optimizer runs at the last micro-batch only
-            clock.mark("optimizer")
+            sums, norm = train_step(engine, batches, scale, aux_coef, loss_mode, precision.compute, clock, clip)
+            grad_norm = norm if clip is not None else engine.get_global_grad_norm()
             record = {
                 "step": step + 1,
                 "lr": lr,
@@ -279,8 +256,6 @@ def train(cfg: Config, train_rows: Any, eval_rows: Any, ctx: WorkerContext) -> d
                 "rank": ctx.rank,
                 "resumed_from": start_step,
             }
-            if not clip_here:
-                grad_norm = engine.get_global_grad_norm()
             pending.append(PendingStep(record, sums, grad_norm, clock.take()))
             summary_file = profiler.step_ends(step + 1)
             if summary_file:
@@ -313,6 +288,51 @@ def train(cfg: Config, train_rows: Any, eval_rows: Any, ctx: WorkerContext) -> d
         summary["eval_loss"] = summary["last"].get("eval_loss")
     ctx.wait()
     return summary
+
+
+def train_step(
+    engine: Any,
+    batches: list[dict[str, Any]],
+    scale: float,
+    aux_coef: float,
+    loss_mode: str,
+    compute_dtype: torch.dtype,
+    clock: StepClock,
+    clip: float | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One optimizer step over this rank's micro-batches: (loss sum, router-loss sum) on the device, and the
+    gradient norm when the loop clips. Nothing here waits for the device."""
+    sums = torch.zeros(2, dtype=torch.float32, device=batches[0]["input_ids"].device)
+    norm = None
+    for i, b in enumerate(batches):
+        last = i == len(batches) - 1
+        with phase("forward"):
+            parts = token_loss_sum(engine, b, aux_coef > 0, mode=loss_mode, compute_dtype=compute_dtype)
+            objective = parts.loss_sum * scale
+            sums[0] += parts.loss_sum.detach()
+            if parts.aux is not None:
+                # DeepSpeed divides by grad_accum and averages over ranks: the step adds the coefficient
+                # times the mean router loss over every micro-batch of the global batch.
+                objective = objective + aux_coef * parts.aux
+                sums[1] += parts.aux.detach().float()
+        with phase("backward"):
+            engine.backward(objective)
+        if last:
+            clock.mark("fwd_bwd")
+        with phase("optimizer"):
+            if last and clip is not None:
+                norm = clip_gradients(engine, clip)
+            engine.step()  # the optimizer runs at the last micro-batch only
+    clock.mark("optimizer")
+    return sums, norm
+
+
+def describe_engine(ds_config: dict[str, Any], precision: Any, world_size: int, attn: str) -> str:
+    stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+    amp = f", {str(precision.compute).removeprefix('torch.')} autocast" if precision.autocast else ""
+    zero = "without ZeRO" if stage == 0 else f"ZeRO stage {stage}"
+    weights = str(precision.weights).removeprefix("torch.")
+    return f"engine: DeepSpeed {zero} x {world_size}, {weights} weights{amp}, attention {attn}"
 
 
 @dataclass
