@@ -102,9 +102,11 @@ class Prefetcher:
         pad_id: int,
         varlen: bool,
         pin: bool,
+        shard: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
     ) -> None:
+        """``shard``: cuts a collated micro-batch to this worker's slice (sequence parallelism)."""
         self.table, self.plan, self.rank, self.seed = table, plan, rank, seed
-        self.pad_id, self.varlen, self.pin = pad_id, varlen, pin
+        self.pad_id, self.varlen, self.pin, self.shard = pad_id, varlen, pin, shard
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="distsft-batches")
         self._next: tuple[int, concurrent.futures.Future] | None = None
 
@@ -114,7 +116,9 @@ class Prefetcher:
         mine = rank_micro_batches(global_rows, self.plan, self.rank)
         micro = []
         for indices in mine:
-            batch = collate(self.table.get(indices), self.pad_id, varlen=self.varlen)
+            batch = collate(self.table.get(indices), self.pad_id, self.varlen, self.plan.sequence_parallel)
+            if self.shard is not None:
+                batch = self.shard(batch)
             if self.pin:
                 batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             micro.append(batch)

@@ -48,6 +48,10 @@ class ModelConfig:
     revision: str | None = None
     quantization: Literal["none", "4bit", "8bit"] = "none"
     """Hold the frozen base in 4 bits (NF4, double quantisation: QLoRA) or 8 bits; needs ``lora.r > 0``."""
+    tiled_mlp: bool = False
+    """Run each layer's MLP over tiles of ``hidden_size`` tokens, recomputed in the backward pass (DeepSpeed
+    ALST's TiledMLP): the MLP's intermediate activations exist for one tile at a time, not the whole row,
+    which is what bounds the activation peak of long sequences. Costs one extra MLP forward per layer."""
     config_path: str | None = None
     """A ``config.json`` of the architecture for ``--dry-run`` planning when the driver cannot read
     ``model.path`` (weights only on the nodes, or no hub access); training always uses ``model.path``."""
@@ -109,6 +113,10 @@ class TrainConfig:
     cross_entropy: Literal["auto", "fused", "chunked", "plain"] = "auto"
     """How the loss meets the output layer (``distsft/loss.py``): ``fused`` never materialises the logits
     of a batch (ZeRO 0-2), ``chunked`` upcasts them chunk by chunk; ``auto``: fused where it applies."""
+    sequence_parallel: int = 1
+    """Workers that share one sequence (Ulysses sequence parallelism, ``distsft/sequence_parallel.py``):
+    each holds ``1/sequence_parallel`` of every row's tokens, and attention exchanges heads for tokens
+    across the group. Workers = data-parallel groups x this; 1 is off."""
     compile: bool = False
     """``torch.compile`` the model through DeepSpeed (``engine.compile``); packed rows vary in width, so the
     graph is compiled with dynamic shapes. Measure before turning it on: see benchmarks/throughput.py."""
@@ -180,7 +188,9 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def batch_plan(self, world_size: int) -> BatchPlan:
-        return BatchPlan(self.train.micro_batch_size, self.train.grad_accum_steps, world_size)
+        return BatchPlan(
+            self.train.micro_batch_size, self.train.grad_accum_steps, world_size, self.train.sequence_parallel
+        )
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -192,15 +202,33 @@ class Config:
 
 @dataclass(frozen=True)
 class BatchPlan:
-    """The one place where batch arithmetic lives: global batch = micro batch x grad accumulation x workers."""
+    """The one place where batch arithmetic lives: global batch = micro batch x grad accumulation x
+    data-parallel groups, where workers = data-parallel groups x sequence-parallel size (the workers of one
+    sequence-parallel group share every row, each holding a slice of its tokens)."""
 
     micro_batch_size: int
     grad_accum_steps: int
     world_size: int
+    sequence_parallel: int = 1
+
+    def __post_init__(self) -> None:
+        if self.world_size % self.sequence_parallel:
+            raise ConfigError(
+                f"train.sequence_parallel = {self.sequence_parallel} does not divide the {self.world_size} "
+                f"worker(s): workers = data-parallel groups x sequence_parallel"
+            )
+
+    @property
+    def data_parallel(self) -> int:
+        return self.world_size // self.sequence_parallel
+
+    def data_rank(self, rank: int) -> int:
+        """Which data-parallel group a worker belongs to (a sequence-parallel group is consecutive ranks)."""
+        return rank // self.sequence_parallel
 
     @property
     def global_batch(self) -> int:
-        return self.micro_batch_size * self.grad_accum_steps * self.world_size
+        return self.micro_batch_size * self.grad_accum_steps * self.data_parallel
 
     @property
     def rows_per_rank(self) -> int:
@@ -227,6 +255,7 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
         "0, 1, 2, 3, 3_offload, or a path to a DeepSpeed .json config",
     ),
     "train.eval_every": (lambda v: v >= 0, "an integer >= 0"),
+    "train.sequence_parallel": (lambda v: v >= 1, "an integer >= 1 (1: off)"),
     "train.router_aux_loss_coef": (lambda v: v is None or v >= 0, "a number >= 0, or null for the model's own"),
     "train.log_every": (lambda v: v >= 1, "an integer >= 1"),
     "lora.r": (lambda v: v >= 0, "an integer >= 0 (0: full fine-tuning)"),
@@ -253,6 +282,13 @@ def _combinations(cfg: Config) -> tuple[str, str] | None:
         return "model.quantization", "8-bit weights cannot be sharded by ZeRO-3: use 4bit, or zero_stage 1 or 2"
     if q != "none" and stage == "3_offload":
         return "model.quantization", "quantised weights cannot be offloaded to CPU: use zero_stage 3 without offload"
+    sp = cfg.train.sequence_parallel
+    if sp > 1 and cfg.data.max_seq_len % sp:
+        return "train.sequence_parallel", (
+            f"{sp} does not divide data.max_seq_len = {cfg.data.max_seq_len}: each worker holds an equal slice of a row"
+        )
+    if sp > 1 and cfg.train.compile:
+        return "train.sequence_parallel", "does not combine with train.compile yet: set train.compile=false"
     if cfg.lora.modules_to_save and cfg.lora.r == 0:
         return "lora.modules_to_save", "only means something with adapters: set lora.r > 0"
     return None

@@ -84,7 +84,9 @@ def render_ds_config(
     offload_opt = zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
     h = hidden_size or 0
     values = {
-        "train_batch_size": plan.global_batch,
+        # DeepSpeed counts every worker as data-parallel (a sequence-parallel group's workers each add their
+        # slice's gradients, which its all-reduce sums); the rows per step are ``plan.global_batch``.
+        "train_batch_size": plan.micro_batch_size * plan.grad_accum_steps * plan.world_size,
         "train_micro_batch_size_per_gpu": plan.micro_batch_size,
         "gradient_accumulation_steps": plan.grad_accum_steps,
         "gradient_clipping": cfg.train.max_grad_norm,

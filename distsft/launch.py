@@ -49,7 +49,7 @@ def launch_local(cfg: Config, quiet: bool = False, verbose: bool = False) -> dic
 
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     with driver_log(Path(cfg.output_dir), verbose):
-        out, data, t0 = _start(cfg, quiet, device_type)
+        out, data, t0 = _start(cfg, quiet, device_type, 1)
         root = checkpoint_root(cfg, None)
         meta, start_step = _resume_plan(cfg, root, world_size=1, data=data)
         steps = total_steps(len(data.train), cfg.batch_plan(1), cfg.train.max_steps, cfg.train.epochs)
@@ -80,7 +80,7 @@ def launch_ray(cfg: Config, cluster: ClusterConfig, quiet: bool = False, verbose
     with driver_log(Path(cfg.output_dir), verbose):
         if not quiet:
             print(f"cluster: {describe_cluster(cluster)}", flush=True)
-        out, data, t0 = _start(cfg, quiet, "cuda" if cluster.use_gpu else "cpu")
+        out, data, t0 = _start(cfg, quiet, "cuda" if cluster.use_gpu else "cpu", cluster.num_workers)
         root = checkpoint_root(cfg, cluster)
         meta, start_step = _resume_plan(cfg, root, world_size=cluster.num_workers, data=data)
         steps = total_steps(len(data.train), cfg.batch_plan(cluster.num_workers), cfg.train.max_steps, cfg.train.epochs)
@@ -98,7 +98,7 @@ def launch_ray(cfg: Config, cluster: ClusterConfig, quiet: bool = False, verbose
         return _finish(cfg, out, root, summary, data, t0, start_step)
 
 
-def _start(cfg: Config, quiet: bool, device_type: str) -> tuple[Path, PreparedData, float]:
+def _start(cfg: Config, quiet: bool, device_type: str, world_size: int) -> tuple[Path, PreparedData, float]:
     check_logging(cfg.logging)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -106,6 +106,7 @@ def _start(cfg: Config, quiet: bool, device_type: str) -> tuple[Path, PreparedDa
     if not quiet:
         changed = ", ".join(f"{k}={v}" for k, v in config_changes(cfg)) or "nothing"
         print(f"config: {out / 'config.yaml'} (changed from the defaults: {changed})", flush=True)
+    cfg.batch_plan(world_size)  # a sequence-parallel size that does not divide the workers fails here
     check_model(cfg, device_type)
     if cfg.model.path == "demo":
         materialize_demo(cfg.train.seed)  # once here, rather than by every worker at the same time
@@ -127,11 +128,13 @@ def check_model(cfg: Config, device_type: str) -> str:
     and say what it will run with; workers make the same choice on their own device."""
     import torch
 
+    from distsft import sequence_parallel
     from distsft.model import model_plan
     from distsft.traits import check_training_fit
 
     traits, attn = model_plan(cfg.model, torch.device(device_type))
     check_training_fit(traits, cfg.data.packing, cfg.train.router_aux_loss_coef)
+    sequence_parallel.check(cfg.train.sequence_parallel, traits, attn)
     line = f"model: {traits.describe(attn)}"
     print(line, flush=True)
     return line

@@ -50,22 +50,24 @@ def token_loss_sum(
 
     A sum, not a mean: the caller divides by the supervised-token count of the whole optimizer step (or
     eval set), which is what makes the loss independent of how rows are packed, batched or sharded.
-    Labels are shifted here (Hugging Face convention: ``labels`` align with ``input_ids``). A model's
+    Labels are shifted here (Hugging Face convention: ``labels`` align with ``input_ids``), unless the batch
+    brings ``shift_labels`` (already shifted, aligned with the logits). A model's
     final-logit soft-capping (Gemma-2) applies to exactly the logits computed. ``compute_dtype`` is what the
     fused loss's matmuls run in (bf16 under autocast, where the weights are fp32); default: the weights'.
     """
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "shift_labels")}
     if router_loss:
         inputs["output_router_logits"] = True
-    labels = batch["labels"][:, 1:]
-    keep = labels != IGNORE_INDEX
+    shifted = batch.get("shift_labels")  # a sequence-parallel slice comes with its labels already shifted
+    if shifted is None:
+        shifted = torch.full_like(batch["labels"], IGNORE_INDEX)
+        shifted[:, :-1] = batch["labels"][:, 1:]
+    positions = shifted != IGNORE_INDEX  # where the next token is supervised
     if not selects_logits(model):
         out = model(**inputs, use_cache=False)
-        loss = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), labels.flatten(), reduction="sum")
-        return LossParts(loss, keep.sum(), getattr(out, "aux_loss", None) if router_loss else None)
-    positions = torch.zeros_like(batch["labels"], dtype=torch.bool)
-    positions[:, :-1] = keep
-    target = labels[keep]
+        loss = F.cross_entropy(out.logits.flatten(0, 1).float(), shifted.flatten(), reduction="sum")
+        return LossParts(loss, positions.sum(), getattr(out, "aux_loss", None) if router_loss else None)
+    target = shifted[positions]
     if mode == "fused":
         head = output_head(model)
         with _capture_head_input(head) as hidden:
@@ -75,7 +77,7 @@ def token_loss_sum(
     else:
         out = model(**inputs, use_cache=False, logits_to_keep=positions)  # (supervised, vocab)
         loss = chunked_cross_entropy(out.logits, target) if mode == "chunked" else _ce(out.logits, target)
-    return LossParts(loss, keep.sum(), getattr(out, "aux_loss", None) if router_loss else None)
+    return LossParts(loss, positions.sum(), getattr(out, "aux_loss", None) if router_loss else None)
 
 
 def _ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -86,6 +88,8 @@ def chunked_cross_entropy(logits: torch.Tensor, target: torch.Tensor, chunk: int
     """The fp32 upcast, log-softmax and its gradient for ``chunk`` rows at a time, recomputed in backward."""
     from torch.utils.checkpoint import checkpoint
 
+    if logits.shape[0] == 0:  # nothing supervised here (a sequence-parallel slice of prompt): still a graph
+        return _ce(logits, target)
     total = logits.new_zeros((), dtype=torch.float32)
     for s in range(0, logits.shape[0], chunk):
         total = total + checkpoint(_ce, logits[s : s + chunk], target[s : s + chunk], use_reentrant=False)

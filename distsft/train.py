@@ -16,6 +16,7 @@ Ctrl-C) is honoured at those points too.
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import time
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from distsft import checkpoint, storage
+from distsft import checkpoint, sequence_parallel, storage
 from distsft.batches import Prefetcher, RowTable
 from distsft.config import Config
 from distsft.data.collate import collate
@@ -39,6 +40,7 @@ from distsft.flops import flops_model, peak_flops
 from distsft.loss import token_loss_sum
 from distsft.model import base_path, count_parameters, load_model, load_tokenizer, model_plan, resolve_dtype
 from distsft.profiling import StepProfiler, phase
+from distsft.tiling import tile_mlps
 from distsft.traits import varlen
 
 
@@ -167,29 +169,42 @@ def train(cfg: Config, train_rows: Any, eval_rows: Any, ctx: WorkerContext) -> d
     init_distributed(device)
     seed_everything(cfg.train.seed)
     plan = cfg.batch_plan(ctx.world_size)
+    sp = sequence_parallel.new_groups(plan.sequence_parallel)
     steps = total_steps(len(train_rows), plan, cfg.train.max_steps, cfg.train.epochs)
     precision = plan_precision(cfg, device, resolve_dtype(cfg.model, device), ctx.world_size)
     traits, attn = model_plan(cfg.model, device, precision.compute)
+    sequence_parallel.check(plan.sequence_parallel, traits, attn)
     aux_coef = router_aux_coef(cfg, traits)
     tokenizer = load_tokenizer(cfg.model)
 
     ds_config = render_ds_config(cfg, plan, precision, device, traits.hidden_size or None)
     weights = precision.weights
-    engine, _hf_ds = build_engine(
-        cfg, ds_config, lambda: load_model(cfg.model, weights, attn, cfg.train.seed, cfg.lora), total_steps=steps
-    )
+    runs_attn = sequence_parallel.register(sp, attn) if sp else attn
+    tiles = (cfg.train.micro_batch_size * cfg.data.max_seq_len // plan.sequence_parallel, traits.hidden_size)
+
+    def build_model() -> Any:
+        model = load_model(cfg.model, weights, runs_attn, cfg.train.seed, cfg.lora)
+        if cfg.model.tiled_mlp and not tile_mlps(model, *tiles) and ctx.rank == 0:
+            print("model.tiled_mlp: this model has no dense MLP to tile (its experts are not tiled)", flush=True)
+        return model
+
+    engine, _hf_ds = build_engine(cfg, ds_config, build_model, total_steps=steps)
     adapters = cfg.lora.r > 0
     n_params = count_parameters(engine.module)
     fm = flops_model(engine.module, n_params)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     peak = peak_flops(device_name, cfg.logging.peak_tflops)
     table = RowTable(train_rows, flops_of=fm.per_example)
+    # Sequence parallelism needs every row's example lengths (the whole row's), whatever the kernel.
+    lengths = varlen(attn) or sp is not None
+    shard = functools.partial(sequence_parallel.shard_batch, size=sp.size, rank=sp.rank) if sp else None
     feed = Prefetcher(
-        table, plan, ctx.rank, cfg.train.seed, tokenizer.pad_token_id, varlen(attn), pin=device.type == "cuda"
+        table, plan, ctx.rank, cfg.train.seed, tokenizer.pad_token_id, lengths, device.type == "cuda", shard
     )
 
     def to_device(rows: list[dict]) -> dict[str, Any]:
-        batch = collate(rows, tokenizer.pad_token_id, varlen=varlen(attn))
+        batch = collate(rows, tokenizer.pad_token_id, lengths, plan.sequence_parallel)
+        batch = shard(batch) if shard else batch
         return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
     root = ctx.checkpoint_dir or Path(cfg.output_dir) / "checkpoints"
@@ -210,7 +225,7 @@ def train(cfg: Config, train_rows: Any, eval_rows: Any, ctx: WorkerContext) -> d
         checkpoint.save(engine, root, step, meta, cfg.checkpoint.keep_last, parts, frozen_base=adapters)
 
     if ctx.rank == 0:
-        print(describe_engine(ds_config, precision, ctx.world_size, attn), flush=True)
+        print(describe_engine(ds_config, precision, plan, attn, cfg.model.tiled_mlp), flush=True)
     clock = StepClock(device)
     # DeepSpeed without ZeRO leaves clipping to the loop (the norm stays on the device); ZeRO clips itself
     without_zero = ds_config.get("zero_optimization", {}).get("stage", 0) == 0 and ds_config["gradient_clipping"] == 0
@@ -269,7 +284,7 @@ def train(cfg: Config, train_rows: Any, eval_rows: Any, ctx: WorkerContext) -> d
             records = read_pending(pending, clock, plan, aux_coef, device, start)
             pending.clear()
             if wants_eval:
-                records[-1]["eval_loss"] = evaluate(engine, eval_rows, plan.micro_batch_size, ctx, to_device, device)
+                records[-1]["eval_loss"] = evaluate(engine, eval_rows, plan, ctx.rank, to_device, device)
             for record in records:
                 ctx.report(record)
             ctx.flush()
@@ -327,12 +342,15 @@ def train_step(
     return sums, norm
 
 
-def describe_engine(ds_config: dict[str, Any], precision: Any, world_size: int, attn: str) -> str:
+def describe_engine(ds_config: dict[str, Any], precision: Any, plan: Any, attn: str, tiled_mlp: bool) -> str:
     stage = ds_config.get("zero_optimization", {}).get("stage", 0)
     amp = f", {str(precision.compute).removeprefix('torch.')} autocast" if precision.autocast else ""
     zero = "without ZeRO" if stage == 0 else f"ZeRO stage {stage}"
     weights = str(precision.weights).removeprefix("torch.")
-    return f"engine: DeepSpeed {zero} x {world_size}, {weights} weights{amp}, attention {attn}"
+    line = f"engine: DeepSpeed {zero} x {plan.world_size}, {weights} weights{amp}, attention {attn}"
+    if plan.sequence_parallel > 1:
+        line += f" (Ulysses sequence parallel {plan.sequence_parallel} x data parallel {plan.data_parallel})"
+    return line + (", tiled MLP" if tiled_mlp else "")
 
 
 @dataclass
@@ -417,15 +435,17 @@ def stop_requested(ctx: WorkerContext, device: torch.device) -> bool:
 
 
 @torch.no_grad()
-def evaluate(engine: Any, rows: list[dict], micro_batch: int, ctx: WorkerContext, to_device, device) -> float:
-    """Token-weighted loss over every eval row; rows are dealt round-robin so ranks share the work.
+def evaluate(engine: Any, rows: list[dict], plan: Any, rank: int, to_device, device) -> float:
+    """Token-weighted loss over every eval row; rows are dealt round-robin so data-parallel groups share the
+    work (the workers of a sequence-parallel group each take their slice of the same rows).
 
     Every rank runs the same number of forward passes (a rank short of rows repeats an empty-label batch),
     because ZeRO-3 forwards are collectives.
     """
     engine.eval()
-    mine = list(range(ctx.rank, len(rows), ctx.world_size))
-    n_batches = -(-len(rows) // (ctx.world_size * micro_batch))
+    micro_batch, groups = plan.micro_batch_size, plan.data_parallel
+    mine = list(range(plan.data_rank(rank), len(rows), groups))
+    n_batches = -(-len(rows) // (groups * micro_batch))
     sums = torch.zeros(2, dtype=torch.float64, device=device)
     for i in range(n_batches):
         chunk = mine[i * micro_batch : (i + 1) * micro_batch]

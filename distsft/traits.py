@@ -44,6 +44,8 @@ class ModelTraits:
     """How many layers use the window (all of them for Mistral; every other for Gemma-2)."""
     layers: int
     hidden_size: int
+    heads: int
+    kv_heads: int
     final_logit_softcapping: float | None
     attn_logit_softcapping: float | None
     experts: int
@@ -117,6 +119,7 @@ def read_traits(config: Any, cls: type) -> ModelTraits:
     forward = inspect.signature(cls.forward).parameters
     router_loss = experts > 0 and "output_router_logits" in forward
     why = _why_not_packs(cls, text, layer_types)
+    heads = int(getattr(text, "num_attention_heads", 0) or 0)
     return ModelTraits(
         model_type=getattr(config, "model_type", "?"),
         class_name=cls.__name__,
@@ -126,6 +129,8 @@ def read_traits(config: Any, cls: type) -> ModelTraits:
         sliding_layers=sliding,
         layers=layers,
         hidden_size=int(getattr(text, "hidden_size", 0) or 0),
+        heads=heads,
+        kv_heads=int(getattr(text, "num_key_value_heads", None) or heads),
         final_logit_softcapping=getattr(text, "final_logit_softcapping", None),
         attn_logit_softcapping=getattr(text, "attn_logit_softcapping", None),
         experts=experts,

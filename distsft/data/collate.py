@@ -24,8 +24,12 @@ import torch
 from distsft.data.tokenize import IGNORE_INDEX
 
 
-def collate(rows: Sequence[dict[str, list[int]]], pad_id: int, varlen: bool = False) -> dict[str, torch.Tensor | int]:
+def collate(
+    rows: Sequence[dict[str, list[int]]], pad_id: int, varlen: bool = False, multiple_of: int = 1
+) -> dict[str, torch.Tensor | int]:
+    """``multiple_of``: pad the width to a multiple of it (sequence parallelism slices rows evenly)."""
     width = max(len(r["input_ids"]) for r in rows)
+    width = -(-width // multiple_of) * multiple_of
     n = len(rows)
     input_ids = torch.full((n, width), pad_id, dtype=torch.long)
     labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)

@@ -22,7 +22,7 @@ def steps_per_epoch(num_rows: int, plan: BatchPlan) -> int:
         raise DataError(
             f"the data has {num_rows} rows but one optimizer step needs {plan.global_batch} "
             f"(micro_batch_size {plan.micro_batch_size} x grad_accum_steps {plan.grad_accum_steps} x "
-            f"{plan.world_size} workers); lower the batch or add data"
+            f"{plan.data_parallel} data-parallel workers); lower the batch or add data"
         )
     return steps
 
@@ -43,7 +43,9 @@ def step_rows(num_rows: int, plan: BatchPlan, step: int, seed: int) -> list[int]
 
 
 def rank_micro_batches(global_rows: list[int], plan: BatchPlan, rank: int) -> list[list[int]]:
-    """This rank's share of a global batch, cut into ``grad_accum_steps`` micro-batches."""
-    mine = global_rows[rank * plan.rows_per_rank : (rank + 1) * plan.rows_per_rank]
+    """This rank's share of a global batch, cut into ``grad_accum_steps`` micro-batches; the workers of a
+    sequence-parallel group get the same rows (each trains on its slice of their tokens)."""
+    group = plan.data_rank(rank)
+    mine = global_rows[group * plan.rows_per_rank : (group + 1) * plan.rows_per_rank]
     m = plan.micro_batch_size
     return [mine[i : i + m] for i in range(0, len(mine), m)]

@@ -1,0 +1,154 @@
+"""Ulysses sequence parallelism: a row split over workers trains exactly as the whole row in one process."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+import torch
+
+from distsft import sequence_parallel
+from distsft.config import load_config
+from distsft.data.collate import collate
+from distsft.errors import ConfigError
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(world: int, cases, tmp_path) -> list[dict]:
+    import sptest
+
+    out = tmp_path / f"sp{world}.json"
+    torch.multiprocessing.spawn(sptest.compare, args=(world, _port(), cases, str(out)), nprocs=world)
+    return json.loads(out.read_text())
+
+
+def _assert_equal(results: list[dict]) -> None:
+    for r in results:
+        assert r["grads"] and r["tokens"] == r["ref_tokens"], r
+        assert abs(r["loss"] - r["ref_loss"]) <= 1e-5 * abs(r["ref_loss"]), r
+        assert r["grad_rel"] <= 1e-5, r
+
+
+@pytest.mark.slow
+def test_rows_split_over_two_workers_give_the_whole_rows_loss_and_gradients(tmp_path):
+    """Packed rows (examples longer than the sliding windows, a padded row) over 2 workers: grouped-query
+    heads split, sliding windows (sdpa, eager), soft-capping (Gemma-2, eager), a mixture of experts, and a
+    single key/value head replicated to both workers."""
+    cases = [
+        ("llama", "sdpa", {}),
+        ("llama", "eager", {"num_key_value_heads": 1}),
+        ("mistral", "sdpa", {}),
+        ("qwen2-swa", "sdpa", {}),
+        ("gemma2", "eager", {}),
+        ("gemma3", "sdpa", {}),
+        ("qwen3-moe", "sdpa", {}),
+        ("phi3", "sdpa", {}),
+    ]
+    results = _spawn(2, cases, tmp_path)
+    assert len(results) == len(cases)
+    _assert_equal(results)
+
+
+@pytest.mark.slow
+def test_rows_split_over_four_workers_replicate_two_key_value_heads(tmp_path):
+    _assert_equal(_spawn(4, [("llama", "sdpa", {}), ("mistral", "eager", {})], tmp_path))
+
+
+def test_shard_batch_shifts_labels_before_the_split():
+    rows = [{"input_ids": [5, 6, 7, 8, 9], "labels": [-100, -100, 7, 8, 9], "position_ids": [0, 1, 2, 0, 1],
+             "seq_lens": [3, 2]}]  # fmt: skip
+    batch = collate(rows, pad_id=0, varlen=True, multiple_of=2)
+    assert batch["input_ids"].shape == (1, 6)  # padded to a multiple of the group size
+    a, b = (sequence_parallel.shard_batch(batch, 2, r) for r in (0, 1))
+    assert a["input_ids"].tolist() == [[5, 6, 7]] and b["input_ids"].tolist() == [[8, 9, 0]]
+    # the last token of worker 0's slice predicts the first token of worker 1's
+    assert a["shift_labels"].tolist() == [[-100, 7, 8]] and b["shift_labels"].tolist() == [[9, -100, -100]]
+    assert a["cu_seq_lens_q"].tolist() == b["cu_seq_lens_q"].tolist() == [0, 3, 5, 6]  # the whole row's
+    assert "labels" not in a
+
+
+def test_sizes_that_do_not_divide_are_one_line_config_errors(tmp_path):
+    from distsft.model import model_plan
+
+    with pytest.raises(ConfigError, match=r"train.sequence_parallel: 3 does not divide data.max_seq_len = 512"):
+        load_config(None, ["train.sequence_parallel=3", "data.max_seq_len=512"])
+    cfg = load_config(None, ["train.sequence_parallel=2"])
+    with pytest.raises(ConfigError, match=r"sequence_parallel = 2 does not divide the 3 worker\(s\)"):
+        cfg.batch_plan(3)
+    plan = cfg.batch_plan(4)
+    assert plan.data_parallel == 2 and plan.global_batch == 2 * cfg.train.micro_batch_size * cfg.train.grad_accum_steps
+    traits, attn = model_plan(cfg.model, "cpu")  # the demo: 4 heads, 4 key/value heads
+    with pytest.raises(ConfigError, match=r"= 8 does not divide the model's 4 attention heads"):
+        sequence_parallel.check(8, traits, attn)
+    with pytest.raises(ConfigError, match=r"attention paged_attention cannot run split sequences; these can: "):
+        sequence_parallel.check(2, traits, "paged_attention")
+    sequence_parallel.check(2, traits, attn)
+
+
+# --- whole runs on Ray Train workers (real DeepSpeed, gloo) ---------------------------------------------
+def _sp_cfg(out, *extra: str):
+    from raytest import run_cfg
+
+    return run_cfg(out, "train.max_steps=4", "train.micro_batch_size=1", *extra)
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory):
+    """One process, grad accumulation 4, packed and unpacked: what every split must reproduce."""
+    from distsft.launch import launch_local
+
+    out = {}
+    for packing in ("true", "false"):
+        out[packing] = tmp_path_factory.mktemp(f"ref-{packing}")
+        launch_local(_sp_cfg(out[packing], "train.grad_accum_steps=4", f"data.packing={packing}"), quiet=True)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "workers,stage,packing",
+    [(2, 2, "true"), (4, 3, "true"), (2, 1, "false")],
+    ids=["sp2xdp1-zero2-packed", "sp2xdp2-zero3-packed", "sp2xdp1-zero1-unpacked"],
+)
+def test_sequence_parallel_runs_equal_one_process(ray_instance, references, tmp_path, workers, stage, packing):
+    """Loss, grad norm and final weights of SP 2 x DP (workers / 2) equal one process within 1e-5; the
+    export is an ordinary model directory (the attention wrapper is not in its config)."""
+    from raytest import assert_same_run, cluster
+
+    from distsft.launch import launch_ray
+
+    accum = 4 // (workers // 2)
+    cfg = _sp_cfg(
+        tmp_path, "train.sequence_parallel=2", f"train.grad_accum_steps={accum}", f"train.zero_stage={stage}",
+        f"data.packing={packing}",
+    )  # fmt: skip
+    launch_ray(cfg, cluster(workers), quiet=True)
+    assert_same_run(references[packing], tmp_path)
+    config = json.loads((tmp_path / "final" / "config.json").read_text())
+    assert sequence_parallel.NAME not in json.dumps(config)
+    log = (tmp_path / "logs" / "rank-0.log").read_text()
+    assert f"Ulysses sequence parallel 2 x data parallel {workers // 2}" in log
+
+
+@pytest.mark.slow
+def test_a_sequence_parallel_run_restarted_after_a_failure_resumes_exactly(ray_instance, references, tmp_path):
+    """A worker fails at step 3 (after checkpoint 2); Ray restarts the group, which resumes from the
+    checkpoint and ends with the uninterrupted run's weights and every step once."""
+    from raytest import assert_same_run, cluster, metrics, with_env
+
+    from distsft.launch import launch_ray
+
+    cfg = _sp_cfg(tmp_path, "train.sequence_parallel=2", "train.grad_accum_steps=4", "train.zero_stage=3",
+                  "checkpoint.every_steps=2")  # fmt: skip
+    marker = tmp_path / "failed-once"
+    launch_ray(cfg, with_env(cluster(2, max_failures=1), DISTSFT_FAIL_AT=f"1:3:{marker}"), quiet=True)
+    assert marker.exists()
+    assert [r["step"] for r in metrics(tmp_path)] == [1, 2, 3, 4]
+    assert "step-00000002 at step 2" in (tmp_path / "logs" / "rank-0.log").read_text()  # resumed, not restarted
+    assert_same_run(references["true"], tmp_path)
