@@ -25,6 +25,20 @@ class ModelSize(NamedTuple):
     """Parameters that train: all of them, or the adapters (and ``modules_to_save``) of a LoRA run."""
     quantizable: int
     """Frozen parameters that bitsandbytes would hold in 4 or 8 bits (linear layers but the output layer)."""
+    shape: Shape | None = None
+
+
+class Shape(NamedTuple):
+    """What activation memory depends on."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    kv_dim: int
+    """Key/value heads x head size: each of k and v is this wide per token."""
+    vocab: int
+    heads: int
+    kv_heads: int
 
 
 def model_sizes(cfg: Config, device_type: str = "cuda") -> ModelSize | None:
@@ -66,7 +80,107 @@ def model_sizes(cfg: Config, device_type: str = "cuda") -> ModelSize | None:
         with torch.device("meta"):
             model = apply_lora(model, cfg.lora, quantized=False, seed=0)
         trainable, _ = trainable_and_total(model)
-    return ModelSize(base_total + (trainable if cfg.lora.r > 0 else 0), largest, family, trainable, quantizable)
+    text = config.get_text_config()
+    heads = int(getattr(text, "num_attention_heads", 1) or 1)
+    kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(text, "head_dim", None) or text.hidden_size // heads)
+    intermediate = int(getattr(text, "intermediate_size", None) or 4 * text.hidden_size)
+    shape = Shape(
+        text.hidden_size, intermediate, text.num_hidden_layers, kv_heads * head_dim, text.vocab_size, heads, kv_heads
+    )
+    total = base_total + (trainable if cfg.lora.r > 0 else 0)
+    return ModelSize(total, largest, family, trainable, quantizable, shape)
+
+
+# Memory of one accelerator by the names cluster files use (``resources_per_worker.accelerator_type``).
+ACCELERATOR_GIB = {"A100-40G": 40, "A100-80G": 80, "A100": 80, "H100": 80, "H200": 141, "GH200": 96, "B200": 180,
+                   "L40S": 48, "L40": 48, "L4": 24, "A10G": 24, "MI300X": 192, "MI250X": 128}  # fmt: skip
+
+
+def activation_memory(cfg: Config, shape: Shape, sequence_parallel: int) -> float:
+    """Bytes of activations one worker holds at its peak, for a micro-batch of full rows.
+
+    An estimate, per token of the worker's slice (``micro_batch_size x max_seq_len / sequence_parallel``):
+    a decoder layer keeps its inputs for the backward pass: 9 hidden-wide tensors (norm inputs and outputs,
+    q, rotated q, attention output, projection input, residual), 3 key/value-wide ones, and 4 of the MLP's
+    intermediate width (gate, up, activation, product), which a tiled MLP does not keep. Activation
+    checkpointing keeps one hidden-wide tensor per layer and recomputes one layer at a time (that layer's
+    activations and their gradients). The attention kernel (flash or varlen) adds nothing that grows with
+    the square of the length; a dense mask (sdpa, eager) would. The loss holds one chunk of fp32 logits
+    and their gradient (``distsft/loss.py``)."""
+    b = 4 if cfg.model.dtype == "float32" else 2
+    tokens = cfg.train.micro_batch_size * cfg.data.max_seq_len / sequence_parallel
+    h, i = shape.hidden, shape.intermediate
+    mlp = 0 if cfg.model.tiled_mlp else 4 * i
+    layer = b * tokens * (9 * h + 3 * shape.kv_dim + mlp)
+    if cfg.model.gradient_checkpointing:
+        kept = shape.layers * b * tokens * h + 2 * layer
+    else:
+        kept = shape.layers * layer
+    tile = b * 4 * i * min(tokens, h) * 2 if cfg.model.tiled_mlp else 0  # one tile and its gradient
+    loss = min(tokens, 2048) * shape.vocab * 4 * 2
+    return kept + tile + loss
+
+
+def sequence_plan(cfg: Config, cluster: ClusterConfig, sizes: ModelSize, states: float) -> list[str]:
+    """Activations per GPU, whether model states + activations fit, and the sequence-parallel size needed."""
+    sp = cfg.train.sequence_parallel
+    shape = sizes.shape
+    if shape is None:
+        return []
+    name = cluster.resources_per_worker.accelerator_type or ""
+    gib = ACCELERATOR_GIB.get(name) or ACCELERATOR_GIB.get(name.split("-")[0])
+    act = activation_memory(cfg, shape, sp)
+    tokens = cfg.train.micro_batch_size * cfg.data.max_seq_len // sp
+    how = ", ".join(
+        x
+        for x, on in (
+            ("activation checkpointing", cfg.model.gradient_checkpointing),
+            ("tiled MLP", cfg.model.tiled_mlp),
+        )
+        if on
+    )
+    lines = [
+        f"sequence:       {cfg.data.max_seq_len:,} tokens per row"
+        + (
+            f" over sequence_parallel {sp} = {cfg.data.max_seq_len // sp:,} per worker; "
+            f"{cluster.num_workers // sp} data-parallel group(s)"
+            if sp > 1
+            else "; no sequence parallelism"
+        ),
+        f"activations:    {_bytes(act)} per GPU ({tokens:,} tokens per micro-batch"
+        + (f"; {how}" if how else "; no activation checkpointing, no tiled MLP")
+        + ")",
+    ]
+    if not cluster.use_gpu:
+        return lines
+    if gib is None:
+        lines.append(f"fits:           unknown: no memory figure for accelerator {name or '(none given)'}")
+        return lines
+    budget = gib * GiB * 0.9  # the CUDA context, the allocator's fragmentation and communication buffers
+    total = states + act
+    verdict = "yes" if total <= budget else "no"
+    lines.append(
+        f"fits:           {verdict}: model states {_bytes(states)} + activations {_bytes(act)} = {_bytes(total)} "
+        f"of {gib} GiB ({name}, 90% usable)"
+    )
+    if total > budget:
+        need = [
+            n
+            for n in range(sp + 1, cluster.num_workers + 1)
+            if cluster.num_workers % n == 0
+            and cfg.data.max_seq_len % n == 0
+            and shape.heads % n == 0
+            and (shape.kv_heads % n == 0 or n % shape.kv_heads == 0)
+            and states + activation_memory(cfg, shape, n) <= budget
+        ]
+        lines.append(
+            f"needs:          train.sequence_parallel={need[0]}"
+            if need
+            else "needs:          more than sequence parallelism over these workers can give: "
+            "turn on model.gradient_checkpointing and model.tiled_mlp, or a smaller max_seq_len"
+        )
+    return lines
 
 
 def memory_estimate(stage: int, offload_opt: bool, offload_param: bool, sizes: ModelSize, cluster: ClusterConfig):
@@ -143,8 +257,13 @@ def dry_run(cfg: Config, cluster: ClusterConfig, local: bool = False) -> list[st
         f"zero:           stage {stage} ({ds_config_path(cfg.train.zero_stage).name})"
         + (", optimizer offload to CPU" if offload_opt else "")
         + (", parameter offload to CPU" if offload_param else ""),
-        f"batch:          micro {plan.micro_batch_size} x grad accum {plan.grad_accum_steps} x workers "
-        f"{plan.world_size} = global batch {plan.global_batch} rows",
+        f"batch:          micro {plan.micro_batch_size} x grad accum {plan.grad_accum_steps} x data-parallel "
+        f"groups {plan.data_parallel} = global batch {plan.global_batch} rows"
+        + (
+            f" (workers {plan.world_size} = {plan.data_parallel} x sequence_parallel {plan.sequence_parallel})"
+            if plan.sequence_parallel > 1
+            else ""
+        ),
         f"tokens/step:    up to {plan.global_batch * cfg.data.max_seq_len:,} "
         f"({plan.global_batch} rows x max_seq_len {cfg.data.max_seq_len}, "
         f"packing {'on' if cfg.data.packing else 'off'})",
@@ -179,6 +298,7 @@ def dry_run(cfg: Config, cluster: ClusterConfig, local: bool = False) -> list[st
                 f"{_params(sizes.trainable)} trainable ({sizes.trainable / sizes.total:.2%} of the parameters)"
             )
             per_gpu = base + states
+            states_per_gpu = per_gpu
             lines.append(
                 f"model states:   {_bytes(per_gpu)} per GPU = base {_bytes(base)} + adapters, gradients and "
                 f"optimizer {_bytes(states)}; {_bytes(per_gpu * cluster.workers_per_node)} per node of "
@@ -186,8 +306,10 @@ def dry_run(cfg: Config, cluster: ClusterConfig, local: bool = False) -> list[st
             )
         else:
             cpu, gpu = memory_estimate(stage, offload_opt, offload_param, sizes, cluster)
+            states_per_gpu = gpu
             lines.append(
                 f"model states:   {gpu / GiB:.1f} GiB per GPU, {cpu / GiB:.1f} GiB CPU per node "
                 "(DeepSpeed estimate: params, grads, optimizer; activations come on top)"
             )
+        lines += sequence_plan(cfg, cluster, sizes, states_per_gpu)
     return lines

@@ -13,8 +13,9 @@ workers). Where it differs, and why:
   row attend to each other on every path but flash-attention, and sliding windows are ignored. Here
   every worker knows the whole row's example lengths (the collator computes them on the host, for the
   whole row, before it is sliced), so the attention of the gathered row gets exactly the mask the
-  unsplit row would get: varlen kernels take the lengths, flex_attention a document block mask, sdpa and
-  eager a dense one, each with the layer's sliding window. eager (which DeepSpeed refuses) therefore works
+  unsplit row would get: varlen kernels take the lengths, flex_attention a document block mask, sdpa runs
+  each example on its own (causal), eager gets a dense mask (made once per forward pass and shared by the
+  layers), each with the layer's sliding window. eager (which DeepSpeed refuses) therefore works
   too, which soft-capped families (Gemma-2) need on CPU.
 - Labels are shifted before the row is split (``shard_batch``), so the token at the end of one worker's
   slice is still trained to predict the first token of the next worker's slice.
@@ -67,6 +68,8 @@ def check(size: int, traits: Any, attn: str) -> None:
     if size == 1:
         return
     key = "train.sequence_parallel"
+    if not traits.heads or not traits.kv_heads:
+        raise ConfigError(f"{key} = {size}: {traits.class_name} has no model-wide attention head count to split")
     if traits.heads % size:
         raise ConfigError(f"{key} = {size} does not divide the model's {traits.heads} attention heads")
     if traits.kv_heads % size and size % traits.kv_heads:
@@ -146,6 +149,9 @@ class _Masks:
 
 
 def _mask(kind: str, cu: torch.Tensor, batch: int, width: int, window: int | None, dtype) -> Any:
+    if kind == "segments":  # (start, end) of every example in the flattened rows, read once per forward
+        bounds = cu.tolist()
+        return list(zip(bounds[:-1], bounds[1:], strict=True))
     flat = torch.arange(batch * width, device=cu.device)
     doc = torch.searchsorted(cu[1:].to(torch.long), flat, right=True).view(batch, width)
     if kind == "flex_attention":
@@ -160,9 +166,7 @@ def _mask(kind: str, cu: torch.Tensor, batch: int, width: int, window: int | Non
     keep = (doc[:, :, None] == doc[:, None, :]) & (q[None, None, :] <= q[None, :, None])
     if window:
         keep &= (q[:, None] - q[None, :] < window)[None]
-    keep = keep[:, None]  # (batch, 1, width, width)
-    if kind == "sdpa":
-        return keep
+    keep = keep[:, None]  # (batch, 1, width, width), additive for eager
     return torch.zeros(keep.shape, dtype=dtype, device=cu.device).masked_fill_(~keep, torch.finfo(dtype).min)
 
 
@@ -194,6 +198,9 @@ def register(sp: SequenceGroup, core: str) -> str:
             if core in ("flash_attention_2", "flash_attention_3", "distsft_varlen"):
                 lengths = {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
                 out, weights = ALL_ATTENTION_FUNCTIONS[core](module, q, k, v, None, **lengths, **kwargs)
+            elif core == "sdpa":
+                segments = masks.get("segments", cu, batch, width, None, None)
+                out, weights = _sdpa_by_example(module, q, k, v, segments, width, kwargs), None
             else:
                 mask = masks.get(core, cu, batch, width, window, q.dtype)
                 run = _eager(module) if core == "eager" else ALL_ATTENTION_FUNCTIONS[core]
@@ -206,6 +213,29 @@ def register(sp: SequenceGroup, core: str) -> str:
     AttentionInterface.register(NAME, ulysses_attention)
     ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, flash_attention_mask)  # no mask: the lengths come as kwargs
     return NAME
+
+
+def _sdpa_by_example(module: Any, q, k, v, segments: list[tuple[int, int]], width: int, kwargs: dict) -> torch.Tensor:
+    """sdpa over each example of the gathered rows on its own: causal, with the layer's window where the
+    example is longer than it. No mask of the row's square exists (at 128k tokens one would take 64 GiB),
+    and nothing is computed across examples."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    window = kwargs.pop("sliding_window", None)
+    outs = []
+    for start, end in segments:
+        b, s, e = start // width, start % width, start % width + (end - start)
+        n = e - s
+        mask = None
+        if window and n > window:
+            i = torch.arange(n, device=q.device)
+            keep = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < window)
+            mask = torch.zeros((n, n), dtype=q.dtype, device=q.device).masked_fill_(~keep, torch.finfo(q.dtype).min)
+            mask = mask[None, None]
+        part = (x[b : b + 1, :, s:e] for x in (q, k, v))
+        out, _ = sdpa_attention_forward(module, *part, mask, is_causal=mask is None, **kwargs)
+        outs.append(out)  # (1, n, heads, dim)
+    return torch.cat(outs, dim=1).view(q.shape[0], width, q.shape[1], -1)
 
 
 def _eager(module: Any) -> Any:

@@ -119,7 +119,7 @@ def read_traits(config: Any, cls: type) -> ModelTraits:
     forward = inspect.signature(cls.forward).parameters
     router_loss = experts > 0 and "output_router_logits" in forward
     why = _why_not_packs(cls, text, layer_types)
-    heads = int(getattr(text, "num_attention_heads", 0) or 0)
+    heads = _global_int(text, "num_attention_heads")
     return ModelTraits(
         model_type=getattr(config, "model_type", "?"),
         class_name=cls.__name__,
@@ -130,7 +130,7 @@ def read_traits(config: Any, cls: type) -> ModelTraits:
         layers=layers,
         hidden_size=int(getattr(text, "hidden_size", 0) or 0),
         heads=heads,
-        kv_heads=int(getattr(text, "num_key_value_heads", None) or heads),
+        kv_heads=_global_int(text, "num_key_value_heads") or heads,
         final_logit_softcapping=getattr(text, "final_logit_softcapping", None),
         attn_logit_softcapping=getattr(text, "attn_logit_softcapping", None),
         experts=experts,
@@ -139,6 +139,15 @@ def read_traits(config: Any, cls: type) -> ModelTraits:
         packs=not why,
         why_not_packs=why,
     )
+
+
+def _global_int(config: Any, key: str) -> int:
+    """A model-wide integer; 0 where the config has none, or one per layer (heterogeneous models refuse
+    to give a global value)."""
+    try:
+        return int(getattr(config, key, 0) or 0)
+    except Exception:  # noqa: BLE001 - transformers' AmbiguousGlobalPerLayerAttributeError, and kin
+        return 0
 
 
 def expert_count(config: Any) -> int:

@@ -79,3 +79,19 @@ def test_secrets_in_env_are_never_printed(cli, tmp_path):
     assert "HF_TOKEN" in out and "hf_supersecret123" not in out + err
     redacted = str(load_cluster(p).redacted())
     assert "hf_supersecret123" not in redacted and "wb_secret" not in redacted
+
+
+def test_dry_run_plans_long_context_activations_and_the_sequence_parallel_size_needed(cli):
+    """Llama-3.1-8B at 128k tokens per row on one 8-GPU node: split 8 ways it fits; unsplit it does not,
+    and the plan names the smallest sequence-parallel size that fits."""
+    args = ["launch", "--config", str(REPO / "configs" / "llama3-8b-128k.yaml"),
+            "--cluster", str(REPO / "cluster" / "h100-node.yaml"), "--dry-run"]  # fmt: skip
+    code, out, err = cli(*args)
+    assert code == 0, err
+    assert "(workers 8 = 1 x sequence_parallel 8)" in out and "= 16,384 per worker" in out
+    assert "fits:           yes" in out and "needs:" not in out
+    code, out, err = cli(*args, "--set", "train.sequence_parallel=1")
+    assert code == 0, err
+    assert "fits:           no" in out and "needs:          train.sequence_parallel=2" in out
+    code, out, err = cli(*args, "--set", "train.sequence_parallel=3")
+    assert code == 2 and "sequence_parallel" in err and "131072" in err

@@ -112,13 +112,18 @@ def references(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "workers,stage,packing",
-    [(2, 2, "true"), (4, 3, "true"), (2, 1, "false")],
-    ids=["sp2xdp1-zero2-packed", "sp2xdp2-zero3-packed", "sp2xdp1-zero1-unpacked"],
+    "workers,stage,packing,extra",
+    [
+        (2, 2, "true", ["model.gradient_checkpointing=true", "model.tiled_mlp=true"]),
+        (4, 3, "true", ["model.tiled_mlp=true"]),
+        (2, 1, "false", []),
+    ],
+    ids=["sp2xdp1-zero2-packed-checkpointed-tiled", "sp2xdp2-zero3-packed-tiled", "sp2xdp1-zero1-unpacked"],
 )
-def test_sequence_parallel_runs_equal_one_process(ray_instance, references, tmp_path, workers, stage, packing):
-    """Loss, grad norm and final weights of SP 2 x DP (workers / 2) equal one process within 1e-5; the
-    export is an ordinary model directory (the attention wrapper is not in its config)."""
+def test_sequence_parallel_runs_equal_one_process(ray_instance, references, tmp_path, workers, stage, packing, extra):
+    """Loss, grad norm and final weights of SP 2 x DP (workers / 2) equal one process within 1e-5, with
+    activation checkpointing and tiled MLPs on (which change nothing but memory); the export is an
+    ordinary model directory (the attention wrapper is not in its config)."""
     from raytest import assert_same_run, cluster
 
     from distsft.launch import launch_ray
@@ -126,7 +131,7 @@ def test_sequence_parallel_runs_equal_one_process(ray_instance, references, tmp_
     accum = 4 // (workers // 2)
     cfg = _sp_cfg(
         tmp_path, "train.sequence_parallel=2", f"train.grad_accum_steps={accum}", f"train.zero_stage={stage}",
-        f"data.packing={packing}",
+        f"data.packing={packing}", *extra,
     )  # fmt: skip
     launch_ray(cfg, cluster(workers), quiet=True)
     assert_same_run(references[packing], tmp_path)
@@ -134,6 +139,7 @@ def test_sequence_parallel_runs_equal_one_process(ray_instance, references, tmp_
     assert sequence_parallel.NAME not in json.dumps(config)
     log = (tmp_path / "logs" / "rank-0.log").read_text()
     assert f"Ulysses sequence parallel 2 x data parallel {workers // 2}" in log
+    assert ("tiled MLP" in log) == ("model.tiled_mlp=true" in extra)
 
 
 @pytest.mark.slow
@@ -152,3 +158,33 @@ def test_a_sequence_parallel_run_restarted_after_a_failure_resumes_exactly(ray_i
     assert [r["step"] for r in metrics(tmp_path)] == [1, 2, 3, 4]
     assert "step-00000002 at step 2" in (tmp_path / "logs" / "rank-0.log").read_text()  # resumed, not restarted
     assert_same_run(references["true"], tmp_path)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_tiled_mlps_give_the_untiled_loss_and_gradients(checkpointing):
+    """Tiles of uneven size (37 tokens in 4 tiles), with and without activation checkpointing."""
+    from isolation import make_examples
+    from tinymodels import tiny_llama
+
+    from distsft.data.packing import pack
+    from distsft.loss import token_loss_sum
+    from distsft.model import enable_activation_checkpointing
+    from distsft.tiling import tile_mlps
+
+    rows = pack(make_examples([20, 17], 101), max_len=37, seed=0)
+    batch = collate(rows, 0)
+    results = []
+    for tiled in (False, True):
+        model = tiny_llama("sdpa", seed=3)
+        if checkpointing:
+            enable_activation_checkpointing(model)
+        if tiled:
+            assert tile_mlps(model, tokens_per_pass=37, hidden_size=10) == 2  # ceil(37 / 10) = 4 tiles
+        model.train()
+        loss = token_loss_sum(model, batch).loss_sum
+        loss.backward()
+        results.append((loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-6, atol=0)
+    for k in grads_a:
+        torch.testing.assert_close(grads_b[k], grads_a[k], rtol=1e-5, atol=1e-7, msg=k)
