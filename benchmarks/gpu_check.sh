@@ -6,6 +6,7 @@
 # Here, once: bash ../shared/gpu/fetch_wheels.sh .whl transformers==5.24.0 huggingface_hub==2.4.0 \
 #   httpx2 httpcore2 truststore peft==0.21.2 bitsandbytes==0.50.0   (kept out of git in .git/info/exclude)
 # There: bash benchmarks/gpu_check.sh   (the device tool carries .whl; logs land in $OUT)
+#        bash benchmarks/gpu_check.sh long   (another call: the longest 1.5B row with and without tiled MLP)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/distsft-gpu}
@@ -30,6 +31,12 @@ step() {  # step NAME SECONDS COMMAND...: the log in $OUT/NAME.log, its tail her
   echo "== $name: exit $? in $((SECONDS - t0)) s"
   grep -vE "^\[|^ *(warnings|Warning)|UserWarning|FutureWarning" "$OUT/$name.log" | tail -n "${TAIL:-14}"
 }
+
+if [ "${1:-}" = "long" ]; then  # the long-context check, a call of its own (about 8 minutes)
+  TAIL=30 step longest 540 python3 benchmarks/long_context.py --longest --preset gpu-1.5b
+  echo "done in $SECONDS s"
+  exit 0
+fi
 
 step tests 170 python3 -m pytest -q -m gpu -p no:cacheprovider -W ignore::FutureWarning -W ignore::UserWarning \
   tests/test_gpu.py tests/test_packing.py

@@ -99,12 +99,12 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
     from distsft.config import load_config
     from distsft.data.inspect import dump_rows, show_rows
-    from distsft.launch import prepare_data
+    from distsft.launch import data_engine, prepare_data
     from distsft.model import load_tokenizer
 
     cfg = load_config(args.config, args.overrides)
     t0 = time.perf_counter()
-    data = prepare_data(cfg)
+    data = prepare_data(cfg, data_engine(cfg, None))
     stats = data.stats.as_dict()
     stats["cache"] = "hit" if data.cache_hit else "built"
     stats["seconds"] = round(time.perf_counter() - t0, 3)

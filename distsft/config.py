@@ -82,8 +82,14 @@ class DataConfig:
     eval_path: str | list[str | DataSource] | None = None
     eval_fraction: float = 0.0
     num_proc: int = 1
+    """Processes that prepare the data with the ``local`` engine."""
+    engine: Literal["auto", "local", "ray"] = "auto"
+    """Where the data is prepared: ``local`` (this machine, ``num_proc`` processes) or ``ray`` (Ray Data over
+    every node's CPUs; JSONL and Parquet sources). ``auto``: ``ray`` for a Ray launch on several nodes or
+    over ``RAY_ENGINE_BYTES`` of data, else ``local``. Both give the same rows."""
     cache_dir: str | None = None
-    """Where prepared data is cached; defaults to ``~/.cache/distsft``."""
+    """Where prepared data is cached; defaults to ``~/.cache/distsft``. With several nodes and the ``ray``
+    engine (or workers reading the rows from it), a directory every node sees."""
 
 
 @dataclass(frozen=True)

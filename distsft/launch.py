@@ -3,8 +3,9 @@ end with a Hugging Face model directory and a summary.
 
 ``--local`` runs the loop in this process (world size 1, no Ray): the single-GPU debug mode, and the
 mode every path can be tested in on a CPU. Otherwise Ray places one worker per accelerator (or CPU slot)
-as the cluster file says and each runs the very same loop (``distsft/ray_launch.py``); the prepared
-rows reach the workers through Ray's object store, so no shared filesystem is needed for data.
+as the cluster file says and each runs the very same loop (``distsft/ray_launch.py``). The data is
+prepared once, on this machine or on Ray Data across the cluster (``data.engine``); workers memory-map
+the prepared rows where they can see them, else get them through Ray's object store.
 
 The console is for a person: where the resolved config is saved and how it differs from the defaults,
 the model and data lines, where each worker runs, progress, the summary. Everything else (and the same
@@ -32,14 +33,49 @@ from distsft.data.prepare import PreparedData, prepare
 from distsft.data.sampler import total_steps
 from distsft.export import export
 from distsft.model import load_tokenizer, materialize_demo
+from distsft.ray_launch import ray_session
 from distsft.records import RecordSink, local_reporter
 from distsft.report import Reporter, check_logging
 from distsft.summary import add_run_figures, format_summary
 
+RAY_ENGINE_BYTES = 1 << 30
+"""``data.engine: auto`` prepares on Ray Data from this much input (or on a cluster of several nodes)."""
 
-def prepare_data(cfg: Config) -> PreparedData:
+
+def data_engine(cfg: Config, cluster: ClusterConfig | None) -> str:
+    """``local`` or ``ray``: the config's choice, or for ``auto``: Ray Data when the launch runs on Ray and
+    either the cluster has several nodes or the JSONL/Parquet input is large; a source Ray Data does not
+    read (JSON arrays, saved or hub datasets) keeps ``auto`` local."""
+    if cfg.data.engine != "auto":
+        return cfg.data.engine
+    if cluster is None:
+        return "local"
+    from distsft.data.sources import resolve_sources
+
+    sources = resolve_sources(cfg.data.path, cfg.data.format)
+    sources += resolve_sources(cfg.data.eval_path, cfg.data.format) if cfg.data.eval_path else []
+    if any(s.kind not in ("jsonl", "parquet") for s in sources):
+        return "local"
+    size = sum(Path(s.path).stat().st_size for s in sources)
+    return "ray" if cluster.num_nodes > 1 or size >= RAY_ENGINE_BYTES else "local"
+
+
+def prepare_data(cfg: Config, engine: str = "local") -> PreparedData:
+    """The prepared rows; ``engine`` ``ray`` runs the work on Ray Data (on the Ray this process is connected
+    to, or on a local instance started for it and stopped after)."""
     tokenizer = load_tokenizer(cfg.model)
-    return prepare(cfg.data, tokenizer, seed=cfg.train.seed, output_dir=cfg.output_dir)
+    if engine != "ray":
+        return prepare(cfg.data, tokenizer, seed=cfg.train.seed, output_dir=cfg.output_dir)
+    import ray
+
+    from distsft.prepare_ray import RayRunner
+
+    started = not ray.is_initialized()
+    try:
+        return prepare(cfg.data, tokenizer, seed=cfg.train.seed, output_dir=cfg.output_dir, runner=RayRunner())
+    finally:
+        if started and ray.is_initialized():
+            ray.shutdown()
 
 
 def launch_local(cfg: Config, quiet: bool = False, verbose: bool = False) -> dict[str, Any]:
@@ -49,7 +85,7 @@ def launch_local(cfg: Config, quiet: bool = False, verbose: bool = False) -> dic
 
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     with driver_log(Path(cfg.output_dir), verbose):
-        out, data, t0 = _start(cfg, quiet, device_type, 1)
+        out, data, t0 = _start(cfg, quiet, device_type, 1, data_engine(cfg, None))
         root = checkpoint_root(cfg, None)
         meta, start_step = _resume_plan(cfg, root, world_size=1, data=data)
         steps = total_steps(len(data.train), cfg.batch_plan(1), cfg.train.max_steps, cfg.train.epochs)
@@ -77,17 +113,18 @@ def launch_ray(cfg: Config, cluster: ClusterConfig, quiet: bool = False, verbose
 
     cfg = absolute_paths(cfg)  # workers run in their own directories
     check_storage(cluster)
-    with driver_log(Path(cfg.output_dir), verbose):
+    engine = data_engine(cfg, cluster)
+    with driver_log(Path(cfg.output_dir), verbose), ray_session(cluster, Path(cfg.output_dir), verbose, engine):
         if not quiet:
             print(f"cluster: {describe_cluster(cluster)}", flush=True)
-        out, data, t0 = _start(cfg, quiet, "cuda" if cluster.use_gpu else "cpu", cluster.num_workers)
+        out, data, t0 = _start(cfg, quiet, "cuda" if cluster.use_gpu else "cpu", cluster.num_workers, engine)
         root = checkpoint_root(cfg, cluster)
         meta, start_step = _resume_plan(cfg, root, world_size=cluster.num_workers, data=data)
         steps = total_steps(len(data.train), cfg.batch_plan(cluster.num_workers), cfg.train.max_steps, cfg.train.epochs)
         display = Reporter(cfg, steps, start_step)
         try:
             with StopOnSignal() as stop:
-                run_workers(cfg, cluster, data, root, meta, start_step, display, stop, verbose)
+                run_workers(cfg, cluster, data, root, meta, start_step, display, stop, verbose, engine)
         finally:
             display.close()
         rows = read_metrics(out)
@@ -98,7 +135,9 @@ def launch_ray(cfg: Config, cluster: ClusterConfig, quiet: bool = False, verbose
         return _finish(cfg, out, root, summary, data, t0, start_step)
 
 
-def _start(cfg: Config, quiet: bool, device_type: str, world_size: int) -> tuple[Path, PreparedData, float]:
+def _start(
+    cfg: Config, quiet: bool, device_type: str, world_size: int, engine: str
+) -> tuple[Path, PreparedData, float]:
     check_logging(cfg.logging)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -111,13 +150,13 @@ def _start(cfg: Config, quiet: bool, device_type: str, world_size: int) -> tuple
     if cfg.model.path == "demo":
         materialize_demo(cfg.train.seed)  # once here, rather than by every worker at the same time
     t0 = time.perf_counter()
-    data = prepare_data(cfg)
+    data = prepare_data(cfg, engine)
     s = data.stats.as_dict()
     print(
         f"data: {s['rows_read']} rows read, {s['kept']} kept, {s['rejected']} rejected, {s['too_long']} too long; "
         f"{s['packed_rows']} rows of <= {s['max_seq_len']} tokens (packing efficiency {s['packing_efficiency']:.1%}), "
         f"{s['supervised_tokens']} supervised tokens [{'cached' if data.cache_hit else 'prepared'} in "
-        f"{time.perf_counter() - t0:.1f}s]",
+        f"{time.perf_counter() - t0:.1f}s{' on Ray Data' if engine == 'ray' and not data.cache_hit else ''}]",
         flush=True,
     )
     return out, data, t0

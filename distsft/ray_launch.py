@@ -53,6 +53,7 @@ def run_workers(
     display: Any,
     stop: Any,
     verbose: bool,
+    engine: str = "local",
 ) -> None:
     """Train on the cluster's workers; returns when they are done (or raises with the first failure)."""
     import ray
@@ -90,8 +91,7 @@ def run_workers(
             ray_worker_loop,
             train_loop_config={
                 "cfg": cfg.to_dict(),
-                "train": ray.put(_arrow(data.train)),
-                "eval": ray.put(_arrow(data.eval)) if len(data.eval) else None,
+                **rows_for_workers(data, cluster, engine),
                 "checkpoint_dir": str(root),
                 "run_meta": meta,
                 "stop_flag": stop_flag,
@@ -115,19 +115,48 @@ def run_workers(
             ),
         )
         stop.on_stop = lambda: stop_flag.set.remote()
-        on_tick = (lambda: record_ray_processes(out)) if started_here else None
+        ours = started_here or any(_SESSION)
+        on_tick = (lambda: record_ray_processes(out)) if ours else None
         with Follower(out / "metrics.jsonl", display, workers=out / "workers.json"):
             error = _fit_in_thread(trainer, on_tick)
         if error is not None:
             raise DistsftError(_describe_failure(error))
     finally:
         if started_here:
-            ray.shutdown()
-            (out / RAY_STATE).unlink(missing_ok=True)
-            import shutil
+            shutdown_ray(out)
 
-            while _TEMP_DIRS:  # the instance's session files (its own logs are in output_dir/logs)
-                shutil.rmtree(_TEMP_DIRS.pop(), ignore_errors=True)
+
+_SESSION: list[bool] = []
+"""Whether the Ray of the current ``ray_session`` was started by it (a stack, for nesting)."""
+
+
+@contextlib.contextmanager
+def ray_session(cluster: ClusterConfig, out: Path, verbose: bool, engine: str):
+    """Ray up for the whole launch when the data is prepared on it too (``engine`` ``ray``): the instance
+    that prepares the rows is the one that trains on them."""
+    if engine != "ray":
+        yield
+        return
+    started = init_ray(cluster, out, verbose)
+    _SESSION.append(started)
+    try:
+        yield
+    finally:
+        _SESSION.pop()
+        if started:
+            shutdown_ray(out)
+
+
+def shutdown_ray(out: Path) -> None:
+    """Stop the Ray this launch started, and remove its session files (its logs are in output_dir/logs)."""
+    import shutil
+
+    import ray
+
+    ray.shutdown()
+    (out / RAY_STATE).unlink(missing_ok=True)
+    while _TEMP_DIRS:
+        shutil.rmtree(_TEMP_DIRS.pop(), ignore_errors=True)
 
 
 def _fit_in_thread(trainer: Any, on_tick=None) -> BaseException | None:
@@ -175,6 +204,7 @@ def ray_worker_loop(config: dict[str, Any]) -> None:
     import torch
     from datasets.table import InMemoryTable
 
+    from distsft.data.prepare import load_prepared
     from distsft.records import Reporter
     from distsft.train import WorkerContext, train
 
@@ -184,11 +214,20 @@ def ray_worker_loop(config: dict[str, Any]) -> None:
         redirect_output(Path(config["logs"]) / f"rank-{rank}.log")
     print(f"rank {rank} of {ctx.get_world_size()} on {node}, pid {os.getpid()}", flush=True)
     cfg = build_config(config["cfg"])
-    # An explicit fingerprint skips datasets' hashing of the table (nothing is cached on workers).
-    train_rows = datasets.Dataset(InMemoryTable(ray.get(config["train"])), fingerprint="distsft-train")
-    eval_rows = []
-    if config["eval"] is not None:
-        eval_rows = datasets.Dataset(InMemoryTable(ray.get(config["eval"])), fingerprint="distsft-eval")
+    if config.get("rows_dir"):  # the prepared cache entry, memory-mapped: pages are read as steps need them
+        rows = Path(config["rows_dir"])
+        if not (rows / "meta.json").is_file():
+            raise DistsftError(
+                f"rank {rank} on node {node}: the prepared data {rows} is not visible here; set data.cache_dir "
+                "to a directory every node sees"
+            )
+        prepared = load_prepared(rows)
+        train_rows, eval_rows = prepared.train, prepared.eval
+    else:  # through the object store: an explicit fingerprint skips datasets' hashing of the table
+        train_rows = datasets.Dataset(InMemoryTable(ray.get(config["train"])), fingerprint="distsft-train")
+        eval_rows = []
+        if config["eval"] is not None:
+            eval_rows = datasets.Dataset(InMemoryTable(ray.get(config["eval"])), fingerprint="distsft-eval")
     node_id = ray.get_runtime_context().get_node_id()
     local_rank = ctx.get_local_rank()
     device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
@@ -229,6 +268,20 @@ def redirect_output(path: Path) -> None:
     # Python's own streams straight to the file too (Ray wraps them to copy lines to its own logs)
     sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
     sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+
+
+def rows_for_workers(data: Any, cluster: ClusterConfig, engine: str) -> dict[str, Any]:
+    """How the workers get the prepared rows: by the cache entry's path, memory-mapped, when they can see
+    it (a Ray instance on this machine, or data prepared by Ray Data, which needs a directory every node
+    sees); otherwise through Ray's object store (one copy per node)."""
+    import ray
+
+    if data.cache_dir is not None and (cluster.address in (None, "local") or engine == "ray"):
+        return {"rows_dir": str(Path(data.cache_dir).resolve())}
+    return {
+        "train": ray.put(_arrow(data.train)),
+        "eval": ray.put(_arrow(data.eval)) if len(data.eval) else None,
+    }
 
 
 def _arrow(ds: Any):

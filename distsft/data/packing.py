@@ -11,6 +11,7 @@ from __future__ import annotations
 import bisect
 import random
 from collections.abc import Sequence
+from typing import Any
 
 from distsft.data.tokenize import Example
 
@@ -41,17 +42,21 @@ def best_fit_decreasing(lengths: Sequence[int], max_len: int) -> list[list[int]]
     return bins
 
 
-def pack(examples: Sequence[Example], max_len: int, seed: int, packing: bool = True) -> list[dict[str, list[int]]]:
-    """Rows with ``input_ids``, ``labels``, ``position_ids`` and ``seq_lens``, in a seeded random order.
+def plan_rows(lengths: Sequence[int], max_len: int, seed: int, packing: bool = True) -> list[list[int]]:
+    """Which examples (indices) make each row, rows in a seeded random order.
 
     The shuffle of rows matters: best-fit decreasing puts the longest examples first, and training on
     rows sorted by length would bias early steps.
     """
-    if packing:
-        bins = best_fit_decreasing([len(e.input_ids) for e in examples], max_len)
-    else:
-        bins = [[i] for i in range(len(examples))]
+    bins = best_fit_decreasing(lengths, max_len) if packing else [[i] for i in range(len(lengths))]
     random.Random(seed).shuffle(bins)
+    return bins
+
+
+def pack(examples: Sequence[Example], max_len: int, seed: int, packing: bool = True) -> list[dict[str, list[int]]]:
+    """Rows with ``input_ids``, ``labels``, ``position_ids`` and ``seq_lens`` (Python lists: for tests and
+    small sets; the pipeline packs Arrow columns with :func:`pack_columns`, the same rows)."""
+    bins = plan_rows([len(e.input_ids) for e in examples], max_len, seed, packing)
     rows = []
     for b in bins:
         ids: list[int] = []
@@ -66,3 +71,31 @@ def pack(examples: Sequence[Example], max_len: int, seed: int, packing: bool = T
             lens.append(len(e.input_ids))
         rows.append({"input_ids": ids, "labels": labels, "position_ids": pos, "seq_lens": lens})
     return rows
+
+
+def pack_columns(ids: Any, labels: Any, bins: list[list[int]]) -> dict[str, Any]:
+    """The rows of ``bins`` from examples held as Arrow list columns (``ids``, ``labels``), as Arrow list
+    columns again: vectorised over tokens, so a chunk of a large corpus packs without Python lists."""
+    import numpy as np
+    import pyarrow as pa
+
+    order = np.fromiter((i for b in bins for i in b), dtype=np.int64)
+    per_row = np.fromiter((len(b) for b in bins), dtype=np.int64, count=len(bins))
+    taken_ids, taken_labels = ids.take(pa.array(order)), labels.take(pa.array(order))
+    lengths = np.diff(np.asarray(taken_ids.offsets)).astype(np.int64)
+    flat_ids = np.asarray(taken_ids.values, dtype=np.int32)
+    flat_labels = np.asarray(taken_labels.values, dtype=np.int32)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    positions = (np.arange(len(flat_ids), dtype=np.int64) - np.repeat(starts, lengths)).astype(np.int32)
+    example_offsets = np.concatenate([[0], np.cumsum(per_row)])  # rows -> examples
+    token_offsets = np.concatenate([[0], np.cumsum(lengths)])[example_offsets]  # rows -> tokens
+
+    def column(values, offsets):
+        return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values))
+
+    return {
+        "input_ids": column(flat_ids, token_offsets),
+        "labels": column(flat_labels, token_offsets),
+        "position_ids": column(positions, token_offsets),
+        "seq_lens": column(lengths.astype(np.int32), example_offsets),
+    }

@@ -11,26 +11,26 @@ packed rows; changing any input changes the fingerprint.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
-import random
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from distsft.config import DataConfig, cache_home
+from distsft.data.chunks import Chunk, plan_chunks, read_chunk
 from distsft.data.formats import RowError, to_turns
-from distsft.data.packing import pack
+from distsft.data.packing import pack_columns, plan_rows
 from distsft.data.sources import LINE, RAW, Source, load_source, resolve_sources, source_fingerprint
-from distsft.data.tokenize import Example, ensure_chat_template, fit_length, tokenize_turns
+from distsft.data.tokenize import IGNORE_INDEX, ensure_chat_template, fit_length, tokenize_turns
 from distsft.errors import DataError
 
-PIPELINE_VERSION = "1"  # bump when a change to this package changes the prepared rows
+PIPELINE_VERSION = "2"  # bump when a change to this package changes the prepared rows
 MAX_REPORTED = 50
 KEPT, TOO_LONG, REJECTED, BLANK = 0, 1, 2, 3
-PARALLEL_MIN_ROWS = 2000  # below this, worker start-up costs more than it saves
 
 
 @dataclass
@@ -78,7 +78,8 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 
 
 def fingerprint(cfg: DataConfig, sources: list[Source], eval_sources: list[Source], tokenizer: Any, seed: int) -> str:
-    relevant = {k: v for k, v in asdict(cfg).items() if k not in ("path", "eval_path", "num_proc", "cache_dir")}
+    where_and_how = ("path", "eval_path", "num_proc", "engine", "cache_dir")  # not what the rows are
+    relevant = {k: v for k, v in asdict(cfg).items() if k not in where_and_how}
     h = hashlib.blake2b(digest_size=16)
     h.update(f"v{PIPELINE_VERSION}|seed={seed}|{json.dumps(relevant, sort_keys=True, default=str)}".encode())
     for tag, srcs in (("train", sources), ("eval", eval_sources)):
@@ -88,7 +89,12 @@ def fingerprint(cfg: DataConfig, sources: list[Source], eval_sources: list[Sourc
     return h.hexdigest()
 
 
-def prepare(cfg: DataConfig, tokenizer: Any, seed: int, output_dir: str | Path | None = None) -> PreparedData:
+def prepare(
+    cfg: DataConfig, tokenizer: Any, seed: int, output_dir: str | Path | None = None, runner: Any = None
+) -> PreparedData:
+    """The prepared rows of ``cfg``, from the cache when these inputs were prepared before. ``runner``
+    runs the chunks' work (``LocalRunner`` by default; ``distsft.prepare_ray.RayRunner`` spreads it over
+    a Ray cluster): the same functions, the same rows."""
     import datasets
 
     datasets.disable_progress_bars()
@@ -98,120 +104,268 @@ def prepare(cfg: DataConfig, tokenizer: Any, seed: int, output_dir: str | Path |
     key = fingerprint(cfg, sources, eval_sources, tokenizer, seed)
     cache = cache_root(cfg) / key
     if (cache / "meta.json").is_file():
-        data = _load_cached(cache)
+        data = load_prepared(cache)
     else:
-        data = _build(cfg, tokenizer, seed, sources, eval_sources, cache)
+        runner = runner or LocalRunner(cfg.num_proc)
+        data = _build(cfg, tokenizer, seed, sources, eval_sources, cache, runner)
     _handle_rejected(cfg, data.rejected, output_dir)
     return data
 
 
-def _build(cfg: DataConfig, tokenizer: Any, seed: int, sources: list[Source], eval_sources: list[Source], cache: Path):
-    stats = DataStats(max_seq_len=cfg.max_seq_len)
-    rejected: list[dict[str, Any]] = []
-    examples = _examples(cfg, tokenizer, sources, stats, rejected, cache.parent)
-    eval_examples: list[Example] = []
-    if eval_sources:
-        eval_examples = _examples(cfg, tokenizer, eval_sources, DataStats(), rejected, cache.parent)
-    elif cfg.eval_fraction > 0 and len(examples) > 1:
-        order = list(range(len(examples)))
-        random.Random(seed).shuffle(order)
-        held = set(order[: max(1, int(len(examples) * cfg.eval_fraction))])
-        eval_examples = [e for i, e in enumerate(examples) if i in held]
-        examples = [e for i, e in enumerate(examples) if i not in held]
-    if rejected and cfg.on_error == "fail":
-        _raise_report(rejected)
-    if not examples:
-        raise DataError(
-            f"data.path: no usable examples ({stats.rows_read} rows read, {stats.too_long} longer than "
-            f"data.max_seq_len={cfg.max_seq_len}, {stats.rejected} rejected)"
-        )
-    train_rows = pack(examples, cfg.max_seq_len, seed, cfg.packing)
-    eval_rows = pack(eval_examples, cfg.max_seq_len, seed, cfg.packing)
-    stats.packed_rows = len(train_rows)
-    stats.packed_tokens = sum(len(r["input_ids"]) for r in train_rows)
-    stats.eval_rows = len(eval_rows)
+@dataclass
+class Work:
+    """What every chunk's work needs besides the chunk (shipped once per process or node)."""
 
+    cfg: DataConfig
+    tokenizer: Any
+    seed: int
+    sources: list[Source]
+    """Training sources, then eval sources (a chunk's ``source`` indexes this list)."""
+    opened: dict[int, Any]
+    """Sources read as datasets (JSON arrays, saved and hub datasets), open on the driver."""
+    tmp: str
+    """The cache entry being built (renamed into place when complete)."""
+
+
+@dataclass
+class ChunkResult:
+    index: int
+    eval: bool
+    rows_read: int = 0
+    kept: int = 0
+    too_long: int = 0
+    rejected: list[dict[str, Any]] = field(default_factory=list)
+    tokens: int = 0
+    supervised: int = 0
+
+
+class LocalRunner:
+    """Runs the chunks' work in this process, or in ``num_proc`` forked processes."""
+
+    def __init__(self, num_proc: int = 1) -> None:
+        self.num_proc = num_proc
+
+    def map(self, fn: Any, items: list, work: Work) -> list:
+        if self.num_proc <= 1 or len(items) <= 1:
+            return [fn(item, work) for item in items]
+        import multiprocessing
+
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # forked children tokenise; the parent's pool would hang
+        ctx = multiprocessing.get_context("fork")
+        with ctx.Pool(min(self.num_proc, len(items)), initializer=_set_work, initargs=(work,)) as pool:
+            return pool.map(_with_work, [(fn, item) for item in items], chunksize=1)
+
+
+_WORK: Work | None = None
+
+
+def _set_work(work: Work) -> None:
+    global _WORK
+    _WORK = work
+
+
+def _with_work(job: tuple[Any, Any]) -> Any:
+    fn, item = job
+    return fn(item, _WORK)
+
+
+def _build(cfg: DataConfig, tokenizer: Any, seed: int, sources: list[Source], eval_sources: list[Source],
+           cache: Path, runner: Any) -> PreparedData:  # fmt: skip
+    """Two passes over chunks: tokenise (each chunk's examples to a file), then, knowing how many examples
+    there are in all (the eval hold-out is a fraction of all of them), pack each chunk's examples."""
+    _clear_abandoned(cache)
     tmp = cache.with_name(f"{cache.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    for name, rows in (("train", train_rows), ("eval", eval_rows)):
-        if rows:  # datasets cannot reload a saved dataset of zero rows
-            _rows_dataset(rows).save_to_disk(str(tmp / name))
-    meta = {"stats": asdict(stats), "rejected": rejected}
-    (tmp / "meta.json").write_text(json.dumps(meta, ensure_ascii=False))
+    (tmp / "examples").mkdir(parents=True)
+    everything = sources + eval_sources
+    opened = {
+        i: load_source(src, cache.parent / "hf-datasets")
+        for i, src in enumerate(everything)
+        if src.kind not in ("jsonl", "parquet")
+    }
+    chunks = plan_chunks(sources, 0, False, opened)
+    chunks += plan_chunks(
+        eval_sources,
+        len(chunks),
+        True,
+        {i: opened[len(sources) + i] for i in range(len(eval_sources)) if len(sources) + i in opened},
+    )
+    chunks = [dataclasses.replace(c, source=c.source + len(sources)) if c.eval else c for c in chunks]
+    if opened and not getattr(runner, "reads_opened", True):
+        runner.map(tokenize_chunk, [], Work(cfg, tokenizer, seed, everything, opened, str(tmp)))  # says why not
+    work = Work(cfg, tokenizer, seed, everything, opened, str(tmp))
     try:
-        tmp.rename(cache)
-    except OSError:  # a concurrent prepare of the same inputs won; its rows are identical
+        results = [
+            r if isinstance(r, ChunkResult) else ChunkResult(**r) for r in runner.map(tokenize_chunk, chunks, work)
+        ]
+        results.sort(key=lambda r: r.index)
+        stats = DataStats(max_seq_len=cfg.max_seq_len)
+        rejected: list[dict[str, Any]] = []
+        for r in results:
+            rejected += r.rejected
+            if not r.eval:
+                stats.rows_read += r.rows_read
+                stats.kept += r.kept
+                stats.too_long += r.too_long
+                stats.rejected += len(r.rejected)
+                stats.tokens += r.tokens
+                stats.supervised_tokens += r.supervised
+        if rejected and cfg.on_error == "fail":
+            _raise_report(rejected)
+        if not stats.kept:
+            raise DataError(
+                f"data.path: no usable examples ({stats.rows_read} rows read, {stats.too_long} longer than "
+                f"data.max_seq_len={cfg.max_seq_len}, {stats.rejected} rejected)"
+            )
+        held = held_out(stats.kept, 0.0 if eval_sources else cfg.eval_fraction, seed)
+        jobs, first = [], 0
+        for r in results:
+            mask = None
+            if not r.eval:
+                mask = held[first : first + r.kept]
+                first += r.kept
+            jobs.append((r.index, r.eval, mask))
+        for rows, tokens, eval_rows in runner.map(pack_chunk, jobs, work):
+            stats.packed_rows += rows
+            stats.packed_tokens += tokens
+            stats.eval_rows += eval_rows
+        shutil.rmtree(tmp / "examples", ignore_errors=True)
+        meta = {"stats": asdict(stats), "rejected": rejected}
+        (tmp / "meta.json").write_text(json.dumps(meta, ensure_ascii=False))  # last: the entry is complete
+        try:
+            tmp.rename(cache)
+        except OSError:  # a concurrent prepare of the same inputs won; its rows are identical
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-    data = _load_cached(cache)
+        raise
+    data = load_prepared(cache)
     data.cache_hit = False
     return data
 
 
-def _rows_dataset(rows: list[dict[str, list[int]]]):
-    import datasets
+def held_out(n: int, fraction: float, seed: int) -> Any:
+    """Which of ``n`` examples (in chunk order) are held out for eval: a seeded choice of
+    ``max(1, n * fraction)`` of them, the same whichever engine prepared them."""
+    import numpy as np
 
-    features = datasets.Features(
-        {k: datasets.List(datasets.Value("int32")) for k in ("input_ids", "labels", "position_ids", "seq_lens")}
-    )
-    cols = {k: [r[k] for r in rows] for k in features}
-    return datasets.Dataset.from_dict(cols, features=features)
+    mask = np.zeros(n, dtype=bool)
+    if fraction > 0 and n > 1:
+        mask[np.random.default_rng(seed).permutation(n)[: max(1, int(n * fraction))]] = True
+    return mask
 
 
-def _load_cached(cache: Path) -> PreparedData:
+EXAMPLE_SCHEMA = {"input_ids": "int32", "labels": "int32"}
+
+
+def tokenize_chunk(chunk: Chunk, work: Work) -> ChunkResult:
+    """Stage 1: a chunk's rows -> its kept examples (token ids and labels, written as an Arrow stream in
+    batches, never held whole) and the account of every row."""
+    import pyarrow as pa
+
+    cfg, src = work.cfg, work.sources[chunk.source]
+    result = ChunkResult(chunk.index, chunk.eval)
+    schema = pa.schema({k: pa.list_(pa.int32()) for k in EXAMPLE_SCHEMA})
+    path = Path(work.tmp) / "examples" / f"{chunk.index:06d}.arrow"
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        for batch in read_chunk(chunk, src, work.opened.get(chunk.source)):
+            out = process_batch(batch, work.tokenizer, src.format, cfg.train_on, cfg.max_seq_len, cfg.too_long)
+            keep = []
+            for i, (s, line, reason) in enumerate(zip(out["status"], out[LINE], out["reason"], strict=True)):
+                if s == BLANK:
+                    continue
+                result.rows_read += 1
+                if s == REJECTED:
+                    result.rejected.append({"file": src.path, "line": line, "where": src.where(line), "reason": reason})
+                elif s == TOO_LONG:
+                    result.too_long += 1
+                else:
+                    keep.append(i)
+                    result.tokens += len(out["input_ids"][i])
+                    result.supervised += sum(1 for t in out["labels"][i] if t != IGNORE_INDEX)
+            result.kept += len(keep)
+            if keep:
+                cols = [pa.array([out[k][i] for i in keep], pa.list_(pa.int32())) for k in EXAMPLE_SCHEMA]
+                writer.write_batch(pa.record_batch(cols, schema=schema))
+    return result
+
+
+def pack_chunk(job: tuple[int, bool, Any], work: Work) -> tuple[int, int, int]:
+    """Stage 2: a chunk's examples -> packed training rows (and eval rows), written as Arrow streams.
+    Packing is within the chunk: ``CHUNK_ROWS`` examples is window enough for best-fit decreasing."""
+    import numpy as np
+    import pyarrow as pa
+
+    index, is_eval, mask = job
+    cfg = work.cfg
+    path = Path(work.tmp) / "examples" / f"{index:06d}.arrow"
+    with pa.memory_map(str(path)) as source:
+        table = pa.ipc.open_stream(source).read_all()
+    ids, labels = (table.column(k).combine_chunks() for k in EXAMPLE_SCHEMA)
+    lengths = np.diff(np.asarray(ids.offsets)).tolist()
+    held = np.ones(len(ids), dtype=bool) if is_eval else np.asarray(mask, dtype=bool)
+    counts = []
+    for name, members in (("train", np.flatnonzero(~held)), ("eval", np.flatnonzero(held))):
+        if not len(members):
+            counts.append((0, 0))
+            continue
+        seed = work.seed * 1_000_003 + index
+        bins = plan_rows([lengths[i] for i in members], cfg.max_seq_len, seed, cfg.packing)
+        bins = [[int(members[i]) for i in b] for b in bins]
+        rows = pack_columns(ids, labels, bins)
+        _write_rows(Path(work.tmp) / name / f"{index:06d}.arrow", rows)
+        counts.append((len(bins), int(np.asarray(rows["input_ids"].offsets)[-1])))
+    return counts[0][0], counts[0][1], counts[1][0]
+
+
+def _write_rows(path: Path, columns: dict[str, Any]) -> None:
+    import pyarrow as pa
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.table(columns)
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table, max_chunksize=1024)
+
+
+def _clear_abandoned(cache: Path) -> None:
+    """Half-built entries of this key left by a process that died (they are never read: an entry counts
+    only under its own name, with meta.json)."""
+    for tmp in cache.parent.glob(f"{cache.name}.tmp*"):
+        pid = tmp.name.rsplit(".tmp", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def load_prepared(cache: Path) -> PreparedData:
+    """A complete cache entry, memory-mapped: its rows are read from the files as they are used."""
     import datasets
 
     meta = json.loads((cache / "meta.json").read_text())
+
+    def rows(name: str) -> Any:
+        parts = sorted((cache / name).glob("*.arrow"))
+        if not parts:
+            return []
+        return datasets.concatenate_datasets([datasets.Dataset.from_file(str(p)) for p in parts])
+
     return PreparedData(
-        train=datasets.load_from_disk(str(cache / "train")),
-        eval=datasets.load_from_disk(str(cache / "eval")) if (cache / "eval").is_dir() else [],
+        train=rows("train"),
+        eval=rows("eval"),
         stats=DataStats(**meta["stats"]),
         rejected=meta["rejected"],
         cache_dir=cache,
         cache_hit=True,
     )
-
-
-def _examples(
-    cfg: DataConfig, tokenizer: Any, sources: list[Source], stats: DataStats, rejected: list, hf_cache: Path
-) -> list[Example]:
-    examples: list[Example] = []
-    for src in sources:
-        ds = load_source(src, hf_cache / "hf-datasets")
-        num_proc = cfg.num_proc if cfg.num_proc > 1 and len(ds) >= PARALLEL_MIN_ROWS else None
-        out = ds.map(
-            process_batch,
-            batched=True,
-            batch_size=256,
-            num_proc=num_proc,
-            remove_columns=ds.column_names,
-            fn_kwargs={
-                "tokenizer": tokenizer,
-                "fmt": src.format,
-                "train_on": cfg.train_on,
-                "max_len": cfg.max_seq_len,
-                "too_long": cfg.too_long,
-            },
-            load_from_cache_file=False,
-            desc=f"tokenising {Path(src.path).name}",
-        )
-        # Whole columns, read once: per-row access would decode every row's token lists again.
-        for s, line, reason in zip(out["status"], out[LINE], out["reason"], strict=True):
-            if s == BLANK:
-                continue
-            stats.rows_read += 1
-            if s == REJECTED:
-                stats.rejected += 1
-                rejected.append({"file": src.path, "line": line, "where": src.where(line), "reason": reason})
-            elif s == TOO_LONG:
-                stats.too_long += 1
-        kept = out.filter(lambda s: s == KEPT, input_columns="status")
-        for ids, labels in zip(kept["input_ids"], kept["labels"], strict=True):
-            ex = Example(list(ids), list(labels))
-            stats.kept += 1
-            stats.tokens += len(ex.input_ids)
-            stats.supervised_tokens += ex.num_supervised
-            examples.append(ex)
-    return examples
 
 
 def process_batch(batch: dict[str, list], tokenizer: Any, fmt: str, train_on: str, max_len: int, too_long: str):
