@@ -48,18 +48,18 @@ class RowTable:
     def __init__(self, rows: Any, flops_of: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
         if hasattr(rows, "with_format"):  # a datasets.Dataset: rows as numpy arrays, not Python lists
             self.rows = rows.with_format("numpy")
-            labels, seq_lens = _flat(rows, "labels"), _flat(rows, "seq_lens")
+            seq_lens = _flat(rows, "seq_lens")
+            if "supervised" in rows.column_names:  # counted when packed: no row's tokens are read here
+                self.supervised = np.asarray(rows.data.column("supervised").to_numpy(), dtype=np.int64)
+                self.tokens = _lengths(rows, "input_ids")
+            else:
+                self.supervised, self.tokens = _supervised(_flat(rows, "labels"))
         else:
             self.rows = rows
-            labels = _flat_lists([r["labels"] for r in rows])
             seq_lens = _flat_lists([r["seq_lens"] for r in rows])
-        values, starts, lengths = labels
-        supervised = np.add.reduceat((values != IGNORE_INDEX).astype(np.int64), starts) if len(values) else values
-        # A row starts with an example, whose first label is always -100: labels[1:] and labels agree.
-        self.supervised = supervised - (values[starts] != IGNORE_INDEX)
-        self.tokens = lengths
+            self.supervised, self.tokens = _supervised(_flat_lists([r["labels"] for r in rows]))
         if flops_of is None:
-            self.flops = np.zeros(len(lengths))
+            self.flops = np.zeros(len(self.tokens))
         else:
             ex_values, ex_starts, _ = seq_lens
             self.flops = np.add.reduceat(flops_of(ex_values), ex_starts)
@@ -69,6 +69,20 @@ class RowTable:
 
     def get(self, indices: Sequence[int]) -> list[dict[str, Any]]:
         return [self.rows[int(i)] for i in indices]
+
+
+def _supervised(labels: tuple[np.ndarray, np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens whose next token is supervised, tokens) per row."""
+    values, starts, lengths = labels
+    supervised = np.add.reduceat((values != IGNORE_INDEX).astype(np.int64), starts) if len(values) else values
+    # A row starts with an example, whose first label is always -100: labels[1:] and labels agree.
+    return supervised - (values[starts] != IGNORE_INDEX), lengths
+
+
+def _lengths(ds: Any, column: str) -> np.ndarray:
+    import pyarrow.compute as pc
+
+    return pc.list_value_length(ds.data.column(column)).to_numpy().astype(np.int64)
 
 
 def _flat(ds: Any, column: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

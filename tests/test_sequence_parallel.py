@@ -106,8 +106,13 @@ def references(tmp_path_factory):
     out = {}
     for packing in ("true", "false"):
         out[packing] = tmp_path_factory.mktemp(f"ref-{packing}")
-        launch_local(_sp_cfg(out[packing], "train.grad_accum_steps=4", f"data.packing={packing}"), quiet=True)
+        launch_local(_sp_cfg(out[packing], "train.grad_accum_steps=4", *_data(packing)), quiet=True)
     return out
+
+
+def _data(packing: str) -> list[str]:
+    """The unpacked runs also hold out examples, so eval runs split over the workers too."""
+    return [f"data.packing={packing}"] + (["data.eval_fraction=0.1"] if packing == "false" else [])
 
 
 @pytest.mark.slow
@@ -124,17 +129,22 @@ def test_sequence_parallel_runs_equal_one_process(ray_instance, references, tmp_
     """Loss, grad norm and final weights of SP 2 x DP (workers / 2) equal one process within 1e-5, with
     activation checkpointing and tiled MLPs on (which change nothing but memory); the export is an
     ordinary model directory (the attention wrapper is not in its config)."""
-    from raytest import assert_same_run, cluster
+    from raytest import assert_same_run, cluster, metrics
 
     from distsft.launch import launch_ray
 
     accum = 4 // (workers // 2)
     cfg = _sp_cfg(
         tmp_path, "train.sequence_parallel=2", f"train.grad_accum_steps={accum}", f"train.zero_stage={stage}",
-        f"data.packing={packing}", *extra,
+        *_data(packing), *extra,
     )  # fmt: skip
     launch_ray(cfg, cluster(workers), quiet=True)
     assert_same_run(references[packing], tmp_path)
+    if packing == "false":  # eval over split rows: the same token-weighted loss
+        (ref,), (run,) = (
+            [r["eval_loss"] for r in metrics(d) if "eval_loss" in r] for d in (references[packing], tmp_path)
+        )
+        assert abs(ref - run) <= 1e-5 * ref, (ref, run)
     config = json.loads((tmp_path / "final" / "config.json").read_text())
     assert sequence_parallel.NAME not in json.dumps(config)
     log = (tmp_path / "logs" / "rank-0.log").read_text()

@@ -75,7 +75,8 @@ def pack(examples: Sequence[Example], max_len: int, seed: int, packing: bool = T
 
 def pack_columns(ids: Any, labels: Any, bins: list[list[int]]) -> dict[str, Any]:
     """The rows of ``bins`` from examples held as Arrow list columns (``ids``, ``labels``), as Arrow list
-    columns again: vectorised over tokens, so a chunk of a large corpus packs without Python lists."""
+    columns again: vectorised over tokens, so a chunk of a large corpus packs without Python lists. A
+    ``supervised`` count per row lets training count a step's tokens without reading any row."""
     import numpy as np
     import pyarrow as pa
 
@@ -93,9 +94,15 @@ def pack_columns(ids: Any, labels: Any, bins: list[list[int]]) -> dict[str, Any]
     def column(values, offsets):
         return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values))
 
+    # Per row, the tokens whose next token is supervised (what the loss counts): the row's supervised
+    # labels but its first (a row starts with an example, whose first label is never supervised).
+    supervised = flat_labels != -100
+    row_starts = token_offsets[:-1]
+    counts = np.add.reduceat(supervised.astype(np.int64), row_starts) - supervised[row_starts] if len(bins) else []
     return {
         "input_ids": column(flat_ids, token_offsets),
         "labels": column(flat_labels, token_offsets),
         "position_ids": column(positions, token_offsets),
         "seq_lens": column(lengths.astype(np.int32), example_offsets),
+        "supervised": pa.array(np.asarray(counts, dtype=np.int32)),
     }

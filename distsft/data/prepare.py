@@ -1,4 +1,10 @@
-"""The data pipeline, run once on the driver: read -> normalise -> template + mask -> length policy -> pack.
+"""The data pipeline: read -> normalise -> template + mask -> length policy -> pack, chunk by chunk.
+
+The sources are cut into chunks (``chunks.py``); a first pass tokenises each chunk (its examples stream
+to an Arrow file), a second packs each chunk's examples into rows (another Arrow file per chunk). What
+runs the passes is a runner: this machine's processes (``LocalRunner``) or Ray Data across a cluster
+(``distsft/prepare_ray.py``); the chunks and the functions are the same, and so are the rows. Nothing
+holds the whole corpus: the driver keeps per-chunk counts and one bit per example (the eval hold-out).
 
 Every row read is accounted for: ``kept + too_long + rejected == rows_read`` (blank lines are not rows).
 In strict mode (``on_error: fail``) all bad rows are reported together, each with file, line and reason,
@@ -6,7 +12,8 @@ before any training starts; with ``on_error: skip`` they go to ``output_dir/reje
 
 The result is cached under a fingerprint of the data files' contents, the tokenizer (vocabulary, special
 tokens, chat template) and the data config, so a second run on the same inputs only memory-maps the
-packed rows; changing any input changes the fingerprint.
+packed rows; changing any input changes the fingerprint. An entry is built under a temporary name and
+renamed into place once ``meta.json`` (written last) exists: a killed preparation leaves nothing usable.
 """
 
 from __future__ import annotations
@@ -63,6 +70,8 @@ class PreparedData:
     rejected: list[dict[str, Any]] = field(default_factory=list)
     cache_dir: Path | None = None
     cache_hit: bool = False
+    work_peak_rss_mb: float | None = None
+    """Largest peak resident memory of the processes that tokenised and packed (when built now)."""
 
 
 def cache_root(cfg: DataConfig) -> Path:
@@ -137,6 +146,14 @@ class ChunkResult:
     rejected: list[dict[str, Any]] = field(default_factory=list)
     tokens: int = 0
     supervised: int = 0
+    peak_rss_mb: float = 0.0
+    """Peak resident memory of the process that did the work (so far), for the benchmark's figures."""
+
+
+def peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 class LocalRunner:
@@ -225,10 +242,12 @@ def _build(cfg: DataConfig, tokenizer: Any, seed: int, sources: list[Source], ev
                 mask = held[first : first + r.kept]
                 first += r.kept
             jobs.append((r.index, r.eval, mask))
-        for rows, tokens, eval_rows in runner.map(pack_chunk, jobs, work):
+        peak = max(r.peak_rss_mb for r in results)
+        for rows, tokens, eval_rows, rss in runner.map(pack_chunk, jobs, work):
             stats.packed_rows += rows
             stats.packed_tokens += tokens
             stats.eval_rows += eval_rows
+            peak = max(peak, rss)
         shutil.rmtree(tmp / "examples", ignore_errors=True)
         meta = {"stats": asdict(stats), "rejected": rejected}
         (tmp / "meta.json").write_text(json.dumps(meta, ensure_ascii=False))  # last: the entry is complete
@@ -241,6 +260,7 @@ def _build(cfg: DataConfig, tokenizer: Any, seed: int, sources: list[Source], ev
         raise
     data = load_prepared(cache)
     data.cache_hit = False
+    data.work_peak_rss_mb = peak
     return data
 
 
@@ -287,10 +307,11 @@ def tokenize_chunk(chunk: Chunk, work: Work) -> ChunkResult:
             if keep:
                 cols = [pa.array([out[k][i] for i in keep], pa.list_(pa.int32())) for k in EXAMPLE_SCHEMA]
                 writer.write_batch(pa.record_batch(cols, schema=schema))
+    result.peak_rss_mb = peak_rss_mb()
     return result
 
 
-def pack_chunk(job: tuple[int, bool, Any], work: Work) -> tuple[int, int, int]:
+def pack_chunk(job: tuple[int, bool, Any], work: Work) -> tuple[int, int, int, float]:
     """Stage 2: a chunk's examples -> packed training rows (and eval rows), written as Arrow streams.
     Packing is within the chunk: ``CHUNK_ROWS`` examples is window enough for best-fit decreasing."""
     import numpy as np
@@ -315,7 +336,7 @@ def pack_chunk(job: tuple[int, bool, Any], work: Work) -> tuple[int, int, int]:
         rows = pack_columns(ids, labels, bins)
         _write_rows(Path(work.tmp) / name / f"{index:06d}.arrow", rows)
         counts.append((len(bins), int(np.asarray(rows["input_ids"].offsets)[-1])))
-    return counts[0][0], counts[0][1], counts[1][0]
+    return counts[0][0], counts[0][1], counts[1][0], peak_rss_mb()
 
 
 def _write_rows(path: Path, columns: dict[str, Any]) -> None:
