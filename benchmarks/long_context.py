@@ -28,32 +28,13 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from memory import make_model  # noqa: E402
 
 from distsft.cluster import ClusterConfig, WorkerResources  # noqa: E402
 from distsft.config import load_config  # noqa: E402
 from distsft.launch import launch_ray  # noqa: E402
-
-
-def make_model(out: Path, layers: int, hidden: int, max_len: int) -> int:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    demo = json.loads((Path(__file__).resolve().parent.parent / "distsft/demo/model/config.json").read_text())
-    cfg = LlamaConfig(
-        vocab_size=demo["vocab_size"],
-        hidden_size=hidden,
-        intermediate_size=int(hidden * 2.75),
-        num_hidden_layers=layers,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        max_position_embeddings=max_len,
-        pad_token_id=demo["pad_token_id"],
-        eos_token_id=demo["eos_token_id"],
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg)
-    model.save_pretrained(out)
-    return sum(p.numel() for p in model.parameters())
 
 
 def make_data(out: Path, length: int, rows: int = 2) -> None:
@@ -93,7 +74,6 @@ def trains(model_dir: Path, tmp: Path, length: int, extra: list[str]) -> tuple[b
 
 
 def longest(preset: str) -> None:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from throughput import PRESETS
     from throughput import make_model as make_shape
 
@@ -133,7 +113,10 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "model"
-        n = make_model(model_dir, args.layers, args.hidden, max(args.lengths))
+        n = make_model(
+            model_dir, args.layers, args.hidden, num_attention_heads=8, num_key_value_heads=4,
+            max_position_embeddings=max(args.lengths),
+        )  # fmt: skip
         print(f"model: {n / 1e6:.1f}M parameters, {args.layers} layers, hidden {args.hidden}; one step per point")
         variants = [("plain", [])]
         if args.tiled:

@@ -23,21 +23,27 @@ from distsft.config import load_config  # noqa: E402
 from distsft.launch import launch_ray  # noqa: E402
 
 
-def make_model(out: Path, layers: int, hidden: int) -> int:
+def make_model(out: Path, layers: int, hidden: int, **shape: int) -> int:
+    """A seeded random-init Llama with the demo tokenizer's vocabulary, saved to ``out``; ``shape`` overrides
+    LlamaConfig keys (heads, key/value heads, context)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok_cfg = json.loads((Path(__file__).resolve().parent.parent / "distsft/demo/model/config.json").read_text())
+    spec = {
+        "num_attention_heads": hidden // 64,
+        "num_key_value_heads": hidden // 64,
+        "max_position_embeddings": 2048,
+        **shape,
+    }
     cfg = LlamaConfig(
         vocab_size=tok_cfg["vocab_size"],
         hidden_size=hidden,
         intermediate_size=int(hidden * 2.75),
         num_hidden_layers=layers,
-        num_attention_heads=hidden // 64,
-        num_key_value_heads=hidden // 64,
-        max_position_embeddings=2048,
         pad_token_id=tok_cfg["pad_token_id"],
         eos_token_id=tok_cfg["eos_token_id"],
+        **spec,
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg)
