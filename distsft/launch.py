@@ -45,7 +45,7 @@ RAY_ENGINE_BYTES = 1 << 30
 def data_engine(cfg: Config, cluster: ClusterConfig | None) -> str:
     """``local`` or ``ray``: the config's choice, or for ``auto``: Ray Data when the launch runs on Ray and
     either the cluster has several nodes or the JSONL/Parquet input is large; a source Ray Data does not
-    read (JSON arrays, saved or hub datasets) keeps ``auto`` local."""
+    read (JSON arrays, hub datasets) keeps ``auto`` local."""
     if cfg.data.engine != "auto":
         return cfg.data.engine
     if cluster is None:
@@ -54,10 +54,14 @@ def data_engine(cfg: Config, cluster: ClusterConfig | None) -> str:
 
     sources = resolve_sources(cfg.data.path, cfg.data.format)
     sources += resolve_sources(cfg.data.eval_path, cfg.data.format) if cfg.data.eval_path else []
-    if any(s.kind not in ("jsonl", "parquet") for s in sources):
+    if any(s.kind not in ("jsonl", "parquet", "saved") for s in sources):
         return "local"
-    size = sum(Path(s.path).stat().st_size for s in sources)
+    size = sum(f.stat().st_size for s in sources for f in _files(Path(s.path)))
     return "ray" if cluster.num_nodes > 1 or size >= RAY_ENGINE_BYTES else "local"
+
+
+def _files(p: Path) -> list[Path]:
+    return [f for f in p.rglob("*") if f.is_file()] if p.is_dir() else [p]
 
 
 def prepare_data(cfg: Config, engine: str = "local") -> PreparedData:

@@ -26,8 +26,8 @@ class RayRunner:
     Results come back as JSON (a dataclass as its fields)."""
 
     reads_opened = False
-    """Sources that must be opened as datasets on the driver (JSON arrays, saved and hub datasets) are not
-    read here: they have no place a worker could read a chunk of on its own."""
+    """Sources that must be opened as datasets on the driver (JSON arrays, hub datasets) are not read here:
+    they have no place a worker could read a chunk of on its own."""
 
     def __init__(self, cpus_per_task: float = 1.0) -> None:
         self.cpus_per_task = cpus_per_task
@@ -39,8 +39,8 @@ class RayRunner:
         if work.opened:
             kinds = ", ".join(f"{work.sources[i].path} ({work.sources[i].kind})" for i in sorted(work.opened))
             raise DataError(
-                f"data.engine = ray reads JSONL and Parquet files; these sources are not: {kinds}; "
-                "set data.engine=local or convert them to JSONL or Parquet"
+                f"data.engine = ray reads JSONL and Parquet files and saved datasets; these sources are not: "
+                f"{kinds}; set data.engine=local or convert them to JSONL or Parquet"
             )
         logging.getLogger("ray.data").setLevel(logging.ERROR)  # its per-stage notices are not for the console
         if not ray.is_initialized():

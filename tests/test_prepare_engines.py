@@ -21,8 +21,8 @@ pytestmark = pytest.mark.slow
 
 
 def _mixed_corpus(tmp_path):
-    """Several chunks (CHUNK_ROWS is cut to 40), bad rows and blank lines across chunk boundaries, a JSONL
-    and a Parquet source with its own format."""
+    """Several chunks (CHUNK_ROWS is cut to 40), bad rows and blank lines across chunk boundaries: a JSONL
+    file, a Parquet file with its own format, a saved DatasetDict."""
     import datasets
 
     demo = [json.loads(x) for x in (REPO / "distsft/demo/data/support.jsonl").read_text().splitlines()][:150]
@@ -31,7 +31,10 @@ def _mixed_corpus(tmp_path):
     (tmp_path / "a.jsonl").write_text("\n".join(lines))  # no newline at the end: the last line still counts
     rows = [{"instruction": f"Question {i}?", "input": "", "output": f"Answer {i}."} for i in range(90)]
     datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "b.parquet"), batch_size=16)  # 6 row groups
-    return [str(tmp_path / "a.jsonl"), DataSource(path=str(tmp_path / "b.parquet"), format="alpaca")]
+    prompts = [{"prompt": f"Say {i}.", "completion": f"{i}"} for i in range(45)]
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(prompts)}).save_to_disk(str(tmp_path / "saved"))
+    return [str(tmp_path / "a.jsonl"), DataSource(path=str(tmp_path / "b.parquet"), format="alpaca"),
+            str(tmp_path / "saved")]  # fmt: skip
 
 
 def _table(data):
@@ -54,13 +57,13 @@ def test_ray_data_and_local_engines_prepare_the_same_rows(ray_instance, tmp_path
     assert not ray.cache_hit and ray.cache_dir.name == local.cache_dir.name  # one fingerprint for both
     assert _table(ray) == _table(local) == _table(forked)
     assert ray.stats == local.stats
-    assert local.stats.rows_read == 240 + 2 and local.stats.rejected == 2 and local.stats.eval_rows > 0
+    assert local.stats.rows_read == 240 + 2 + 45 and local.stats.rejected == 2 and local.stats.eval_rows > 0
     assert [(r["line"], r["reason"].split(":")[0]) for r in ray.rejected] == [
         (42, "invalid JSON"),
         (44, "empty conversation"),
     ]
     parts = list((tmp_path / "ray" / ray.cache_dir.name / "train").glob("*.arrow"))
-    assert len(parts) == 4 + 2  # 153 lines in chunks of 40; 6 row groups of 16 rows -> 48 + 42
+    assert len(parts) == 4 + 2 + 2  # 153 lines in chunks of 40; 6 row groups of 16 rows -> 48 + 42; 40 + 5
     # every example exactly once: the supervised tokens of the rows are the examples'
     total = sum(sum(1 for t in r if t != -100) for r in list(ray.train["labels"]) + list(ray.eval["labels"]))
     assert total == ray.stats.supervised_tokens
@@ -72,7 +75,7 @@ def test_a_source_ray_data_cannot_read_is_one_line(ray_instance, tmp_path, demo_
 
     (tmp_path / "b.json").write_text(json.dumps([{"instruction": "a", "output": "b"}]))
     cfg = DataConfig(path=str(tmp_path / "b.json"), cache_dir=str(tmp_path / "c"))
-    with pytest.raises(DataError, match=r"data.engine = ray reads JSONL and Parquet files; .*b.json \(json\)"):
+    with pytest.raises(DataError, match=r"data.engine = ray reads JSONL and Parquet files and saved .*b.json \(json\)"):
         prepare(cfg, demo_tokenizer, seed=0, runner=RayRunner())
 
 

@@ -2,10 +2,10 @@
 
 A chunk is a run of consecutive rows of one source: a byte range of a JSONL file that starts at a line
 boundary (with the number of that line, so errors still say ``file:line``), a run of row groups of a
-Parquet file, or a row range of a dataset already open on the driver (JSON arrays, saved datasets, hub
-datasets). Chunks are planned once, on the driver, by streaming through the files (no row is kept), and
-both preparation engines process exactly these chunks with the same functions, so they produce the same
-rows.
+Parquet file, a row range of a saved dataset (memory-mapped Arrow files), or a row range of a dataset
+open on the driver (JSON arrays, hub datasets). Chunks are planned once, on the driver, by streaming
+through the files (no row is kept), and both preparation engines process exactly these chunks with the
+same functions, so they produce the same rows.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from distsft.data.sources import LINE, RAW, Source
+from distsft.data.sources import LINE, RAW, Source, open_saved
 
 CHUNK_ROWS = 50_000
 """Rows per chunk: a chunk's examples are packed together, so this is also the packing window (best-fit
@@ -27,9 +27,9 @@ class Chunk:
     index: int
     source: int
     """Index of the source in the list the chunk was planned from."""
-    kind: str  # jsonl | parquet | dataset
+    kind: str  # jsonl | parquet | saved | dataset
     start: int
-    """jsonl: byte offset of the first line; parquet: first row group; dataset: first row."""
+    """jsonl: byte offset of the first line; parquet: first row group; saved, dataset: first row."""
     stop: int
     first_line: int
     """Line (1-based) or row number of the chunk's first row in its source."""
@@ -48,6 +48,10 @@ def plan_chunks(sources: list[Source], first_index: int = 0, eval: bool = False,
         elif src.kind == "parquet":
             spans = _parquet_spans(Path(src.path))
             kind = "parquet"
+        elif src.kind == "saved":  # Arrow files any process can open where the path is visible
+            n = len(open_saved(src.path, src.split))
+            spans = [(a, min(a + CHUNK_ROWS, n), a + 1) for a in range(0, n, CHUNK_ROWS)]
+            kind = "saved"
         else:
             if opened is None:
                 raise ValueError(f"{src.kind} sources are read as datasets on the driver")
@@ -117,6 +121,13 @@ def read_chunk(chunk: Chunk, src: Source, dataset: Any = None, batch: int = 256)
             cols[LINE] = list(range(line, line + rb.num_rows))
             line += rb.num_rows
             yield cols
+        return
+    if chunk.kind == "saved":
+        saved = open_saved(src.path, src.split)
+        for a in range(chunk.start, chunk.stop, batch):
+            part = saved[a : min(a + batch, chunk.stop)]
+            part[LINE] = list(range(a + 1, a + 1 + len(next(iter(part.values())))))
+            yield part
         return
     for a in range(chunk.start, chunk.stop, batch):  # an open dataset: its rows carry their LINE already
         yield dataset[a : min(a + batch, chunk.stop)]

@@ -198,7 +198,7 @@ def _build(cfg: DataConfig, tokenizer: Any, seed: int, sources: list[Source], ev
     opened = {
         i: load_source(src, cache.parent / "hf-datasets")
         for i, src in enumerate(everything)
-        if src.kind not in ("jsonl", "parquet")
+        if src.kind not in ("jsonl", "parquet", "saved")
     }
     chunks = plan_chunks(sources, 0, False, opened)
     chunks += plan_chunks(

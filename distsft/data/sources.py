@@ -7,6 +7,7 @@ row's raw text (``__raw_json``) and are parsed row by row, so one bad line is re
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -90,17 +91,27 @@ def load_source(src: Source, cache_dir: Path) -> Any:
     if src.kind == "parquet":
         ds = datasets.load_dataset("parquet", data_files=src.path, split="train", cache_dir=str(cache_dir))
     elif src.kind == "saved":
-        ds = datasets.load_from_disk(src.path)
-        if isinstance(ds, datasets.DatasetDict):
-            if src.split not in ds:
-                raise DataError(f"data.path: {src.path}: no split {src.split!r} (has {', '.join(ds)})")
-            ds = ds[src.split]
+        ds = open_saved(src.path, src.split)
     else:  # hub id: the real loading code, used offline from the local HF cache in tests
         try:
             ds = datasets.load_dataset(src.path, split=src.split)
         except Exception as e:
             raise DataError(f"data.path: {src.path}: could not load hub dataset: {e}") from None
     return ds.add_column(LINE, list(range(1, len(ds) + 1)))
+
+
+@functools.lru_cache(maxsize=8)
+def open_saved(path: str, split: str) -> Any:
+    """A dataset saved with ``save_to_disk`` (memory-mapped; a ``DatasetDict`` gives ``split``), opened once
+    per process: every chunk of it that a process reads uses the same."""
+    import datasets
+
+    ds = datasets.load_from_disk(path)
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise DataError(f"data.path: {path}: no split {split!r} (has {', '.join(ds)})")
+        ds = ds[split]
+    return ds
 
 
 def _split_json_array(path: Path) -> tuple[list[str], list[int]]:
