@@ -75,6 +75,9 @@ def prepare_data(cfg: Config, engine: str = "local") -> PreparedData:
     from distsft.prepare_ray import RayRunner
 
     started = not ray.is_initialized()
+    if started:  # a Ray of its own, like a launch without --cluster: never someone else's (RAY_ADDRESS)
+        os.environ.pop("RAY_ADDRESS", None)
+        ray.init(logging_level="ERROR", log_to_driver=False, include_dashboard=False)
     try:
         return prepare(cfg.data, tokenizer, seed=cfg.train.seed, output_dir=cfg.output_dir, runner=RayRunner())
     finally:
