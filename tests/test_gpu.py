@@ -63,3 +63,40 @@ def test_qlora_on_gpu_trains_4bit_and_merges(tmp_path, cli):
     assert len(metrics(out)) == 3
     code, _, err = cli("export", str(out), "--merge", "--out", str(tmp_path / "merged"))
     assert code == 0, err
+
+
+@pytest.mark.parametrize("core", ["distsft_varlen", "flex_attention"])
+@pytest.mark.parametrize("name", ["llama", "mistral"])
+def test_sequence_parallel_attention_runs_the_gpu_kernels_with_whole_row_lengths(core, name):
+    """The Ulysses wrapper over a group of one (its exchanges are then the identity) hands the GPU kernels
+    the whole rows' lengths (varlen) or document block mask (flex): the loss of packed rows equals the
+    kernel's own within bf16 rounding. The CPU tests cover the exchanges; this covers the kernels."""
+    import os
+    import socket
+
+    import torch.distributed as dist
+    from families import family_model
+    from sptest import rows_for
+
+    from distsft import sequence_parallel
+    from distsft.data.collate import collate
+    from distsft.loss import token_loss_sum
+
+    if not dist.is_initialized():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(s.getsockname()[1]))
+        dist.init_process_group("nccl", rank=0, world_size=1, device_id=torch.device("cuda", 0))
+    sp = sequence_parallel.SequenceGroup(1, 0, dist.group.WORLD)
+    shape = {"hidden_size": 128, "intermediate_size": 256, "head_dim": 32, "vocab_size": 211}
+    rows = rows_for(211, 112)
+    losses = []
+    for attn in (core, sequence_parallel.register(sp, core)):
+        model = family_model(name, attn=attn, **shape).to("cuda", torch.bfloat16).train()
+        if attn == core:  # the kernel as distsft runs it without sequence parallelism
+            batch = collate(rows, 0, varlen=core == "distsft_varlen")
+        else:
+            batch = sequence_parallel.shard_batch(collate(rows, 0, varlen=True), 1, 0)
+        batch = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        losses.append(token_loss_sum(model, batch).loss_sum.item())
+    assert losses[1] == pytest.approx(losses[0], rel=1e-2), losses
