@@ -31,6 +31,7 @@ from distsft.console import driver_log
 from distsft.coordinator import read_metrics
 from distsft.data.prepare import PreparedData, prepare
 from distsft.data.sampler import total_steps
+from distsft.errors import ConfigError
 from distsft.export import export
 from distsft.model import load_tokenizer, materialize_demo
 from distsft.ray_launch import ray_session
@@ -44,11 +45,18 @@ RAY_ENGINE_BYTES = 1 << 30
 
 def data_engine(cfg: Config, cluster: ClusterConfig | None) -> str:
     """``local`` or ``ray``: the config's choice, or for ``auto``: Ray Data when the launch runs on Ray and
-    either the cluster has several nodes or the JSONL/Parquet input is large; a source Ray Data does not
-    read (JSON arrays, hub datasets) keeps ``auto`` local."""
+    either the cluster has several nodes (and ``data.cache_dir`` is set: it must be a directory they all
+    see) or the input is large; a source Ray Data does not read (JSON arrays, hub datasets) keeps
+    ``auto`` local."""
+    shared = cfg.data.cache_dir is not None  # where every node's chunks go: must be one place for all
+    if cfg.data.engine == "ray" and cluster is not None and cluster.num_nodes > 1 and not shared:
+        raise ConfigError(
+            f"data.engine = ray on {cluster.num_nodes} nodes writes the prepared chunks from every node: set "
+            "data.cache_dir to a directory every node sees (or data.engine=local)"
+        )
     if cfg.data.engine != "auto":
         return cfg.data.engine
-    if cluster is None:
+    if cluster is None or (cluster.num_nodes > 1 and not shared):
         return "local"
     from distsft.data.sources import resolve_sources
 

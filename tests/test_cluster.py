@@ -95,3 +95,22 @@ def test_dry_run_plans_long_context_activations_and_the_sequence_parallel_size_n
     assert "fits:           no" in out and "needs:          train.sequence_parallel=2" in out
     code, out, err = cli(*args, "--set", "train.sequence_parallel=3")
     assert code == 2 and "sequence_parallel" in err and "131072" in err
+
+
+def test_data_engine_auto_picks_ray_data_only_where_every_node_can_share_the_cache(tmp_path):
+    from distsft.config import load_config
+    from distsft.errors import ConfigError
+    from distsft.launch import data_engine
+
+    one, two = ClusterConfig(num_nodes=1, workers_per_node=2), ClusterConfig(num_nodes=2, workers_per_node=2)
+    demo = load_config(None, [])
+    assert data_engine(demo, None) == "local" and data_engine(demo, one) == "local"  # small, one node
+    assert data_engine(demo, two) == "local"  # several nodes, but no shared cache named
+    shared = load_config(None, [f"data.cache_dir={tmp_path}"])
+    assert data_engine(shared, two) == "ray"
+    (tmp_path / "a.json").write_text("[]")
+    json_array = load_config(None, [f"data.cache_dir={tmp_path}", f"data.path={tmp_path / 'a.json'}"])
+    assert data_engine(json_array, two) == "local"  # Ray Data does not read JSON arrays
+    with pytest.raises(ConfigError, match="data.engine = ray on 2 nodes .* set data.cache_dir"):
+        data_engine(load_config(None, ["data.engine=ray"]), two)
+    assert data_engine(load_config(None, ["data.engine=ray"]), None) == "ray"
