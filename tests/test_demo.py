@@ -28,7 +28,9 @@ def test_demo_launch_learns_the_support_reply(tmp_path):
     )
     assert run.returncode == 0, run.stderr[-3000:]
     rows = metrics(tmp_path)
-    assert rows[-1]["loss"] < rows[0]["loss"] / 5
+    # one step's loss is one batch of 4 rows (it jumps around); its trend and the held-out loss fall 5x
+    assert sum(r["loss"] for r in rows[-10:]) / 10 < rows[0]["loss"] / 5
+    assert rows[-1]["eval_loss"] < rows[0]["loss"] / 5
     assert [r["step"] for r in rows] == list(range(1, len(rows) + 1))
     # the console is for a person: the run's own lines, no escape codes, no library or Ray internals
     console = run.stdout + run.stderr

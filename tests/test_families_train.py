@@ -53,7 +53,7 @@ def test_family_trains_exports_reloads_strict_and_generates(name, models, tmp_pa
 
 
 def test_moe_router_loss_trains_but_stays_out_of_loss_and_eval_loss(models, tmp_path):
-    """Same first step with the router loss at 0 and at 0.5: the language-model loss is identical (the
+    """Same first step with the router loss at 0 and at 10: the language-model loss is identical (the
     weights are), the gradient is not (the router loss is really added); eval_loss is the plain LM loss
     of the updated model, as `distsft eval` computes it."""
     from raytest import SMALL
@@ -63,7 +63,7 @@ def test_moe_router_loss_trains_but_stays_out_of_loss_and_eval_loss(models, tmp_
     one = ["train.max_steps=1", f"data.eval_path={SMALL}"]
     off, on = tmp_path / "off", tmp_path / "on"
     launch_local(family_cfg(off, models["mixtral"], *one, "train.router_aux_loss_coef=0"), quiet=True)
-    cfg = family_cfg(on, models["mixtral"], *one, "train.router_aux_loss_coef=0.5")
+    cfg = family_cfg(on, models["mixtral"], *one, "train.router_aux_loss_coef=10")
     launch_local(cfg, quiet=True)
     (a,), (b,) = metrics(off), metrics(on)
     assert "aux_loss" not in a and b["aux_loss"] > 0
