@@ -10,7 +10,7 @@ demo: setup
 test: setup
 	.venv/bin/ruff check --no-cache distsft tests benchmarks scripts
 	.venv/bin/ruff format --no-cache --check distsft tests benchmarks scripts
-	.venv/bin/python -m pytest -q -W ignore::FutureWarning -W ignore::DeprecationWarning
+	.venv/bin/python -m pytest -q -W ignore::FutureWarning -W ignore::DeprecationWarning --durations=25
 
 lint: setup
 	.venv/bin/ruff check --fix distsft tests benchmarks scripts

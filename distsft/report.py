@@ -282,7 +282,11 @@ class Follower:
                 if not line.endswith(b"\n"):
                     break  # a record still being written; read it next time
                 self._pos += len(line)
-                self.handler(json.loads(line))
+                try:
+                    record = json.loads(line)
+                except ValueError:  # the sink cut the file back (a restart resumed earlier) and wrote past
+                    continue  # where we were: this was the tail of a line; the next one is whole
+                self.handler(record)
 
     def _placement(self) -> None:
         if self.workers is None or not self.workers.exists():

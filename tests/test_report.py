@@ -257,3 +257,21 @@ def test_report_command_summarises_a_running_run_and_draws_its_curve(tmp_path, c
     assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
     code, out, err = cli("report", str(tmp_path / "nothing"))
     assert code == 2 and "no metrics" in err
+
+
+def test_the_follower_survives_a_metrics_file_cut_back_and_rewritten_past_where_it_was(tmp_path):
+    """A restarted worker group resumes earlier: the sink cuts metrics.jsonl back and writes again, and by
+    the next poll the file may be longer than before, the follower's place now mid-line."""
+    from distsft.report import Follower
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2, 3)))
+    seen: list[int] = []
+    follower = Follower(path, lambda r: seen.append(r["step"]), poll_s=60)
+    follower._pos = 0
+    follower._drain()
+    rewritten = [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.123456789, "grad_norm": 3.0}]
+    rewritten += [{"step": s, "loss": 0.5} for s in (3, 4, 5)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rewritten))
+    follower._drain()  # no JSONDecodeError: the tail of a line is skipped, the whole lines after it read
+    assert seen[:3] == [1, 2, 3] and seen[3:] and seen[-1] == 5
