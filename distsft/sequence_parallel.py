@@ -218,23 +218,30 @@ def register(sp: SequenceGroup, core: str) -> str:
 def _sdpa_by_example(module: Any, q, k, v, segments: list[tuple[int, int]], width: int, kwargs: dict) -> torch.Tensor:
     """sdpa over each example of the gathered rows on its own: causal, with the layer's window where the
     example is longer than it. No mask of the row's square exists (at 128k tokens one would take 64 GiB),
-    and nothing is computed across examples."""
+    nothing is computed across examples, and a window's mask is cut into blocks."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     window = kwargs.pop("sliding_window", None)
     outs = []
     for start, end in segments:
         b, s, e = start // width, start % width, start % width + (end - start)
-        n = e - s
-        mask = None
-        if window and n > window:
-            i = torch.arange(n, device=q.device)
-            keep = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < window)
-            mask = torch.zeros((n, n), dtype=q.dtype, device=q.device).masked_fill_(~keep, torch.finfo(q.dtype).min)
-            mask = mask[None, None]
-        part = (x[b : b + 1, :, s:e] for x in (q, k, v))
-        out, _ = sdpa_attention_forward(module, *part, mask, is_causal=mask is None, **kwargs)
-        outs.append(out)  # (1, n, heads, dim)
+        if not window or e - s <= window:
+            part = (x[b : b + 1, :, s:e] for x in (q, k, v))
+            out, _ = sdpa_attention_forward(module, *part, None, is_causal=True, **kwargs)
+            outs.append(out)  # (1, n, heads, dim)
+            continue
+        # Longer than the window: blocks of `window` queries, each over the keys its window reaches, so
+        # no mask is bigger than window x 2 window (a 128k example with a 4k window: 32 MiB, not 32 GiB).
+        for qs in range(s, e, window):
+            qe, ks = min(qs + window, e), max(s, qs - window + 1)
+            i, j = torch.arange(qs, qe, device=q.device), torch.arange(ks, qe, device=q.device)
+            keep = (j[None, :] <= i[:, None]) & (i[:, None] - j[None, :] < window)
+            mask = torch.zeros(keep.shape, dtype=q.dtype, device=q.device).masked_fill_(~keep, torch.finfo(q.dtype).min)
+            out, _ = sdpa_attention_forward(
+                module, q[b : b + 1, :, qs:qe], k[b : b + 1, :, ks:qe], v[b : b + 1, :, ks:qe], mask[None, None],
+                is_causal=False, **kwargs,
+            )  # fmt: skip
+            outs.append(out)
     return torch.cat(outs, dim=1).view(q.shape[0], width, q.shape[1], -1)
 
 
