@@ -23,25 +23,28 @@ from distsft.errors import DataError
 
 class RayRunner:
     """``runner.map(fn, items, work)`` as Ray Data stages; needs ``ray.init`` done (or does a local one).
-    Results come back as JSON (a dataclass as its fields)."""
-
-    reads_opened = False
-    """Sources that must be opened as datasets on the driver (JSON arrays, hub datasets) are not read here:
-    they have no place a worker could read a chunk of on its own."""
+    Results come back as JSON (a dataclass as its fields). Sources that must be opened as datasets on the
+    driver (JSON arrays, hub datasets) are refused: no worker could read a chunk of them on its own."""
 
     def __init__(self, cpus_per_task: float = 1.0) -> None:
         self.cpus_per_task = cpus_per_task
+
+    def refuses(self, work: Any) -> str:
+        """Why this runner cannot prepare ``work`` ('' when it can)."""
+        if not work.opened:
+            return ""
+        kinds = ", ".join(f"{work.sources[i].path} ({work.sources[i].kind})" for i in sorted(work.opened))
+        return (
+            f"data.engine = ray reads JSONL and Parquet files and saved datasets; these sources are not: "
+            f"{kinds}; set data.engine=local or convert them to JSONL or Parquet"
+        )
 
     def map(self, fn: Any, items: list, work: Any) -> list:
         import ray
         import ray.data
 
-        if work.opened:
-            kinds = ", ".join(f"{work.sources[i].path} ({work.sources[i].kind})" for i in sorted(work.opened))
-            raise DataError(
-                f"data.engine = ray reads JSONL and Parquet files and saved datasets; these sources are not: "
-                f"{kinds}; set data.engine=local or convert them to JSONL or Parquet"
-            )
+        if self.refuses(work):
+            raise DataError(self.refuses(work))
         logging.getLogger("ray.data").setLevel(logging.ERROR)  # its per-stage notices are not for the console
         if not ray.is_initialized():
             ray.init(logging_level="ERROR", log_to_driver=False)

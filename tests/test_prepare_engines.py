@@ -77,6 +77,7 @@ def test_a_source_ray_data_cannot_read_is_one_line(ray_instance, tmp_path, demo_
     cfg = DataConfig(path=str(tmp_path / "b.json"), cache_dir=str(tmp_path / "c"))
     with pytest.raises(DataError, match=r"data.engine = ray reads JSONL and Parquet files and saved .*b.json \(json\)"):
         prepare(cfg, demo_tokenizer, seed=0, runner=RayRunner())
+    assert not list((tmp_path / "c").glob("*"))  # refused before any work: nothing half-built left behind
 
 
 def test_a_preparation_killed_midway_leaves_no_cache_that_is_used(tmp_path):

@@ -208,10 +208,11 @@ def _build(cfg: DataConfig, tokenizer: Any, seed: int, sources: list[Source], ev
         {i: opened[len(sources) + i] for i in range(len(eval_sources)) if len(sources) + i in opened},
     )
     chunks = [dataclasses.replace(c, source=c.source + len(sources)) if c.eval else c for c in chunks]
-    if opened and not getattr(runner, "reads_opened", True):
-        runner.map(tokenize_chunk, [], Work(cfg, tokenizer, seed, everything, opened, str(tmp)))  # says why not
     work = Work(cfg, tokenizer, seed, everything, opened, str(tmp))
     try:
+        refusal = runner.refuses(work) if hasattr(runner, "refuses") else ""
+        if refusal:  # before any work: a source this runner cannot read
+            raise DataError(refusal)
         results = [
             r if isinstance(r, ChunkResult) else ChunkResult(**r) for r in runner.map(tokenize_chunk, chunks, work)
         ]
