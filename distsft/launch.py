@@ -36,7 +36,7 @@ from distsft.export import export
 from distsft.model import load_tokenizer, materialize_demo
 from distsft.ray_launch import ray_session
 from distsft.records import RecordSink, local_reporter
-from distsft.report import Reporter, check_logging
+from distsft.report import Reporter, check_logging, flatten
 from distsft.summary import add_run_figures, format_summary
 
 RAY_ENGINE_BYTES = 1 << 30
@@ -198,16 +198,7 @@ def config_changes(cfg: Config) -> list[tuple[str, Any]]:
     """Keys whose value differs from the built-in default (dotted, in the config's order)."""
     from distsft.config import Config as Defaults
 
-    def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            if isinstance(v, dict):
-                out.update(flat(v, f"{prefix}{k}."))
-            else:
-                out[f"{prefix}{k}"] = v
-        return out
-
-    mine, default = flat(cfg.to_dict()), flat(Defaults().to_dict())
+    mine, default = flatten(cfg.to_dict()), flatten(Defaults().to_dict())
     same_path = Path(str(mine["output_dir"])).resolve() == Path(str(default["output_dir"])).resolve()
     return [(k, v) for k, v in mine.items() if default.get(k) != v and not (k == "output_dir" and same_path)]
 

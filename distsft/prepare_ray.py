@@ -43,8 +43,9 @@ class RayRunner:
         import ray
         import ray.data
 
-        if self.refuses(work):
-            raise DataError(self.refuses(work))
+        why = self.refuses(work)
+        if why:
+            raise DataError(why)
         logging.getLogger("ray.data").setLevel(logging.ERROR)  # its per-stage notices are not for the console
         if not ray.is_initialized():
             ray.init(logging_level="ERROR", log_to_driver=False)

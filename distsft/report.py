@@ -177,7 +177,7 @@ class MlflowSink:
         mlflow.set_experiment(cfg.logging.mlflow_experiment)
         self.mlflow = mlflow
         self.run = mlflow.start_run(run_name=output_dir.name)
-        mlflow.log_params({k: str(v)[:500] for k, v in _flatten(cfg.to_dict()).items()})
+        mlflow.log_params({k: str(v)[:500] for k, v in flatten(cfg.to_dict()).items()})
 
     def __call__(self, rec: dict[str, Any]) -> None:
         metrics = {tag.replace("/", "_"): rec[k] for k, tag in SCALARS.items() if rec.get(k) is not None}
@@ -187,11 +187,12 @@ class MlflowSink:
         self.mlflow.end_run()
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mappings as one level of dotted keys (``train.lr``)."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
