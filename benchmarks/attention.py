@@ -47,9 +47,9 @@ def main() -> None:
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
     from transformers.models.llama.modeling_llama import eager_attention_forward
 
-    from distsft.attention import register as register_varlen
     from distsft.data.collate import collate
-    from distsft.traits import varlen
+    from distsft.model.attention import register as register_varlen
+    from distsft.model.traits import varlen
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--row", type=int, help="tokens per packed row (default 8192 on GPU, 1024 on CPU)")

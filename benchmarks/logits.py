@@ -17,8 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from distsft import loss as loss_mod  # noqa: E402
 from distsft.data.tokenize import IGNORE_INDEX  # noqa: E402
+from distsft.training import loss as loss_mod  # noqa: E402
 
 
 def main() -> None:

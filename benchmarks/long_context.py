@@ -32,9 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from memory import make_model  # noqa: E402
 
-from distsft.cluster import ClusterConfig, WorkerResources  # noqa: E402
 from distsft.config import load_config  # noqa: E402
-from distsft.launch import launch_ray  # noqa: E402
+from distsft.config.cluster import ClusterConfig, WorkerResources  # noqa: E402
+from distsft.launcher.run import launch_ray  # noqa: E402
 
 
 def make_data(out: Path, length: int, rows: int = 2) -> None:

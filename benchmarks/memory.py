@@ -18,9 +18,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from distsft.cluster import ClusterConfig, WorkerResources  # noqa: E402
 from distsft.config import load_config  # noqa: E402
-from distsft.launch import launch_ray  # noqa: E402
+from distsft.config.cluster import ClusterConfig, WorkerResources  # noqa: E402
+from distsft.launcher.run import launch_ray  # noqa: E402
 
 
 def make_model(out: Path, layers: int, hidden: int, **shape: int) -> int:

@@ -59,9 +59,9 @@ def generate(path: Path, n: int, seed: int = 0) -> None:
 
 def child(args: argparse.Namespace) -> None:
     """One measurement, in a process of its own (so its peak memory is its own)."""
-    from distsft.cluster import ClusterConfig, WorkerResources
     from distsft.config import load_config
-    from distsft.launch import launch_ray, prepare_data
+    from distsft.config.cluster import ClusterConfig, WorkerResources
+    from distsft.launcher.run import launch_ray, prepare_data
 
     out = Path(args.workdir)
     sets = [f"output_dir={out / 'run'}", f"data.path={args.data}", f"data.cache_dir={out / 'cache'}",

@@ -174,7 +174,7 @@ def base_overrides(args, model: str, data: Path) -> list[str]:
 def plan(args, overrides: list[str]) -> dict:
     """Prepare once (packed and unpacked) and size the batches so every run sees the same examples/step."""
     from distsft.config import load_config
-    from distsft.launch import prepare_data
+    from distsft.launcher.run import prepare_data
 
     packed = prepare_data(load_config(None, overrides))
     unpacked = prepare_data(load_config(None, [*overrides, "data.packing=false"]))
@@ -208,13 +208,13 @@ def peak_mb(device: str) -> float | None:
 # --- the runs (each in a child process) -----------------------------------------------------------------
 def run_distsft(args, overrides: list[str], info: dict, out: Path, ray: bool) -> dict:
     from distsft.config import load_config
-    from distsft.coordinator import read_metrics
-    from distsft.launch import launch_local, launch_ray
+    from distsft.launcher.run import launch_local, launch_ray
+    from distsft.metrics.jsonl import read_metrics
 
     extra = [f"output_dir={out}", f"train.micro_batch_size={info['rows_per_step']}", *args.distsft_set]
     cfg = load_config(None, [*overrides, *extra])
     if ray:
-        from distsft.cluster import ClusterConfig, WorkerResources
+        from distsft.config.cluster import ClusterConfig, WorkerResources
 
         cpus = os.cpu_count() or 1
         # the one worker gets every CPU (Ray sets its OMP_NUM_THREADS from that), like the other runs
@@ -250,9 +250,9 @@ def run_trl(args, overrides: list[str], info: dict, out: Path, packing: bool) ->
     from trl import SFTConfig, SFTTrainer
 
     from distsft.config import load_config
-    from distsft.flops import flops_model, peak_flops
-    from distsft.launch import prepare_data
-    from distsft.model import load_tokenizer
+    from distsft.launcher.run import prepare_data
+    from distsft.model.flops import flops_model, peak_flops
+    from distsft.model.loading import load_tokenizer
 
     cfg = load_config(None, overrides)
     tokenizer = load_tokenizer(cfg.model)
@@ -260,7 +260,7 @@ def run_trl(args, overrides: list[str], info: dict, out: Path, packing: bool) ->
     data = Dataset.from_dict({"input_ids": src["input_ids"], "labels": src["labels"]})
     model_dir = cfg.model.path
     if model_dir == "demo":
-        from distsft.model import materialize_demo
+        from distsft.model.loading import materialize_demo
 
         model_dir = str(materialize_demo(cfg.train.seed))
     dtype = getattr(torch, args.dtype)
@@ -380,14 +380,14 @@ def run_bare(args, overrides: list[str], info: dict, out: Path) -> dict:
     """The same packed batches, plain forward + backward + fused AdamW: the limit to compare with."""
     import torch
 
-    from distsft.batches import Prefetcher, RowTable
     from distsft.config import load_config
     from distsft.data.sampler import total_steps
-    from distsft.flops import flops_model, peak_flops
-    from distsft.launch import prepare_data
-    from distsft.loss import token_loss_sum
-    from distsft.model import load_model, load_tokenizer, model_plan, resolve_dtype
-    from distsft.traits import varlen
+    from distsft.launcher.run import prepare_data
+    from distsft.model.flops import flops_model, peak_flops
+    from distsft.model.loading import load_model, load_tokenizer, model_plan, resolve_dtype
+    from distsft.model.traits import varlen
+    from distsft.training.batches import Prefetcher, RowTable
+    from distsft.training.loss import token_loss_sum
 
     cfg = load_config(None, [*overrides, f"train.micro_batch_size={info['rows_per_step']}", *args.distsft_set])
     device = torch.device(args.device)

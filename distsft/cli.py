@@ -68,8 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
-    from distsft.cluster import load_cluster, resolve_local_workers
     from distsft.config import load_config
+    from distsft.config.cluster import load_cluster, resolve_local_workers
 
     cfg = load_config(args.config, args.overrides)
     if args.local and args.cluster:
@@ -81,11 +81,11 @@ def cmd_launch(args: argparse.Namespace) -> int:
     else:
         cluster = load_cluster(args.cluster)
     if args.dry_run:
-        from distsft.plan import dry_run
+        from distsft.launcher.dry_run import dry_run
 
         print("\n".join(dry_run(cfg, cluster, local=args.local)))
         return 0
-    from distsft.launch import launch_local, launch_ray
+    from distsft.launcher.run import launch_local, launch_ray
 
     if args.local:  # both print the run's summary
         launch_local(cfg, verbose=args.verbose)
@@ -99,8 +99,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
     from distsft.config import load_config
     from distsft.data.inspect import dump_rows, show_rows
-    from distsft.launch import data_engine, prepare_data
-    from distsft.model import load_tokenizer
+    from distsft.launcher.run import data_engine, prepare_data
+    from distsft.model.loading import load_tokenizer
 
     cfg = load_config(args.config, args.overrides)
     t0 = time.perf_counter()
@@ -122,7 +122,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
     from distsft.config import load_config
-    from distsft.evaluate import evaluate_dir
+    from distsft.training.evaluate import evaluate_dir
 
     cfg = load_config(args.config, args.overrides)
     print(json.dumps(evaluate_dir(cfg, args.model)))
@@ -132,8 +132,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from distsft import checkpoint, storage
-    from distsft.export import export
+    from distsft import checkpoint
+    from distsft.checkpoint import storage
+    from distsft.checkpoint.export import export
 
     ckpt = checkpoint.resolve(args.run_dir)
     if args.step is not None:
@@ -157,8 +158,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from distsft.coordinator import METRICS_FILE, read_metrics
-    from distsft.summary import add_run_figures, format_summary
+    from distsft.metrics.jsonl import METRICS_FILE, read_metrics
+    from distsft.metrics.summary import add_run_figures, format_summary
 
     run = Path(args.run_dir)
     records = read_metrics(run / METRICS_FILE)
@@ -174,7 +175,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from distsft.generate import generate
+    from distsft.model.generate import generate
 
     text = generate(
         args.model,

@@ -22,7 +22,7 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 @pytest.fixture(scope="session")
 def demo_tokenizer():
     from distsft.config import ModelConfig
-    from distsft.model import load_tokenizer
+    from distsft.model.loading import load_tokenizer
 
     return load_tokenizer(ModelConfig(path="demo"))
 

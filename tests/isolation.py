@@ -8,8 +8,8 @@ import torch
 from distsft.data.collate import collate
 from distsft.data.packing import pack
 from distsft.data.tokenize import IGNORE_INDEX, Example
-from distsft.loss import token_loss_sum
-from distsft.traits import varlen
+from distsft.model.traits import varlen
+from distsft.training.loss import token_loss_sum
 
 
 def make_examples(lengths: list[int], vocab: int = 500) -> list[Example]:

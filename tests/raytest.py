@@ -8,8 +8,8 @@ import json
 import torch
 from conftest import REPO
 
-from distsft.cluster import ClusterConfig, WorkerResources
 from distsft.config import load_config
+from distsft.config.cluster import ClusterConfig, WorkerResources
 
 SMALL = str(REPO / "tests" / "fixtures" / "support_small.jsonl")
 

@@ -22,7 +22,7 @@ def rows_for(vocab: int, max_len: int):
 
 
 def loss_and_grads(model, batch):
-    from distsft.loss import token_loss_sum
+    from distsft.training.loss import token_loss_sum
 
     model.zero_grad()
     parts = token_loss_sum(model, batch, mode="plain")
@@ -36,8 +36,8 @@ def compare(rank: int, world: int, port: int, cases: list[tuple[str, str, dict]]
     ``world`` workers (summed over them) against one process running the whole rows."""
     from families import family_model
 
-    from distsft import sequence_parallel
     from distsft.data.collate import collate
+    from distsft.training import sequence_parallel
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)

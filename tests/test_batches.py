@@ -7,12 +7,12 @@ import numpy as np
 import torch
 from raytest import run_cfg
 
-from distsft.batches import Prefetcher, RowTable
 from distsft.config import BatchPlan
 from distsft.data.collate import collate, supervised_tokens
 from distsft.data.sampler import rank_micro_batches, step_rows
-from distsft.flops import FlopsModel
-from distsft.launch import prepare_data
+from distsft.launcher.run import prepare_data
+from distsft.model.flops import FlopsModel
+from distsft.training.batches import Prefetcher, RowTable
 
 FM = FlopsModel(dense_params=1000, full_attention=64, sliding_attention=32, window=16)
 

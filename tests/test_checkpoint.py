@@ -17,7 +17,7 @@ from raytest import final_weights, metrics, run_cfg
 
 from distsft import checkpoint
 from distsft.errors import ConfigError
-from distsft.launch import launch_local
+from distsft.launcher.run import launch_local
 
 pytestmark = pytest.mark.slow
 
@@ -114,8 +114,8 @@ def test_consolidated_weights_equal_the_engines_weights(tmp_path, stage, model):
     import deepspeed
     from families import save_family
 
-    from distsft.engine import Precision, build_engine, render_ds_config
-    from distsft.model import load_model
+    from distsft.model.loading import load_model
+    from distsft.training.engine import Precision, build_engine, render_ds_config
 
     out = tmp_path / "run"
     extra = [] if model == "demo" else [f"model.path={save_family(model, tmp_path / model)}", "model.tokenizer=demo"]

@@ -81,7 +81,7 @@ def random_model_dir(tmp_path_factory):
     """An untrained demo-architecture model directory with the demo tokenizer (no training needed)."""
     import shutil
 
-    from distsft.model import DEMO_TOKENIZER, materialize_demo
+    from distsft.model.loading import DEMO_TOKENIZER, materialize_demo
 
     out = tmp_path_factory.mktemp("model")
     shutil.copytree(materialize_demo(0), out, dirs_exist_ok=True)

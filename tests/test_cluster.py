@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from conftest import REPO
 
-from distsft.cluster import ClusterConfig, load_cluster
+from distsft.config.cluster import ClusterConfig, load_cluster
 from distsft.errors import ConfigError
-from distsft.ray_launch import check_storage
+from distsft.launcher.ray_train import check_storage
 
 
 def write(tmp_path, text):
@@ -100,7 +100,7 @@ def test_dry_run_plans_long_context_activations_and_the_sequence_parallel_size_n
 def test_data_engine_auto_picks_ray_data_only_where_every_node_can_share_the_cache(tmp_path):
     from distsft.config import load_config
     from distsft.errors import ConfigError
-    from distsft.launch import data_engine
+    from distsft.launcher.run import data_engine
 
     one, two = ClusterConfig(num_nodes=1, workers_per_node=2), ClusterConfig(num_nodes=2, workers_per_node=2)
     demo = load_config(None, [])

@@ -14,7 +14,7 @@ from isolation import make_examples, packed_vs_alone
 from distsft.data.collate import collate
 from distsft.data.packing import pack
 from distsft.errors import ConfigError
-from distsft.traits import (
+from distsft.model.traits import (
     check_training_fit,
     choose_attention,
     expert_blocks,
@@ -124,7 +124,7 @@ def test_every_moe_family_transformers_ships_is_found(model_type):
     that holds them (the ZeRO-3 leaf), and counts only the routed experts' FLOPs a token uses."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from distsft.flops import flops_model
+    from distsft.model.flops import flops_model
 
     cfg = AutoConfig.for_model(model_type)
     with torch.device("meta"):
@@ -149,7 +149,7 @@ def test_a_moe_with_a_module_list_of_experts_gets_its_block_as_a_zero3_leaf(tmp_
     from toymoe import save_toymoe
 
     from distsft.config import ModelConfig
-    from distsft.model import model_plan
+    from distsft.model.loading import model_plan
 
     path = save_toymoe(tmp_path / "toymoe")
     traits, attn = model_plan(ModelConfig(path=str(path), trust_remote_code=True), "cpu")
@@ -175,7 +175,7 @@ def test_router_loss_and_packing_are_refused_where_the_model_cannot_have_them():
 
 
 def test_sliding_window_flops_count_at_most_the_window_of_context():
-    from distsft.flops import flops_model
+    from distsft.model.flops import flops_model
 
     model = family_model("mistral")  # window 16 on both layers
     fm = flops_model(model, sum(p.numel() for p in model.parameters()))
@@ -187,7 +187,7 @@ def test_sliding_window_flops_count_at_most_the_window_of_context():
 
 
 def test_moe_flops_count_the_routed_experts_a_token_uses():
-    from distsft.flops import flops_model
+    from distsft.model.flops import flops_model
 
     model = family_model("mixtral")  # 4 experts, 2 per token
     total = sum(p.numel() for p in model.parameters())

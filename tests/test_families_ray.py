@@ -15,7 +15,7 @@ from conftest import REPO
 from families import save_family
 from raytest import SMALL, assert_same_run, cluster, metrics, run_cfg
 
-from distsft.launch import launch_local, launch_ray
+from distsft.launcher.run import launch_local, launch_ray
 
 pytestmark = pytest.mark.slow
 
@@ -39,7 +39,7 @@ def idle_experts(model_dir, rows_by_rank, trust_remote_code=False) -> tuple[int,
     from transformers import AutoModelForCausalLM
 
     from distsft.data.collate import collate
-    from distsft.traits import routed_experts
+    from distsft.model.traits import routed_experts
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=trust_remote_code).eval()
     gates = [block.gate for block, _ in routed_experts(model)]
@@ -64,7 +64,7 @@ def idle_experts(model_dir, rows_by_rank, trust_remote_code=False) -> tuple[int,
 
 def step_one_rows(cfg):
     from distsft.data.sampler import rank_micro_batches, step_rows
-    from distsft.launch import prepare_data
+    from distsft.launcher.run import prepare_data
 
     train = prepare_data(cfg).train
     plan = cfg.batch_plan(2)

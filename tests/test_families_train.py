@@ -9,7 +9,7 @@ import pytest
 from families import FAMILIES, MOES, family_config, save_family
 from raytest import metrics, run_cfg
 
-from distsft.launch import launch_local
+from distsft.launcher.run import launch_local
 
 pytestmark = pytest.mark.slow
 
@@ -30,7 +30,7 @@ def test_family_trains_exports_reloads_strict_and_generates(name, models, tmp_pa
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
-    from distsft.generate import generate
+    from distsft.model.generate import generate
 
     launch_local(family_cfg(tmp_path, models[name]), quiet=True)
     rows = metrics(tmp_path)
@@ -58,7 +58,7 @@ def test_moe_router_loss_trains_but_stays_out_of_loss_and_eval_loss(models, tmp_
     of the updated model, as `distsft eval` computes it."""
     from raytest import SMALL
 
-    from distsft.evaluate import evaluate_dir
+    from distsft.training.evaluate import evaluate_dir
 
     one = ["train.max_steps=1", f"data.eval_path={SMALL}"]
     off, on = tmp_path / "off", tmp_path / "on"

@@ -23,7 +23,7 @@ def test_auto_attention_on_gpu_isolates_packed_examples(name, tmp_path):
     from isolation import packed_vs_alone
 
     from distsft.config import ModelConfig
-    from distsft.model import model_plan
+    from distsft.model.loading import model_plan
 
     shape = {"hidden_size": 128, "intermediate_size": 256, "head_dim": 32}  # flex needs head_dim >= 16
     path = save_family(name, tmp_path / name, **shape)
@@ -37,7 +37,7 @@ def test_auto_attention_on_gpu_isolates_packed_examples(name, tmp_path):
 
 def test_local_run_on_gpu_uses_the_fast_path_and_reads_its_figures(tmp_path):
     """bf16, distsft_varlen, the fused loss, torch's fused AdamW, pinned prefetch, CUDA-event phases."""
-    from distsft.launch import launch_local
+    from distsft.launcher.run import launch_local
 
     model = save_family("llama", tmp_path / "model", hidden_size=256, intermediate_size=512, head_dim=64)
     cfg = run_cfg(tmp_path / "run", f"model.path={model}", "model.tokenizer=demo", "train.max_steps=4",
@@ -53,7 +53,7 @@ def test_local_run_on_gpu_uses_the_fast_path_and_reads_its_figures(tmp_path):
 
 def test_qlora_on_gpu_trains_4bit_and_merges(tmp_path, cli):
     pytest.importorskip("bitsandbytes")
-    from distsft.launch import launch_local
+    from distsft.launcher.run import launch_local
 
     model = save_family("llama", tmp_path / "model", hidden_size=256, intermediate_size=512, head_dim=64)
     out = tmp_path / "run"
@@ -78,9 +78,9 @@ def test_sequence_parallel_attention_runs_the_gpu_kernels_with_whole_row_lengths
     from families import family_model
     from sptest import rows_for
 
-    from distsft import sequence_parallel
     from distsft.data.collate import collate
-    from distsft.loss import token_loss_sum
+    from distsft.training import sequence_parallel
+    from distsft.training.loss import token_loss_sum
 
     if not dist.is_initialized():
         with socket.socket() as s:

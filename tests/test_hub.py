@@ -75,7 +75,7 @@ def fake_hub_cache(root, repo_id: str, model_dir) -> None:
     import shutil
 
     from distsft.config import ModelConfig
-    from distsft.model import load_tokenizer
+    from distsft.model.loading import load_tokenizer
 
     commit = "0123456789abcdef0123456789abcdef01234567"
     repo = root / ("models--" + repo_id.replace("/", "--"))

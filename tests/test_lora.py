@@ -11,7 +11,7 @@ from raytest import SMALL, final_weights, metrics, run_cfg
 
 from distsft.config import load_config
 from distsft.errors import ConfigError
-from distsft.launch import launch_local
+from distsft.launcher.run import launch_local
 
 LORA = ["lora.r=8", "lora.alpha=16", "train.lr=1e-2"]  # a large lr so adapters move measurably in a few steps
 
@@ -35,7 +35,7 @@ def test_quantising_without_adapters_and_impossible_combinations_fail_at_load(tm
 
 def test_target_modules_that_match_nothing_list_the_models_linear_modules():
     from distsft.config import LoraConfig, ModelConfig
-    from distsft.model import load_model
+    from distsft.model.loading import load_model
 
     with pytest.raises(ConfigError) as e:
         load_model(ModelConfig(), torch.float32, "sdpa", 0, LoraConfig(r=4, target_modules=["qkv_proj"]))
@@ -47,9 +47,9 @@ def test_target_modules_that_match_nothing_list_the_models_linear_modules():
 
 def test_only_adapters_train_and_the_flops_count_a_frozen_base_at_4_per_token():
     from distsft.config import LoraConfig, ModelConfig
-    from distsft.flops import flops_model
-    from distsft.lora import trainable_and_total
-    from distsft.model import count_parameters, load_model
+    from distsft.model.flops import flops_model
+    from distsft.model.loading import count_parameters, load_model
+    from distsft.model.lora import trainable_and_total
 
     full = load_model(ModelConfig(), torch.float32, "sdpa", 0)
     model = load_model(ModelConfig(), torch.float32, "sdpa", 0, LoraConfig(r=8))
@@ -82,7 +82,7 @@ def test_lora_run_writes_a_peft_adapter_that_peft_generate_and_eval_load(tmp_pat
     code, out, _ = cli("eval", "--model", str(final), "--set", f"data.path={SMALL}")
     assert code == 0 and json.loads(out.strip().splitlines()[-1])["loss"] > 0
     # checkpoints hold what trains (adapters, their optimizer state), not the frozen base
-    from distsft.model import count_parameters, load_model
+    from distsft.model.loading import count_parameters, load_model
 
     ckpt = next((tmp_path / "checkpoints").glob("step-*"))
     base_bytes = 4 * count_parameters(load_model(lora_cfg(tmp_path).model, torch.float32, "sdpa", 0))
@@ -94,7 +94,7 @@ def test_merged_export_computes_the_adapter_models_logits(tmp_path, cli):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from distsft.lora import adapter_base
+    from distsft.model.lora import adapter_base
 
     launch_local(lora_cfg(tmp_path, "lora.modules_to_save=[lm_head]"), quiet=True)
     code, out, err = cli("export", str(tmp_path), "--merge")
@@ -132,7 +132,7 @@ def test_lora_resumed_equals_uninterrupted(tmp_path, stage, monkeypatch):
 
 @pytest.mark.slow
 def test_lora_packed_and_unpacked_step_agree(tmp_path):
-    from distsft.launch import prepare_data
+    from distsft.launcher.run import prepare_data
 
     records = {}
     for packing in (True, False):
@@ -175,7 +175,7 @@ def test_lora_two_ray_workers_equal_one_process(ray_instance, tmp_path, stage, q
     from conftest import REPO
     from raytest import assert_same_run, cluster
 
-    from distsft.launch import launch_ray
+    from distsft.launcher.run import launch_ray
 
     ds = json.loads((REPO / "ds_configs" / f"zero{stage}.json").read_text())
     ds["optimizer"]["params"]["eps"] = 1.0

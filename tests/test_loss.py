@@ -6,9 +6,9 @@ import pytest
 import torch
 from tinymodels import tiny_llama
 
-from distsft import loss as loss_mod
 from distsft.data.collate import collate, supervised_tokens
 from distsft.data.tokenize import IGNORE_INDEX
+from distsft.training import loss as loss_mod
 
 
 def rows(seed: int) -> list[dict]:

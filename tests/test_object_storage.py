@@ -16,7 +16,8 @@ import yaml
 from conftest import REPO
 from raytest import SMALL, final_weights, metrics
 
-from distsft import checkpoint, storage
+from distsft import checkpoint
+from distsft.checkpoint import storage
 
 pytestmark = pytest.mark.slow
 

@@ -73,7 +73,7 @@ def test_too_long_example_is_an_error():
 def tiny_model(attn: str, checkpointing: bool):
     model = tiny_llama(attn, vocab_size=600, hidden_size=64, intermediate_size=128, max_position_embeddings=256)
     if checkpointing:
-        from distsft.model import enable_activation_checkpointing
+        from distsft.model.loading import enable_activation_checkpointing
 
         enable_activation_checkpointing(model)
     model.train()  # exactly the mode the training loop runs in
@@ -115,7 +115,7 @@ def _gpu_attentions() -> list[str]:
 @pytest.mark.parametrize("attn", _gpu_attentions())
 def test_every_gpu_attention_isolates_packed_examples(attn):
     """Every implementation `auto` can pick on a GPU, in bf16: packed = alone within bf16 rounding."""
-    from distsft import attention
+    from distsft.model import attention
 
     attention.register()
     model = tiny_model(attn, False).to("cuda", torch.bfloat16)
@@ -142,7 +142,7 @@ def test_a_varlen_kernel_given_these_lengths_isolates_examples_in_a_batch_of_row
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
 
-    from distsft import traits
+    from distsft.model import traits
 
     calls = []
 

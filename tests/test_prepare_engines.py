@@ -42,7 +42,7 @@ def _table(data):
 
 
 def test_ray_data_and_local_engines_prepare_the_same_rows(ray_instance, tmp_path, demo_tokenizer, monkeypatch):
-    from distsft.prepare_ray import RayRunner
+    from distsft.launcher.ray_data import RayRunner
 
     monkeypatch.setattr(chunks, "CHUNK_ROWS", 40)
     spec = _mixed_corpus(tmp_path)
@@ -71,7 +71,7 @@ def test_ray_data_and_local_engines_prepare_the_same_rows(ray_instance, tmp_path
 
 def test_a_source_ray_data_cannot_read_is_one_line(ray_instance, tmp_path, demo_tokenizer):
     from distsft.errors import DataError
-    from distsft.prepare_ray import RayRunner
+    from distsft.launcher.ray_data import RayRunner
 
     (tmp_path / "b.json").write_text(json.dumps([{"instruction": "a", "output": "b"}]))
     cfg = DataConfig(path=str(tmp_path / "b.json"), cache_dir=str(tmp_path / "c"))
@@ -110,7 +110,7 @@ def test_a_launch_that_prepares_on_ray_data_trains_as_the_local_run(ray_instance
     workers, against one process that prepared them locally."""
     from raytest import assert_same_run, cluster, run_cfg
 
-    from distsft.launch import launch_local, launch_ray
+    from distsft.launcher.run import launch_local, launch_ray
 
     ref, run = tmp_path / "ref", tmp_path / "ray"
     caches = tmp_path / "cache-local", tmp_path / "cache-ray"

@@ -10,7 +10,7 @@ import pytest
 from raytest import assert_same_run, cluster, metrics, run_cfg, with_env
 
 from distsft.errors import DistsftError
-from distsft.launch import launch_local, launch_ray
+from distsft.launcher.run import launch_local, launch_ray
 
 pytestmark = pytest.mark.slow
 

@@ -7,7 +7,7 @@ import json
 import pytest
 from raytest import assert_same_run, cluster, run_cfg
 
-from distsft.launch import launch_local, launch_ray
+from distsft.launcher.run import launch_local, launch_ray
 
 pytestmark = pytest.mark.slow
 

@@ -12,11 +12,12 @@ import torch
 from raytest import run_cfg
 from tinymodels import tiny_llama
 
-from distsft.coordinator import MetricsLog, merge
 from distsft.errors import ConfigError
-from distsft.flops import FlopsModel, flops_model, peak_flops, rows_flops
-from distsft.report import Progress, Reporter, check_logging
-from distsft.summary import plot_loss, summarize
+from distsft.metrics.display import Display, Progress, check_logging
+from distsft.metrics.jsonl import MetricsLog
+from distsft.metrics.records import merge
+from distsft.metrics.summary import plot_loss, summarize
+from distsft.model.flops import FlopsModel, flops_model, peak_flops, rows_flops
 
 
 @pytest.mark.parametrize("tied", [False, True])
@@ -120,9 +121,9 @@ def test_progress_bar_shows_step_loss_rate_and_eta():
 def test_resumed_metrics_log_keeps_history_up_to_the_checkpoint(tmp_path):
     log = MetricsLog(tmp_path)
     for step in range(1, 7):
-        log.log(record(step))
+        log.append(merge([record(step)]))
     log = MetricsLog(tmp_path, keep_through=4)  # resumed from step 4: steps 5 and 6 will run again
-    log.log(record(5, loss=0.123))
+    log.append(merge([record(5, loss=0.123)]))
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5] and rows[-1]["loss"] == 0.123
     MetricsLog(tmp_path)  # a fresh run starts an empty file
@@ -173,7 +174,7 @@ def test_wandb_and_mlflow_sinks_get_every_record_and_close(tmp_path, monkeypatch
         "logging.progress=none",
         "logging.tensorboard=false",
     )
-    rep = Reporter(cfg, total_steps=2, start_step=0)
+    rep = Display(cfg, total_steps=2, start_step=0)
     rep(record(1))
     rep(record(2, eval_loss=0.7))
     rep.close()
@@ -191,7 +192,7 @@ def test_wandb_and_mlflow_sinks_get_every_record_and_close(tmp_path, monkeypatch
 
 def test_a_failing_sink_is_switched_off_without_stopping_the_run(tmp_path, capsys):
     cfg = run_cfg(tmp_path, "logging.progress=none", "logging.tensorboard=false")
-    rep = Reporter(cfg, total_steps=2, start_step=0)
+    rep = Display(cfg, total_steps=2, start_step=0)
     seen = []
 
     def broken(rec):
@@ -219,7 +220,7 @@ def test_summary_and_plot(tmp_path):
 def test_local_run_reports_mfu_tensorboard_summary_and_loss_curve(tmp_path, capsys):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from distsft.launch import launch_local
+    from distsft.launcher.run import launch_local
 
     cfg = run_cfg(
         tmp_path, "train.max_steps=4", "train.eval_every=2", "data.eval_fraction=0.1", "logging.peak_tflops=0.05"
@@ -249,7 +250,7 @@ def test_local_run_reports_mfu_tensorboard_summary_and_loss_curve(tmp_path, caps
 def test_report_command_summarises_a_running_run_and_draws_its_curve(tmp_path, cli):
     log = MetricsLog(tmp_path)
     for step in range(1, 13):
-        log.log(record(step, **({"eval_loss": 0.9} if step == 10 else {})))
+        log.append(merge([record(step, **({"eval_loss": 0.9} if step == 10 else {}))]))
     code, out, err = cli("report", str(tmp_path))
     assert code == 0, err
     assert out.startswith("so far (step 12): 12 steps") and "1,200 supervised tokens" in out
@@ -262,7 +263,7 @@ def test_report_command_summarises_a_running_run_and_draws_its_curve(tmp_path, c
 def test_the_follower_survives_a_metrics_file_cut_back_and_rewritten_past_where_it_was(tmp_path):
     """A restarted worker group resumes earlier: the sink cuts metrics.jsonl back and writes again, and by
     the next poll the file may be longer than before, the follower's place now mid-line."""
-    from distsft.report import Follower
+    from distsft.metrics.display import Follower
 
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2, 3)))

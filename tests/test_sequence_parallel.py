@@ -8,10 +8,10 @@ import socket
 import pytest
 import torch
 
-from distsft import sequence_parallel
 from distsft.config import load_config
 from distsft.data.collate import collate
 from distsft.errors import ConfigError
+from distsft.training import sequence_parallel
 
 
 def _port() -> int:
@@ -74,7 +74,7 @@ def test_shard_batch_shifts_labels_before_the_split():
 
 
 def test_sizes_that_do_not_divide_are_one_line_config_errors(tmp_path):
-    from distsft.model import model_plan
+    from distsft.model.loading import model_plan
 
     with pytest.raises(ConfigError, match=r"train.sequence_parallel: 3 does not divide data.max_seq_len = 512"):
         load_config(None, ["train.sequence_parallel=3", "data.max_seq_len=512"])
@@ -101,7 +101,7 @@ def _sp_cfg(out, *extra: str):
 @pytest.fixture(scope="module")
 def references(tmp_path_factory):
     """One process, grad accumulation 4, packed and unpacked: what every split must reproduce."""
-    from distsft.launch import launch_local
+    from distsft.launcher.run import launch_local
 
     out = {}
     for packing in ("true", "false"):
@@ -130,7 +130,7 @@ def test_sequence_parallel_runs_equal_one_process(ray_instance, references, tmp_
     ordinary model directory (the attention wrapper is not in its config)."""
     from raytest import assert_same_run, cluster
 
-    from distsft.launch import launch_ray
+    from distsft.launcher.run import launch_ray
 
     accum = 4 // (workers // 2)
     cfg = _sp_cfg(
@@ -153,7 +153,7 @@ def test_sp2_x_dp2_under_zero3_restarted_after_a_failure_equals_one_process(ray_
     once, one process's losses, grad norms, final weights and eval loss within 1e-5."""
     from raytest import assert_same_run, cluster, metrics, with_env
 
-    from distsft.launch import launch_ray
+    from distsft.launcher.run import launch_ray
 
     cfg = _sp_cfg(tmp_path, "train.sequence_parallel=2", "train.grad_accum_steps=2", "train.zero_stage=3",
                   "model.tiled_mlp=true", "checkpoint.every_steps=2", *_data("false"))  # fmt: skip
@@ -176,9 +176,9 @@ def test_tiled_mlps_give_the_untiled_loss_and_gradients(checkpointing):
     from tinymodels import tiny_llama
 
     from distsft.data.packing import pack
-    from distsft.loss import token_loss_sum
-    from distsft.model import enable_activation_checkpointing
-    from distsft.tiling import tile_mlps
+    from distsft.model.loading import enable_activation_checkpointing
+    from distsft.training.loss import token_loss_sum
+    from distsft.training.tiling import tile_mlps
 
     rows = pack(make_examples([20, 17], 101), max_len=37, seed=0)
     batch = collate(rows, 0)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from raytest import run_cfg
 
-from distsft.launch import launch_local, prepare_data
+from distsft.launcher.run import launch_local, prepare_data
 
 pytestmark = pytest.mark.slow
 

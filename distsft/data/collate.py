@@ -5,7 +5,7 @@ masking utilities read example boundaries from them (a position that does not fo
 starts a new example) and build, for each kind of layer, the mask the attention implementation wants:
 a block-sparse document mask for flex_attention, a dense block-diagonal mask for sdpa and eager.
 Sliding-window layers get the window inside each example, and the mask is made on the model's device,
-not in host memory. ``distsft.traits`` refuses packing for models whose code does not build masks this way.
+not in host memory. ``distsft.model.traits`` refuses packing for models whose code does not build masks this way.
 
 Varlen kernels (flash-attention) take no mask but the examples' cumulative lengths over the flattened
 batch (``varlen=True``). transformers infers them from position ids only for a batch of one row; with

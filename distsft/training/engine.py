@@ -21,7 +21,7 @@ import torch
 from distsft.config import BatchPlan, Config
 from distsft.errors import ConfigError
 
-DS_CONFIG_DIR = Path(__file__).resolve().parent / "ds_configs"
+DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
 STAGE_FILES = {1: "zero1.json", 2: "zero2.json", 3: "zero3.json", "3_offload": "zero3_offload.json"}
 
 
@@ -207,7 +207,7 @@ def build_engine(cfg: Config, ds_config: dict[str, Any], build_model, total_step
     if ds_config.get("zero_optimization", {}).get("stage") == 3:
         from deepspeed.utils import set_z3_leaf_modules
 
-        from distsft.traits import expert_blocks
+        from distsft.model.traits import expert_blocks
 
         blocks = expert_blocks(model)
         if blocks:  # fetched whole, so ranks whose tokens chose different experts still run the same gathers

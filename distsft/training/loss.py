@@ -155,7 +155,7 @@ def output_head(model: Any) -> Any:
 
 
 def _text_config(model: Any) -> Any:
-    from distsft.traits import text_config
+    from distsft.model.traits import text_config
 
     return text_config(getattr(model, "module", model).config)
 

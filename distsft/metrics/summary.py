@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from distsft.report import format_duration
+from distsft.metrics.display import format_duration
 
 
 def summarize(records: list[dict[str, Any]], start_step: int = 0) -> dict[str, Any]:

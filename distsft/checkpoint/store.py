@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from distsft import storage
+from distsft.checkpoint import storage
 from distsft.errors import ConfigError
 
 PREFIX = "step-"

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from distsft.cluster import ClusterConfig
 from distsft.config import Config
-from distsft.engine import ds_config_path
+from distsft.config.cluster import ClusterConfig
+from distsft.training.engine import ds_config_path
 
 GiB = 1024**3
 
@@ -46,7 +46,7 @@ def model_sizes(cfg: Config, device_type: str = "cuda") -> ModelSize | None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from distsft.model import load_model_config
+    from distsft.model.loading import load_model_config
 
     try:
         if cfg.model.config_path:
@@ -65,7 +65,7 @@ def model_sizes(cfg: Config, device_type: str = "cuda") -> ModelSize | None:
         m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not out_layer
     )
     from distsft.errors import ConfigError
-    from distsft.traits import choose_attention, read_traits
+    from distsft.model.traits import choose_attention, read_traits
 
     traits = read_traits(config, type(model))
     try:
@@ -75,7 +75,7 @@ def model_sizes(cfg: Config, device_type: str = "cuda") -> ModelSize | None:
     base_total = sum(p.numel() for p in model.parameters())
     trainable = base_total
     if cfg.lora.r > 0:
-        from distsft.lora import apply_lora, trainable_and_total
+        from distsft.model.lora import apply_lora, trainable_and_total
 
         with torch.device("meta"):
             model = apply_lora(model, cfg.lora, quantized=False, seed=0)

@@ -2,8 +2,8 @@
 
 Workers hand their records to a ``RecordSink`` without waiting for it (on Ray an actor call, which
 returns at once; locally a plain call). The sink merges a step when every rank's record of it has
-arrived and appends the merged line (``coordinator.merge``). Before a checkpoint is saved every rank
-waits until the sink has its records (``Reporter.wait``), so a checkpoint never covers a step whose
+arrived and appends the merged line (``merge``). Before a checkpoint is saved every rank waits until the
+sink has its records (``RecordSender.wait``), so a checkpoint never covers a step whose
 record is not written, and a launcher killed at any moment leaves at least the records of the latest
 complete checkpoint. A run that continues from step N keeps exactly the records of steps 1..N (the run
 whose weights it continues) and appends from N + 1: at launch by truncating the file, and after a
@@ -13,12 +13,14 @@ worker-group restart when the first record of the new group says where it resume
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-from distsft.coordinator import MetricsLog
+from distsft.host import write_atomic
+from distsft.metrics.jsonl import MetricsLog
+
+WORKERS_FILE = "workers.json"
+"""Where each rank runs (node, device, pid), rewritten as workers start or restart; the console follows it."""
 
 
 class RecordSink:
@@ -37,10 +39,8 @@ class RecordSink:
     def hello(self, rank: int, where: dict[str, Any]) -> None:
         """A worker (re)started: where it runs, for ``workers.json`` and the console."""
         self.placement[rank] = where
-        path = self.log.path.parent / "workers.json"
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({str(k): v for k, v in sorted(self.placement.items())}, indent=1))
-        os.replace(tmp, path)
+        placed = {str(k): v for k, v in sorted(self.placement.items())}
+        write_atomic(self.log.path.parent / WORKERS_FILE, json.dumps(placed, indent=1))
 
     def put(self, rank: int, records: list[dict[str, Any]]) -> int:
         """Take one rank's records (in step order); returns the last step written to the file."""
@@ -58,15 +58,12 @@ class RecordSink:
             if len(self.pending[step]) < self.world_size:
                 break  # ranks deliver in step order, so no later step can be complete either
             by_rank = self.pending.pop(step)
-            self.log.log([by_rank[r] for r in sorted(by_rank)])
+            self.log.append(merge([by_rank[r] for r in sorted(by_rank)]))
             self.last_step = step
         return self.last_step
 
-    def written(self) -> int:
-        return self.last_step
 
-
-class Reporter:
+class RecordSender:
     """A worker's end: buffers records and sends them every ``log_every`` steps without waiting;
     ``wait()`` blocks until the sink has them (before a checkpoint, and at the end)."""
 
@@ -90,10 +87,32 @@ class Reporter:
             self.in_flight.clear()
 
 
-def local_reporter(sink: RecordSink) -> Reporter:
+def local_sender(sink: RecordSink) -> RecordSender:
     """``--local``: the sink is in this process; a record is written when it is sent."""
-    return Reporter(lambda records: sink.put(0, records), lambda refs: None)
+    return RecordSender(lambda records: sink.put(0, records), lambda refs: None)
 
 
-def metrics_path(output_dir: str | Path) -> Path:
-    return Path(output_dir).resolve() / "metrics.jsonl"
+def merge(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Fields that every rank computed identically (loss, grad norm, lr, token counts) come from rank 0."""
+    first = min(records, key=lambda r: r.get("rank", 0))
+    times = [r["step_time_s"] for r in records]
+    slowest = max(times)
+    drop = ("rank", "step_time_s", "node", "node_id", "pid", "peak_flops", "world_size", "resumed_from")
+    merged = {k: v for k, v in first.items() if k not in drop}
+    merged["step_time_s"] = slowest
+    if "flops" in first:
+        # Model FLOP/s per device over the slowest worker's time: a synchronous step takes that long for all.
+        per_device = first["flops"] / (slowest * first.get("world_size", len(records))) if slowest > 0 else 0.0
+        merged["tflops_per_device"] = per_device / 1e12
+        peak = first.get("peak_flops")
+        merged["mfu"] = per_device / peak if peak else None
+    if "peak_mem_mb" in first:
+        merged["peak_mem_mb"] = max(r["peak_mem_mb"] for r in records)
+    merged["tokens_per_s"] = first["tokens"] / slowest if slowest > 0 else 0.0
+    merged["input_tokens_per_s"] = first["input_tokens"] / slowest if slowest > 0 else 0.0
+    if len(records) > 1:
+        if "peak_mem_mb" in first:
+            merged["peak_mem_mb_by_rank"] = [r["peak_mem_mb"] for r in sorted(records, key=lambda r: r["rank"])]
+        merged["fastest_worker_s"] = min(times)
+        merged["slowest_worker_rank"] = max(records, key=lambda r: r["step_time_s"]).get("rank", 0)
+    return merged

@@ -1,9 +1,9 @@
 """What the driver shows and writes while a run goes: a progress bar (or plain lines), TensorBoard, and
 optionally Weights & Biases or MLflow.
 
-Everything here consumes the coordinator's merged records and nothing else, so a ``--local`` run (records
-handed over in-process) and a Ray run (records followed in ``metrics.jsonl``, which the Ray Train
-controller writes) look the same. A sink that fails (a tracking server going away) is switched off with a
+Everything here consumes the merged records (``distsft/metrics/records.py``) and nothing else, so a
+``--local`` run (records handed over in-process) and a Ray run (records followed in ``metrics.jsonl``,
+which the record sink writes) look the same. A sink that fails (a tracking server going away) is switched off with a
 warning; it never stops training.
 """
 
@@ -18,8 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
-from distsft.config import Config, LoggingConfig
-from distsft.coordinator import format_record, should_print
+from distsft.config import Config, LoggingConfig, flatten
 from distsft.errors import ConfigError
 
 # metrics.jsonl key -> TensorBoard / W&B / MLflow tag
@@ -53,6 +52,28 @@ def format_duration(seconds: float) -> str:
     h, rem = divmod(s, 3600)
     m, s = divmod(rem, 60)
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+def format_record(rec: dict[str, Any], total_steps: int | None) -> str:
+    total = f"/{total_steps}" if total_steps else ""
+    gn = rec.get("grad_norm")
+    parts = [
+        f"step {rec['step']}{total}",
+        f"loss {rec['loss']:.4f}",
+        *([f"aux_loss {rec['aux_loss']:.4f}"] if "aux_loss" in rec else []),
+        f"grad_norm {gn:.3f}" if gn is not None else "grad_norm -",
+        f"lr {rec['lr']:.2e}",
+        f"tok/s {rec['tokens_per_s']:.0f}",
+    ]
+    if rec.get("mfu") is not None:
+        parts.append(f"mfu {rec['mfu']:.1%}")
+    if "eval_loss" in rec:
+        parts.append(f"eval_loss {rec['eval_loss']:.4f}")
+    return "  ".join(parts)
+
+
+def should_print(rec: dict[str, Any], total_steps: int | None, log_every: int) -> bool:
+    return rec["step"] % log_every == 0 or rec["step"] == total_steps or "eval_loss" in rec
 
 
 class Progress:
@@ -187,18 +208,7 @@ class MlflowSink:
         self.mlflow.end_run()
 
 
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested mappings as one level of dotted keys (``train.lr``)."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-class Reporter:
+class Display:
     """The driver's sinks for merged records: progress display, TensorBoard, W&B, MLflow."""
 
     def __init__(self, cfg: Config, total_steps: int, start_step: int, out: TextIO | None = None) -> None:

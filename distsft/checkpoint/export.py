@@ -18,10 +18,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from distsft import checkpoint, storage
+from distsft import checkpoint
+from distsft.checkpoint import storage
 from distsft.errors import ConfigError
-from distsft.lora import is_adapter_dir, write_adapter
-from distsft.lora import merge as merge_adapter
+from distsft.model.lora import is_adapter_dir, write_adapter
+from distsft.model.lora import merge as merge_adapter
 
 DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 

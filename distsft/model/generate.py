@@ -20,7 +20,7 @@ def generate(
 
     hf_logging.disable_progress_bar()
 
-    from distsft.lora import adapter_base, is_adapter_dir, with_adapter
+    from distsft.model.lora import adapter_base, is_adapter_dir, with_adapter
 
     adapter = is_adapter_dir(model_dir)
     if not adapter and not (Path(model_dir) / "config.json").is_file():

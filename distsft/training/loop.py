@@ -30,18 +30,20 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from distsft import checkpoint, sequence_parallel, storage
-from distsft.batches import Prefetcher, RowTable
+from distsft import checkpoint
+from distsft.checkpoint import storage
 from distsft.config import Config
 from distsft.data.collate import collate
 from distsft.data.sampler import total_steps
-from distsft.engine import build_engine, init_distributed, plan_precision, render_ds_config
-from distsft.flops import flops_model, peak_flops
-from distsft.loss import token_loss_sum
-from distsft.model import base_path, count_parameters, load_model, load_tokenizer, model_plan, resolve_dtype
-from distsft.profiling import StepProfiler, phase
-from distsft.tiling import tile_mlps
-from distsft.traits import varlen
+from distsft.model.flops import flops_model, peak_flops
+from distsft.model.loading import base_path, count_parameters, load_model, load_tokenizer, model_plan, resolve_dtype
+from distsft.model.traits import varlen
+from distsft.training import sequence_parallel
+from distsft.training.batches import Prefetcher, RowTable
+from distsft.training.engine import build_engine, init_distributed, plan_precision, render_ds_config
+from distsft.training.loss import token_loss_sum
+from distsft.training.profiling import StepProfiler, phase
+from distsft.training.tiling import tile_mlps
 
 
 @dataclass
@@ -361,7 +363,7 @@ class AdapterConfig:
     base: str
 
     def save_pretrained(self, out: Path) -> None:
-        from distsft.lora import save_adapter_config
+        from distsft.model.lora import save_adapter_config
 
         save_adapter_config(self.model, out, self.base)
 
@@ -413,7 +415,7 @@ def cross_entropy_mode(cfg: Config, ds_config: dict[str, Any]) -> str:
 
 def settle_fused(engine: Any, batch: dict[str, Any], dtype: torch.dtype, device: torch.device) -> str:
     """The fused loss only where it computes this model's loss (every rank must agree)."""
-    from distsft.loss import fused_matches
+    from distsft.training.loss import fused_matches
 
     ok = fused_matches(engine, batch, rtol=1e-4 if dtype == torch.float32 else 2e-2, compute_dtype=dtype)
     (votes,) = all_sum([0.0 if ok else 1.0], device)

@@ -14,10 +14,10 @@ from typing import Any
 
 import torch
 
-from distsft import hub
 from distsft.config import DEMO_DIR, LoraConfig, ModelConfig, cache_home
-from distsft.hub import ModelSource
-from distsft.traits import ModelTraits, choose_attention, model_class, read_traits
+from distsft.model import hub
+from distsft.model.hub import ModelSource
+from distsft.model.traits import ModelTraits, choose_attention, model_class, read_traits
 
 DEMO_MODEL = DEMO_DIR / "model"
 DEMO_TOKENIZER = DEMO_DIR / "tokenizer"
@@ -72,7 +72,7 @@ def model_plan(
 ) -> tuple[ModelTraits, str]:
     """The family's traits and the attention implementation to run on ``device`` in ``dtype`` (an explicit
     choice that the class or the device cannot run is a config error)."""
-    from distsft import attention
+    from distsft.model import attention
 
     attention.register()
     config = load_model_config(cfg)
@@ -126,7 +126,7 @@ def load_model(
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    from distsft.lora import apply_lora, bnb_config
+    from distsft.model.lora import apply_lora, bnb_config
 
     hf_logging.disable_progress_bar()
 

@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from distsft.model import numel
-from distsft.traits import experts_per_token, read_traits, routed_experts, text_config
+from distsft.model.loading import numel
+from distsft.model.traits import experts_per_token, read_traits, routed_experts, text_config
 
 # Dense (no sparsity) bf16 tensor-core peak per device, FLOP/s. More specific names come first.
 PEAK_BF16_FLOPS: list[tuple[str, float]] = [

@@ -11,8 +11,8 @@ from distsft.config import Config
 from distsft.data.collate import collate
 from distsft.data.prepare import prepare
 from distsft.errors import DistsftError
-from distsft.loss import token_loss_sum
-from distsft.traits import varlen
+from distsft.model.traits import varlen
+from distsft.training.loss import token_loss_sum
 
 
 @torch.no_grad()
@@ -29,9 +29,9 @@ def evaluate_model(model: Any, rows: Any, pad_id: int, batch_size: int, device: 
 
 def evaluate_dir(cfg: Config, model_dir: str) -> dict[str, Any]:
     """Evaluate ``data.eval_path`` when set, else all of ``data.path``, with the model's own tokenizer."""
-    from distsft.lora import adapter_base, is_adapter_dir, with_adapter
-    from distsft.model import load_model, load_tokenizer, model_plan, resolve_dtype
-    from distsft.traits import check_training_fit
+    from distsft.model.loading import load_model, load_tokenizer, model_plan, resolve_dtype
+    from distsft.model.lora import adapter_base, is_adapter_dir, with_adapter
+    from distsft.model.traits import check_training_fit
 
     adapter = model_dir if is_adapter_dir(model_dir) else None  # a LoRA run's final/: its base, then it
     base = adapter_base(adapter) if adapter else model_dir

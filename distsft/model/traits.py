@@ -197,7 +197,7 @@ def _runnable(kind: str, traits: ModelTraits, device: Any, dtype: Any) -> str:
     if kind in ("flash_attention_2", "flash_attention_3", "flex_attention", "distsft_varlen") and device.type != "cuda":
         return "needs a CUDA GPU" + (" (it has no backward pass on CPU)" if kind == "flex_attention" else "")
     if kind == "distsft_varlen":
-        from distsft import attention
+        from distsft.model import attention
 
         if traits.attn_logit_softcapping:
             return "cannot soft-cap attention scores"

@@ -10,17 +10,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from distsft.config import load_typed
+from distsft.config.loader import build_typed, load_typed
+from distsft.config.schema import checked
 from distsft.errors import ConfigError
-
-CLUSTER_DIR = Path(__file__).resolve().parent.parent / "cluster"
 
 
 @dataclass(frozen=True)
 class WorkerResources:
-    cpus: float = 1.0
-    gpus: float = 0.0
-    memory_gb: float | None = None
+    cpus: float = checked(1.0, lambda v: v > 0, "a number > 0")
+    gpus: float = checked(0.0, lambda v: v >= 0, "a number >= 0")
+    memory_gb: float | None = checked(None, lambda v: v is None or v > 0, "a number > 0")
     accelerator_type: str | None = None
     """Ray's accelerator type label, e.g. ``A100-80G`` or ``H100``: workers only go to such nodes."""
 
@@ -30,8 +29,8 @@ class ClusterConfig:
     address: str | None = None
     """``null``: start a Ray instance on this machine; ``auto``: join the one running here (``ray start``);
     ``ray://head:10001``: a remote cluster through Ray Client; or ``head:6379``."""
-    num_nodes: int = 1
-    workers_per_node: int = 0
+    num_nodes: int = checked(1, lambda v: v >= 1, "an integer >= 1")
+    workers_per_node: int = checked(0, lambda v: v >= 0, "an integer >= 0 (0: one per local GPU, or 2 on CPU)")
     """0: one per GPU of this machine, or 2 CPU workers where it has none (local Ray only)."""
     resources_per_worker: WorkerResources = field(default_factory=WorkerResources)
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
@@ -43,14 +42,14 @@ class ClusterConfig:
     """Environment for workers, e.g. NCCL_* settings or HF_TOKEN; values are never printed."""
     runtime_env: dict[str, Any] = field(default_factory=dict)
     """Passed to Ray as the workers' runtime_env (pip, working_dir, ...)."""
-    max_failures: int = 0
+    max_failures: int = checked(0, lambda v: v >= -1, "-1 (unlimited) or an integer >= 0")
     """Worker-group restarts after a worker or node dies (Ray Train FailureConfig)."""
-    placement_timeout_s: float = 120.0
+    placement_timeout_s: float = checked(120.0, lambda v: v > 0, "a number of seconds > 0")
     """How long to wait for the cluster to offer every worker's resources before failing."""
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     dashboard_host: str = "127.0.0.1"
     """For a Ray instance distsft starts: where its dashboard listens (loopback unless you open it)."""
-    num_cpus: int | None = None
+    num_cpus: int | None = checked(None, lambda v: v is None or v >= 1, "an integer >= 1")
     """For a Ray instance distsft starts: CPUs it may use (default: all of this machine's)."""
 
     @property
@@ -86,25 +85,11 @@ class ClusterConfig:
         return d
 
 
-_CHECKS = {
-    "num_nodes": (lambda v: v >= 1, "an integer >= 1"),
-    "workers_per_node": (lambda v: v >= 0, "an integer >= 0 (0: one per local GPU, or 2 on CPU)"),
-    "resources_per_worker.cpus": (lambda v: v > 0, "a number > 0"),
-    "resources_per_worker.gpus": (lambda v: v >= 0, "a number >= 0"),
-    "resources_per_worker.memory_gb": (lambda v: v is None or v > 0, "a number > 0"),
-    "max_failures": (lambda v: v >= -1, "-1 (unlimited) or an integer >= 0"),
-    "placement_timeout_s": (lambda v: v > 0, "a number of seconds > 0"),
-    "num_cpus": (lambda v: v is None or v >= 1, "an integer >= 1"),
-}
-
-
 def load_cluster(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> ClusterConfig:
     """The file's cluster, or the embedded default (a local Ray instance) when ``path`` is None."""
     if path is None:
-        from distsft.config import _build
-
-        return resolve_local_workers(_build(ClusterConfig, {}, "", "<default>", {}, _CHECKS))
-    cluster = load_typed(ClusterConfig, path, overrides, checks=_CHECKS)
+        return resolve_local_workers(build_typed(ClusterConfig, {}, "<default>", {}))
+    cluster = load_typed(ClusterConfig, path, overrides)
     if cluster.address not in (None, "local") and cluster.workers_per_node == 0:
         raise ConfigError(f"{path}: workers_per_node must be set for a remote cluster (address {cluster.address})")
     return resolve_local_workers(cluster)

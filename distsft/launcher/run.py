@@ -24,20 +24,21 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from distsft import checkpoint, storage
-from distsft.cluster import ClusterConfig
-from distsft.config import Config, save_config
-from distsft.console import driver_log
-from distsft.coordinator import read_metrics
+from distsft import checkpoint
+from distsft.checkpoint import storage
+from distsft.checkpoint.export import export
+from distsft.config import Config, flatten, save_config
+from distsft.config.cluster import ClusterConfig
 from distsft.data.prepare import PreparedData, prepare
 from distsft.data.sampler import total_steps
 from distsft.errors import ConfigError
-from distsft.export import export
-from distsft.model import load_tokenizer, materialize_demo
-from distsft.ray_launch import ray_session
-from distsft.records import RecordSink, local_reporter
-from distsft.report import Reporter, check_logging, flatten
-from distsft.summary import add_run_figures, format_summary
+from distsft.launcher.ray_train import ray_session
+from distsft.metrics.console import driver_log
+from distsft.metrics.display import Display, check_logging
+from distsft.metrics.jsonl import read_metrics
+from distsft.metrics.records import RecordSink, local_sender
+from distsft.metrics.summary import add_run_figures, format_summary
+from distsft.model.loading import load_tokenizer, materialize_demo
 
 RAY_ENGINE_BYTES = 1 << 30
 """``data.engine: auto`` prepares on Ray Data from this much input (or on a cluster of several nodes)."""
@@ -80,7 +81,7 @@ def prepare_data(cfg: Config, engine: str = "local") -> PreparedData:
         return prepare(cfg.data, tokenizer, seed=cfg.train.seed, output_dir=cfg.output_dir)
     import ray
 
-    from distsft.prepare_ray import RayRunner
+    from distsft.launcher.ray_data import RayRunner
 
     started = not ray.is_initialized()
     if started:  # a Ray of its own, like a launch without --cluster: never someone else's (RAY_ADDRESS)
@@ -96,7 +97,7 @@ def prepare_data(cfg: Config, engine: str = "local") -> PreparedData:
 def launch_local(cfg: Config, quiet: bool = False, verbose: bool = False) -> dict[str, Any]:
     import torch
 
-    from distsft.train import WorkerContext, train
+    from distsft.training.loop import WorkerContext, train
 
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     with driver_log(Path(cfg.output_dir), verbose):
@@ -104,8 +105,8 @@ def launch_local(cfg: Config, quiet: bool = False, verbose: bool = False) -> dic
         root = checkpoint_root(cfg, None)
         meta, start_step = _resume_plan(cfg, root, world_size=1, data=data)
         steps = total_steps(len(data.train), cfg.batch_plan(1), cfg.train.max_steps, cfg.train.epochs)
-        display = Reporter(cfg, steps, start_step)
-        reporter = local_reporter(RecordSink(str(out), 1, start_step, on_record=display))
+        display = Display(cfg, steps, start_step)
+        reporter = local_sender(RecordSink(str(out), 1, start_step, on_record=display))
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         try:
             with StopOnSignal() as stop:
@@ -124,7 +125,7 @@ def launch_local(cfg: Config, quiet: bool = False, verbose: bool = False) -> dic
 
 
 def launch_ray(cfg: Config, cluster: ClusterConfig, quiet: bool = False, verbose: bool = False) -> dict[str, Any]:
-    from distsft.ray_launch import check_storage, run_workers
+    from distsft.launcher.ray_train import check_storage, run_workers
 
     cfg = absolute_paths(cfg)  # workers run in their own directories
     check_storage(cluster)
@@ -136,7 +137,7 @@ def launch_ray(cfg: Config, cluster: ClusterConfig, quiet: bool = False, verbose
         root = checkpoint_root(cfg, cluster)
         meta, start_step = _resume_plan(cfg, root, world_size=cluster.num_workers, data=data)
         steps = total_steps(len(data.train), cfg.batch_plan(cluster.num_workers), cfg.train.max_steps, cfg.train.epochs)
-        display = Reporter(cfg, steps, start_step)
+        display = Display(cfg, steps, start_step)
         try:
             with StopOnSignal() as stop:
                 run_workers(cfg, cluster, data, root, meta, start_step, display, stop, verbose, engine)
@@ -182,9 +183,9 @@ def check_model(cfg: Config, device_type: str) -> str:
     and say what it will run with; workers make the same choice on their own device."""
     import torch
 
-    from distsft import sequence_parallel
-    from distsft.model import model_plan
-    from distsft.traits import check_training_fit
+    from distsft.model.loading import model_plan
+    from distsft.model.traits import check_training_fit
+    from distsft.training import sequence_parallel
 
     traits, attn = model_plan(cfg.model, torch.device(device_type))
     check_training_fit(traits, cfg.data.packing, cfg.train.router_aux_loss_coef)
@@ -253,7 +254,7 @@ def checkpoint_root(cfg: Config, cluster: ClusterConfig | None) -> str | Path:
 def _resume_plan(cfg: Config, root: Any, world_size: int, data: PreparedData) -> tuple[dict[str, Any], int]:
     """Validate the checkpoint this launch will continue from, before any worker starts; returns the run's
     metadata and the step it starts after (0 for a fresh run)."""
-    from distsft.engine import engine_stage
+    from distsft.training.engine import engine_stage
 
     meta = {
         "run_id": uuid.uuid4().hex,

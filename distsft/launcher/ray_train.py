@@ -21,8 +21,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from distsft.cluster import ClusterConfig
 from distsft.config import Config, build_config
+from distsft.config.cluster import ClusterConfig
 from distsft.errors import ConfigError, DistsftError
 
 
@@ -62,8 +62,8 @@ def run_workers(
     from ray.train.v2.api.config import LoggingConfig
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from distsft.records import RecordSink
-    from distsft.report import Follower
+    from distsft.metrics.display import Follower
+    from distsft.metrics.records import RecordSink
 
     out = Path(cfg.output_dir)
     started_here = init_ray(cluster, out, verbose)
@@ -184,7 +184,7 @@ def _fit_in_thread(trainer: Any, on_tick=None) -> BaseException | None:
 def check_storage(cluster: ClusterConfig) -> None:
     """Checkpoints must land where every rank can write and rank 0 can read them all: a filesystem all
     nodes share, or an object store."""
-    from distsft import storage
+    from distsft.checkpoint import storage
 
     if cluster.storage_path:
         storage.check_uri(cluster.storage_path, "storage_path")
@@ -205,8 +205,8 @@ def ray_worker_loop(config: dict[str, Any]) -> None:
     from datasets.table import InMemoryTable
 
     from distsft.data.prepare import load_prepared
-    from distsft.records import Reporter
-    from distsft.train import WorkerContext, train
+    from distsft.metrics.records import RecordSender
+    from distsft.training.loop import WorkerContext, train
 
     ctx = ray.train.get_context()
     rank, node = ctx.get_world_rank(), ray.util.get_node_ip_address()
@@ -233,7 +233,7 @@ def ray_worker_loop(config: dict[str, Any]) -> None:
     device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
     sink = config["sink"]
     sink.hello.remote(rank, {"node": node, "node_id": node_id, "pid": os.getpid(), "device": device})
-    reporter = Reporter(lambda records: sink.put.remote(rank, records), ray.get)
+    reporter = RecordSender(lambda records: sink.put.remote(rank, records), ray.get)
     tagged = {"node": node, "node_id": node_id, "pid": os.getpid()}
     stop_flag = config["stop_flag"]
     wctx = WorkerContext(

@@ -1,0 +1,1 @@
+from distsft.checkpoint.store import *  # noqa: F401,F403

@@ -1,0 +1,312 @@
+"""The run configuration's schema: frozen dataclasses, one per section, each field's range check beside it
+(``checked``), and the checks of keys that are valid alone but not together (``combination_problems``).
+
+Reading YAML into these classes, with file:line errors, is ``distsft/config/loader.py``'s job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from distsft.errors import ConfigError
+
+DEMO_DIR = Path(__file__).resolve().parent.parent / "demo"
+DEMO_CONFIG = DEMO_DIR / "config.yaml"
+
+
+Check = tuple[typing.Callable[[Any], bool], str]
+"""A field's range check: (predicate on the coerced value, what is allowed, for the error)."""
+
+
+def checked(default: Any, predicate: typing.Callable[[Any], bool], allowed: str) -> Any:
+    """A dataclass field whose value must satisfy ``predicate``, checked when a config is loaded."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"check": (predicate, allowed)})
+    return field(default=default, metadata={"check": (predicate, allowed)})
+
+
+def cache_home() -> Path:
+    """Where distsft caches prepared data and the demo's initial weights (``$DISTSFT_CACHE``)."""
+    return Path(os.environ.get("DISTSFT_CACHE", Path.home() / ".cache" / "distsft")).expanduser()
+
+
+AttnImplementation = Literal["auto", "sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str = "demo"
+    """A local Hugging Face model directory, a hub id, or ``demo`` (the bundled tiny Llama, random init)."""
+    tokenizer: str | None = None
+    """Tokenizer directory or hub id; defaults to ``path`` (the bundled tokenizer for ``demo``)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """``auto``: bf16 on GPUs that support it, fp32 on CPU."""
+    attn_implementation: AttnImplementation = "auto"
+    """``auto``: the fastest implementation the model class declares and the device runs (flash-attention
+    on GPU when installed, then sdpa, flex_attention, eager); see ``distsft/traits.py``."""
+    trust_remote_code: bool = False
+    gradient_checkpointing: bool = False
+    revision: str | None = None
+    quantization: Literal["none", "4bit", "8bit"] = "none"
+    """Hold the frozen base in 4 bits (NF4, double quantisation: QLoRA) or 8 bits; needs ``lora.r > 0``."""
+    tiled_mlp: bool = False
+    """Run each layer's MLP over tiles of ``hidden_size`` tokens, recomputed in the backward pass (DeepSpeed
+    ALST's TiledMLP): the MLP's intermediate activations exist for one tile at a time, not the whole row,
+    which is what bounds the activation peak of long sequences. Costs one extra MLP forward per layer."""
+    config_path: str | None = None
+    """A ``config.json`` of the architecture for ``--dry-run`` planning when the driver cannot read
+    ``model.path`` (weights only on the nodes, or no hub access); training always uses ``model.path``."""
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """One entry of ``data.path`` when it needs its own format: ``{path: x.jsonl, format: alpaca}``."""
+
+    path: str
+    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion"] = "auto"
+    split: str = "train"
+    """For hub datasets and saved ``DatasetDict`` directories: which split to read."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    path: str | list[str | DataSource] = "demo"
+    """A file, a directory, a dataset saved with ``save_to_disk``, a hub dataset id, ``demo``, or a list of
+    these (entries may be ``{path, format, split}`` mappings)."""
+    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion"] = "auto"
+    max_seq_len: int = checked(1024, lambda v: v >= 8, "an integer >= 8")
+    packing: bool = True
+    train_on: Literal["assistant", "last_assistant", "all"] = "assistant"
+    """Which tokens carry labels: every assistant turn, only the last one, or the whole conversation."""
+    too_long: Literal["drop", "truncate"] = "drop"
+    on_error: Literal["fail", "skip"] = "fail"
+    eval_path: str | list[str | DataSource] | None = None
+    eval_fraction: float = checked(0.0, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
+    num_proc: int = checked(1, lambda v: v >= 1, "an integer >= 1")
+    """Processes that prepare the data with the ``local`` engine."""
+    engine: Literal["auto", "local", "ray"] = "auto"
+    """Where the data is prepared: ``local`` (this machine, ``num_proc`` processes) or ``ray`` (Ray Data over
+    every node's CPUs; JSONL, Parquet and saved datasets). ``auto``: ``ray`` for a Ray launch on several nodes or
+    over ``RAY_ENGINE_BYTES`` of data, else ``local``. Both give the same rows."""
+    cache_dir: str | None = None
+    """Where prepared data is cached; defaults to ``~/.cache/distsft``. With several nodes and the ``ray``
+    engine (or workers reading the rows from it), a directory every node sees."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    max_steps: int = checked(-1, lambda v: v == -1 or v >= 1, "-1 (use epochs) or an integer >= 1")
+    """Optimizer steps to run; -1 means ``epochs`` full passes over the data."""
+    epochs: float = checked(1.0, lambda v: v > 0, "a number > 0")
+    micro_batch_size: int = checked(1, lambda v: v >= 1, "an integer >= 1")
+    """Rows per worker per forward pass (a row is one packed sequence of up to ``max_seq_len`` tokens)."""
+    grad_accum_steps: int = checked(1, lambda v: v >= 1, "an integer >= 1")
+    lr: float = checked(2e-5, lambda v: v > 0, "a number > 0")
+    min_lr_ratio: float = checked(0.1, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")
+    """The cosine schedule decays to ``lr * min_lr_ratio``."""
+    warmup_steps: int = checked(0, lambda v: v >= 0, "an integer >= 0")
+    weight_decay: float = checked(0.0, lambda v: v >= 0, "a number >= 0")
+    adam_betas: tuple[float, float] = checked(
+        (0.9, 0.95), lambda v: all(0.0 <= b < 1.0 for b in v), "two numbers in [0, 1)"
+    )
+    max_grad_norm: float = checked(1.0, lambda v: v >= 0, "a number >= 0 (0 disables clipping)")
+    seed: int = 42
+    zero_stage: int | str = checked(
+        2,
+        lambda v: v in (0, 1, 2, 3, "3_offload") or (isinstance(v, str) and v.endswith(".json")),
+        "0, 1, 2, 3, 3_offload, or a path to a DeepSpeed .json config",
+    )
+    """0, 1, 2, 3, ``3_offload``, or a path to a DeepSpeed JSON config (``"auto"`` values are filled in)."""
+    eval_every: int = checked(0, lambda v: v >= 0, "an integer >= 0")
+    log_every: int = checked(1, lambda v: v >= 1, "an integer >= 1")
+    router_aux_loss_coef: float | None = checked(
+        None, lambda v: v is None or v >= 0, "a number >= 0, or null for the model's own"
+    )
+    """Mixture-of-experts models: weight of the router's load-balancing loss, added to the language-model
+    loss for training only (logged as ``aux_loss``, never part of ``loss`` or ``eval_loss``). ``null``: the
+    model config's own value; 0 turns it off."""
+    cross_entropy: Literal["auto", "fused", "chunked", "plain"] = "auto"
+    """How the loss meets the output layer (``distsft/loss.py``): ``fused`` never materialises the logits
+    of a batch (ZeRO 0-2), ``chunked`` upcasts them chunk by chunk; ``auto``: fused where it applies."""
+    sequence_parallel: int = checked(1, lambda v: v >= 1, "an integer >= 1 (1: off)")
+    """Workers that share one sequence (Ulysses sequence parallelism, ``distsft/sequence_parallel.py``):
+    each holds ``1/sequence_parallel`` of every row's tokens, and attention exchanges heads for tokens
+    across the group. Workers = data-parallel groups x this; 1 is off."""
+    compile: bool = False
+    """``torch.compile`` the model through DeepSpeed (``engine.compile``); packed rows vary in width, so the
+    graph is compiled with dynamic shapes. Measure before turning it on: see benchmarks/throughput.py."""
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """Low-rank adapters (peft) on a frozen base; ``r: 0`` is full fine-tuning."""
+
+    r: int = checked(0, lambda v: v >= 0, "an integer >= 0 (0: full fine-tuning)")
+    alpha: float | None = checked(None, lambda v: v is None or v > 0, "a number > 0, or null for 2 * r")
+    """Scale ``alpha / r`` of the adapters' output; default ``2 * r``."""
+    dropout: float = checked(0.0, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
+    target_modules: str | list[str] = "all-linear"
+    """``all-linear`` (every linear layer but the output layer) or a list of module names (``q_proj``, ...)."""
+    modules_to_save: list[str] = field(default_factory=list)
+    """Whole modules trained and saved with the adapter, e.g. ``[embed_tokens, lm_head]`` after adding tokens."""
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every_steps: int = checked(0, lambda v: v >= 0, "an integer >= 0")
+    """Save every N optimizer steps; 0 saves only at the end (and on SIGTERM/SIGINT)."""
+    keep_last: int = checked(2, lambda v: v >= 1, "an integer >= 1")
+    resume: str = "auto"
+    """``auto``: continue from the latest complete checkpoint if there is one; ``never``; or a path to a
+    checkpoint (``.../checkpoints/step-00000100``) or a run directory, which must exist and be complete."""
+    allow_changes: bool = False
+    """Resume even when the config differs from the checkpoint's in ways that change the continuation."""
+    final: bool = True
+    """Save a checkpoint at the end and export it to ``output_dir/final``; ``false`` for throughput
+    measurements and sweeps that keep nothing (checkpoints every ``every_steps`` are still saved)."""
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """What the driver shows and writes while a run goes; ``metrics.jsonl`` is always written."""
+
+    progress: Literal["auto", "bar", "lines", "none"] = "auto"
+    """``auto``: a progress bar on a terminal, plain lines (every ``train.log_every`` steps) otherwise."""
+    tensorboard: bool = True
+    """Event files in ``output_dir`` (``tensorboard --logdir output_dir``)."""
+    wandb_project: str | None = None
+    """Log to Weights & Biases under this project (needs ``pip install wandb``; the key comes from the
+    environment or ``wandb login``, never from this file)."""
+    wandb_entity: str | None = None
+    mlflow_experiment: str | None = None
+    """Log to MLflow under this experiment (needs ``pip install mlflow``)."""
+    mlflow_tracking_uri: str | None = None
+    """Default: ``$MLFLOW_TRACKING_URI``, else MLflow's local ``./mlruns``."""
+    peak_tflops: float | None = checked(None, lambda v: v is None or v > 0, "a number > 0 (TFLOP/s of one device)")
+    """Peak dense TFLOP/s of one device for MFU; default from the GPU's name (A100 312, H100 989, ...).
+    Unknown devices (and CPUs) report no MFU unless this is set."""
+    plot: bool = True
+    """Draw ``output_dir/loss.png`` (train and eval loss) at the end."""
+    profile_steps: tuple[int, int] | None = checked(
+        None, lambda v: v is None or 1 <= v[0] <= v[1], "[first, last] steps, 1 <= first <= last"
+    )
+    """``[first, last]``: profile these optimizer steps on rank 0 with torch.profiler (CPU and GPU): a
+    Chrome trace and a table of where the time went in ``output_dir/profile/``."""
+
+
+@dataclass(frozen=True)
+class Config:
+    output_dir: str = "runs/demo"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def batch_plan(self, world_size: int) -> BatchPlan:
+        return BatchPlan(
+            self.train.micro_batch_size, self.train.grad_accum_steps, world_size, self.train.sequence_parallel
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["train"]["adam_betas"] = list(d["train"]["adam_betas"])
+        if d["logging"]["profile_steps"] is not None:
+            d["logging"]["profile_steps"] = list(d["logging"]["profile_steps"])
+        return d
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """The one place where batch arithmetic lives: global batch = micro batch x grad accumulation x
+    data-parallel groups, where workers = data-parallel groups x sequence-parallel size (the workers of one
+    sequence-parallel group share every row, each holding a slice of its tokens)."""
+
+    micro_batch_size: int
+    grad_accum_steps: int
+    world_size: int
+    sequence_parallel: int = 1
+
+    def __post_init__(self) -> None:
+        if self.world_size % self.sequence_parallel:
+            raise ConfigError(
+                f"train.sequence_parallel = {self.sequence_parallel} does not divide the {self.world_size} "
+                f"worker(s): workers = data-parallel groups x sequence_parallel"
+            )
+
+    @property
+    def data_parallel(self) -> int:
+        return self.world_size // self.sequence_parallel
+
+    def data_rank(self, rank: int) -> int:
+        """Which data-parallel group a worker belongs to (a sequence-parallel group is consecutive ranks)."""
+        return rank // self.sequence_parallel
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch_size * self.grad_accum_steps * self.data_parallel
+
+    @property
+    def rows_per_rank(self) -> int:
+        return self.micro_batch_size * self.grad_accum_steps
+
+
+def combination_problems(cfg: Config) -> list[tuple[str, str]]:
+    """Keys that are valid alone but not together, every one of them: (the key to name, what is wrong)."""
+    problems: list[tuple[str, str]] = []
+    q, stage = cfg.model.quantization, cfg.train.zero_stage
+    if q != "none" and cfg.lora.r == 0:
+        problems.append(
+            ("model.quantization", f"{q} quantises a base that LoRA adapters train on: set lora.r > 0 (QLoRA)")
+        )
+    if q == "8bit" and stage in (3, "3_offload"):
+        problems.append(
+            ("model.quantization", "8-bit weights cannot be sharded by ZeRO-3: use 4bit, or zero_stage 1 or 2")
+        )
+    if q != "none" and stage == "3_offload":
+        problems.append(
+            ("model.quantization", "quantised weights cannot be offloaded to CPU: use zero_stage 3 without offload")
+        )
+    sp = cfg.train.sequence_parallel
+    if sp > 1 and cfg.data.max_seq_len % sp:
+        problems.append(
+            (
+                "train.sequence_parallel",
+                f"{sp} does not divide data.max_seq_len = {cfg.data.max_seq_len}: each worker holds an equal slice "
+                "of a row",
+            )
+        )
+    if sp > 1 and cfg.train.compile:
+        problems.append(("train.sequence_parallel", "does not combine with train.compile yet: set train.compile=false"))
+    if cfg.lora.modules_to_save and cfg.lora.r == 0:
+        problems.append(("lora.modules_to_save", "only means something with adapters: set lora.r > 0"))
+    why = ds_config_problem(stage)
+    if why:
+        problems.append(("train.zero_stage", why))
+    return problems
+
+
+def ds_config_problem(zero_stage: int | str) -> str:
+    """Why a ``train.zero_stage`` path cannot be used ('' when it can, or for a named stage): the file must
+    exist and hold a JSON object whose ``zero_optimization.stage`` is 0 to 3."""
+    if not isinstance(zero_stage, str) or not zero_stage.endswith(".json"):
+        return ""
+    import json
+
+    path = Path(zero_stage).expanduser()
+    if not path.is_file():
+        return f"{zero_stage}: DeepSpeed config file not found"
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        return f"{path}:{e.lineno}: invalid JSON: {e.msg}"
+    stage = ds.get("zero_optimization", {}).get("stage", 0) if isinstance(ds, dict) else None
+    if stage not in (0, 1, 2, 3):
+        return f"{path}: zero_optimization.stage must be 0, 1, 2 or 3, not {stage!r}"
+    return ""

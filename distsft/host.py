@@ -1,0 +1,48 @@
+"""What a process asks of the machine it runs on: files that appear whole or not at all, and its own peak
+memory. Leaf module: imports nothing of distsft, so every package may use it."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+
+def write_atomic(path: Path, text: str, durable: bool = False) -> None:
+    """Write ``text`` to ``path`` through a temporary sibling and an atomic rename: a reader (or a crash)
+    sees the old file or the new one, never half of it. ``durable`` also fsyncs the file and its directory,
+    for what must survive a power cut (checkpoint manifests and pointers)."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
+    os.replace(tmp, path)
+    if durable:
+        fsync_dir(path.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside ``path`` durable (the directory entry, not only the file's data)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MiB (Linux reports ``ru_maxrss`` in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+
+
+def strip_ansi(text: str) -> str:
+    """Text without terminal escape sequences (colours that Ray puts into remote tracebacks)."""
+    return _ANSI.sub("", text)
