@@ -61,7 +61,8 @@ def child(args: argparse.Namespace) -> None:
     """One measurement, in a process of its own (so its peak memory is its own)."""
     from distsft.config import load_config
     from distsft.config.cluster import ClusterConfig, WorkerResources
-    from distsft.launcher.run import launch_ray, prepare_data
+    from distsft.launcher.prepare import prepare_data
+    from distsft.launcher.run import launch_ray
 
     out = Path(args.workdir)
     sets = [f"output_dir={out / 'run'}", f"data.path={args.data}", f"data.cache_dir={out / 'cache'}",

@@ -174,7 +174,7 @@ def base_overrides(args, model: str, data: Path) -> list[str]:
 def plan(args, overrides: list[str]) -> dict:
     """Prepare once (packed and unpacked) and size the batches so every run sees the same examples/step."""
     from distsft.config import load_config
-    from distsft.launcher.run import prepare_data
+    from distsft.launcher.prepare import prepare_data
 
     packed = prepare_data(load_config(None, overrides))
     unpacked = prepare_data(load_config(None, [*overrides, "data.packing=false"]))
@@ -250,7 +250,7 @@ def run_trl(args, overrides: list[str], info: dict, out: Path, packing: bool) ->
     from trl import SFTConfig, SFTTrainer
 
     from distsft.config import load_config
-    from distsft.launcher.run import prepare_data
+    from distsft.launcher.prepare import prepare_data
     from distsft.model.flops import flops_model, peak_flops
     from distsft.model.loading import load_tokenizer
 
@@ -382,9 +382,9 @@ def run_bare(args, overrides: list[str], info: dict, out: Path) -> dict:
 
     from distsft.config import load_config
     from distsft.data.sampler import total_steps
-    from distsft.launcher.run import prepare_data
+    from distsft.launcher.prepare import prepare_data
     from distsft.model.flops import flops_model, peak_flops
-    from distsft.model.loading import load_model, load_tokenizer, model_plan, resolve_dtype
+    from distsft.model.loading import load_model, load_tokenizer, resolve_dtype, traits_and_attention
     from distsft.model.traits import varlen
     from distsft.training.batches import Prefetcher, RowTable
     from distsft.training.loss import token_loss_sum
@@ -392,7 +392,7 @@ def run_bare(args, overrides: list[str], info: dict, out: Path) -> dict:
     cfg = load_config(None, [*overrides, f"train.micro_batch_size={info['rows_per_step']}", *args.distsft_set])
     device = torch.device(args.device)
     dtype = resolve_dtype(cfg.model, device)
-    _traits, attn = model_plan(cfg.model, device, dtype)
+    _traits, attn = traits_and_attention(cfg.model, device, dtype)
     model = load_model(cfg.model, dtype, attn, cfg.train.seed).to(device).train()
     tokenizer = load_tokenizer(cfg.model)
     rows = prepare_data(cfg).train

@@ -99,12 +99,12 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
     from distsft.config import load_config
     from distsft.data.inspect import dump_rows, show_rows
-    from distsft.launcher.run import data_engine, prepare_data
+    from distsft.launcher.prepare import choose_data_runner, prepare_data
     from distsft.model.loading import load_tokenizer
 
     cfg = load_config(args.config, args.overrides)
     t0 = time.perf_counter()
-    data = prepare_data(cfg, data_engine(cfg, None))
+    data = prepare_data(cfg, choose_data_runner(cfg, None))
     stats = data.stats.as_dict()
     stats["cache"] = "hit" if data.cache_hit else "built"
     stats["seconds"] = round(time.perf_counter() - t0, 3)

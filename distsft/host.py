@@ -24,6 +24,16 @@ def write_atomic(path: Path, text: str, durable: bool = False) -> None:
         fsync_dir(path.parent)
 
 
+def publish_dir(tmp: Path, out: Path) -> None:
+    """Move a directory built under a temporary name into place, replacing what was there: readers see the
+    old directory, no directory, or the whole new one, never a half-written one under ``out``'s name."""
+    import shutil
+
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+
+
 def fsync_dir(path: Path) -> None:
     """Make a rename inside ``path`` durable (the directory entry, not only the file's data)."""
     fd = os.open(path, os.O_RDONLY)

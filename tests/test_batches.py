@@ -10,7 +10,7 @@ from raytest import run_cfg
 from distsft.config import BatchPlan
 from distsft.data.collate import collate, supervised_tokens
 from distsft.data.sampler import rank_micro_batches, step_rows
-from distsft.launcher.run import prepare_data
+from distsft.launcher.prepare import prepare_data
 from distsft.model.flops import FlopsModel
 from distsft.training.batches import Prefetcher, RowTable
 

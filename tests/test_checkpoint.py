@@ -115,14 +115,16 @@ def test_consolidated_weights_equal_the_engines_weights(tmp_path, stage, model):
     from families import save_family
 
     from distsft.model.loading import load_model
-    from distsft.training.engine import Precision, build_engine, render_ds_config
+    from distsft.training.engine import Precision, build_engine, deepspeed_plan, render_ds_config
 
     out = tmp_path / "run"
     extra = [] if model == "demo" else [f"model.path={save_family(model, tmp_path / model)}", "model.tokenizer=demo"]
     cfg = ckpt_cfg(out, "train.max_steps=2", f"train.zero_stage={stage}", *extra)
     launch_local(cfg, quiet=True)
-    ds = render_ds_config(cfg, cfg.batch_plan(1), Precision(torch.float32, torch.float32), torch.device("cpu"), 256)
-    engine, _keep = build_engine(cfg, ds, lambda: load_model(cfg.model, torch.float32, "sdpa", 0), 2)
+    fp32 = Precision(torch.float32, torch.float32)
+    plan = deepspeed_plan(cfg, 1)
+    ds = render_ds_config(cfg, plan, cfg.batch_plan(1), fp32, torch.device("cpu"), 256)
+    engine, _keep = build_engine(cfg, plan, ds, lambda: load_model(cfg.model, torch.float32, "sdpa", 0), 2)
     checkpoint.load(engine, checkpoint.find_latest(out / "checkpoints"))
     exported = final_weights(out)
     seen = set()

@@ -100,7 +100,7 @@ def test_dry_run_plans_long_context_activations_and_the_sequence_parallel_size_n
 def test_data_engine_auto_picks_ray_data_only_where_every_node_can_share_the_cache(tmp_path):
     from distsft.config import load_config
     from distsft.errors import ConfigError
-    from distsft.launcher.run import data_engine
+    from distsft.launcher.prepare import choose_data_runner as data_engine
 
     one, two = ClusterConfig(num_nodes=1, workers_per_node=2), ClusterConfig(num_nodes=2, workers_per_node=2)
     demo = load_config(None, [])
@@ -114,3 +114,19 @@ def test_data_engine_auto_picks_ray_data_only_where_every_node_can_share_the_cac
     with pytest.raises(ConfigError, match="data.engine = ray on 2 nodes .* set data.cache_dir"):
         data_engine(load_config(None, ["data.engine=ray"]), two)
     assert data_engine(load_config(None, ["data.engine=ray"]), None) == "ray"
+
+
+def test_a_worker_failure_reaches_the_console_without_terminal_colours():
+    """Ray colours the remote traceback (seen on a failed two-node launch); a log file or a pipe would show
+    the codes as text."""
+    from distsft.launcher.ray_train import describe_failure
+
+    class Failed(Exception):
+        worker_failures = {
+            1: RuntimeError("\x1b[36mray::execute._setup_torch_process_group()\x1b[39m rank 1 on node 198.51.100.2")
+        }
+
+    msg = describe_failure(Failed())
+    assert "\x1b" not in msg and "[36m" not in msg
+    assert msg == "training failed on 1 worker(s); first: rank 1 on node 198.51.100.2"
+    assert "\x1b" not in describe_failure(RuntimeError("\x1b[31mboom\x1b[0m"))

@@ -111,3 +111,41 @@ def test_config_is_frozen():
     cfg = load_config()
     with pytest.raises(AttributeError):
         cfg.train.lr = 1.0  # type: ignore[misc]
+
+
+def test_zero_stage_0_and_deepspeed_json_paths_are_settled_at_load(tmp_path):
+    """Stage 0 (DeepSpeed without ZeRO) is a stage like the others, on any number of workers; a JSON path
+    that does not exist, or holds no usable config, is refused when the config is loaded, naming the key."""
+    from distsft.training.engine import deepspeed_plan
+
+    cfg = load_config(None, ["train.zero_stage=0"])
+    assert deepspeed_plan(cfg, 4).stage == 0 and deepspeed_plan(cfg, 4).loop_clips
+    assert deepspeed_plan(load_config(None, ["train.zero_stage=2"]), 1).stage == 0  # one worker partitions nothing
+    assert deepspeed_plan(load_config(None, ["train.zero_stage=2"]), 2).stage == 2
+    with pytest.raises(ConfigError, match=r"--set: train.zero_stage: .*nope.json: DeepSpeed config file not found"):
+        load_config(None, [f"train.zero_stage={tmp_path / 'nope.json'}"])
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"zero_optimization": {"stage": 5}}')
+    with pytest.raises(
+        ConfigError, match=r"train.zero_stage: .*bad.json: zero_optimization.stage must be 0, 1, 2 or 3"
+    ):
+        load_config(None, [f"train.zero_stage={bad}"])
+    good = tmp_path / "mine.json"
+    good.write_text('{"train_batch_size": "auto", "zero_optimization": {"stage": 3}}')
+    assert deepspeed_plan(load_config(None, [f"train.zero_stage={good}"]), 2).stage == 3
+
+
+def test_every_problem_of_a_config_is_reported_at_once(tmp_path):
+    p = write(tmp_path, "train:\n  lr: -1\n  micro_bach_size: 2\ndata:\n  packing: maybe\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    msg = str(e.value)
+    assert msg.startswith("3 problems:")
+    assert f"{p}:2: train.lr" in msg and f"{p}:3: unknown key 'train.micro_bach_size'" in msg
+    assert f"{p}:5: data.packing" in msg
+    with pytest.raises(ConfigError) as e:  # valid keys that do not fit together: every pair is named
+        load_config(None, ["model.quantization=4bit", "lora.modules_to_save=[lm_head]", "train.sequence_parallel=3"])
+    msg = str(e.value)
+    assert msg.startswith("3 problems:")
+    assert "model.quantization: 4bit quantises" in msg and "lora.modules_to_save" in msg
+    assert "train.sequence_parallel: 3 does not divide" in msg

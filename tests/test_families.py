@@ -149,10 +149,10 @@ def test_a_moe_with_a_module_list_of_experts_gets_its_block_as_a_zero3_leaf(tmp_
     from toymoe import save_toymoe
 
     from distsft.config import ModelConfig
-    from distsft.model.loading import model_plan
+    from distsft.model.loading import traits_and_attention
 
     path = save_toymoe(tmp_path / "toymoe")
-    traits, attn = model_plan(ModelConfig(path=str(path), trust_remote_code=True), "cpu")
+    traits, attn = traits_and_attention(ModelConfig(path=str(path), trust_remote_code=True), "cpu")
     assert traits.experts == 16 and traits.packs and attn == "sdpa"
     from transformers import AutoModelForCausalLM
 

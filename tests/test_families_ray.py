@@ -64,7 +64,7 @@ def idle_experts(model_dir, rows_by_rank, trust_remote_code=False) -> tuple[int,
 
 def step_one_rows(cfg):
     from distsft.data.sampler import rank_micro_batches, step_rows
-    from distsft.launcher.run import prepare_data
+    from distsft.launcher.prepare import prepare_data
 
     train = prepare_data(cfg).train
     plan = cfg.batch_plan(2)

@@ -23,11 +23,11 @@ def test_auto_attention_on_gpu_isolates_packed_examples(name, tmp_path):
     from isolation import packed_vs_alone
 
     from distsft.config import ModelConfig
-    from distsft.model.loading import model_plan
+    from distsft.model.loading import traits_and_attention
 
     shape = {"hidden_size": 128, "intermediate_size": 256, "head_dim": 32}  # flex needs head_dim >= 16
     path = save_family(name, tmp_path / name, **shape)
-    _, attn = model_plan(ModelConfig(path=str(path)), torch.device("cuda"), torch.bfloat16)
+    _, attn = traits_and_attention(ModelConfig(path=str(path)), torch.device("cuda"), torch.bfloat16)
     assert attn == ("flex_attention" if name == "gemma2" else "distsft_varlen"), attn
     model = family_model(name, attn=attn, vocab_size=211, **shape).to("cuda", torch.bfloat16).train()
     packed, alone, logit_diff, _ = packed_vs_alone(model, [40, 23, 50, 9], max_len=128, device="cuda")

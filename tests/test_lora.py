@@ -132,7 +132,7 @@ def test_lora_resumed_equals_uninterrupted(tmp_path, stage, monkeypatch):
 
 @pytest.mark.slow
 def test_lora_packed_and_unpacked_step_agree(tmp_path):
-    from distsft.launcher.run import prepare_data
+    from distsft.launcher.prepare import prepare_data
 
     records = {}
     for packing in (True, False):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from tinymodels import tiny_llama
@@ -136,6 +138,51 @@ def test_a_family_that_rescales_its_logits_is_not_given_the_fused_loss():
     torch.manual_seed(0)
     model = GraniteForCausalLM(cfg)
     batch = collate(rows(1), pad_id=0)
-    assert not loss_mod.fused_matches(model, batch, rtol=1e-4)
+    assert not fused_matches(model, batch, rtol=1e-4)
     model.config.logits_scaling = 1.0
-    assert loss_mod.fused_matches(model, batch, rtol=1e-4)
+    assert fused_matches(model, batch, rtol=1e-4)
+
+
+def fused_matches(model: Any, batch: dict[str, Any], rtol: float, compute_dtype: torch.dtype | None = None) -> bool:
+    """The ground truth that ``choose_loss_kernel``'s static rule is tested against: whether this model's
+    logits are exactly its output layer's (plus the soft-capping the fused loss applies), on one batch."""
+    head = loss_mod.output_head(model)
+    if head is None or getattr(head, "bias", None) is not None:
+        return False
+    with torch.no_grad():
+        plain = loss_mod.token_loss_sum(model, batch, mode="plain").loss_sum
+        fused = loss_mod.token_loss_sum(model, batch, mode="fused", compute_dtype=compute_dtype).loss_sum
+    return bool(torch.isclose(plain, fused, rtol=rtol, atol=1e-3).item())
+
+
+def test_the_loss_kernel_is_chosen_from_what_is_known_before_the_run():
+    """No trial on the user's batch: the stage, the logits' size against the memory at hand, and whether the
+    output layer's output is the model's logits decide."""
+    from transformers import GraniteConfig, GraniteForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from distsft.model.traits import read_traits
+
+    def choose(**kw):
+        args = dict(zero_stage=2, compiled=False, tokens_per_micro_batch=4096, vocab_size=128_256)
+        args.update(device_memory=80 * 2**30, head_fusable=True)
+        args.update(kw)
+        return loss_mod.choose_loss_kernel("auto", **args).kernel
+
+    assert choose() == "fused"  # 4k tokens x 128k vocabulary: 4 GiB of fp32 logits and gradients
+    assert choose(head_fusable=False) == "chunked"
+    assert choose(zero_stage=3) == "chunked" and choose(compiled=True) == "chunked"
+    assert choose(vocab_size=3000) == "plain"  # the demo: 94 MiB
+    asked = loss_mod.choose_loss_kernel(
+        "chunked", zero_stage=0, compiled=False, tokens_per_micro_batch=1, vocab_size=1, device_memory=1, head_fusable=1
+    )
+    assert asked.kernel == "chunked"  # an explicit choice is kept
+    small = dict(vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    granite = read_traits(GraniteConfig(**small, logits_scaling=4.0), GraniteForCausalLM)
+    llama = read_traits(LlamaConfig(**small), LlamaForCausalLM)
+    assert granite.rescales_logits and not llama.rescales_logits and llama.vocab_size == 101
+    torch.manual_seed(0)
+    batch = collate(rows(1), pad_id=0)
+    for cfg, cls, traits in ((GraniteConfig(**small, logits_scaling=4.0), GraniteForCausalLM, granite),
+                             (LlamaConfig(**small), LlamaForCausalLM, llama)):  # fmt: skip
+        model = cls(cfg)
+        assert loss_mod.head_fusable(model, traits.rescales_logits) == fused_matches(model, batch, rtol=1e-4)

@@ -15,7 +15,8 @@ from conftest import REPO
 
 from distsft.config import DataConfig, DataSource
 from distsft.data import chunks
-from distsft.data.prepare import LocalRunner, prepare
+from distsft.data.passes import LocalRunner
+from distsft.data.prepare import prepare
 
 pytestmark = pytest.mark.slow
 

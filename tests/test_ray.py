@@ -109,3 +109,20 @@ def _catch(errors, fn, *args, **kwargs):
         fn(*args, **kwargs)
     except BaseException as e:  # noqa: BLE001
         errors.append(e)
+
+
+def test_zero_stage_0_on_two_workers_equals_one_process_and_the_summary_says_what_ran(
+    ray_instance, reference, tmp_path
+):
+    """``train.zero_stage: 0`` is DeepSpeed without ZeRO on any number of workers (the loop clips, on the
+    all-reduced gradients); a Ray run's summary.json holds what a local one does (parameters, device,
+    attention, the loss kernel), not only the last record."""
+    cfg = run_cfg(tmp_path, "train.micro_batch_size=1", "train.grad_accum_steps=2", "train.zero_stage=0")
+    launch_ray(cfg, cluster(2), quiet=True)
+    assert_same_run(reference, tmp_path)
+    ray_summary = json.loads((tmp_path / "summary.json").read_text())
+    local_summary = json.loads((reference / "summary.json").read_text())
+    assert set(local_summary) <= set(ray_summary), set(local_summary) - set(ray_summary)
+    for key in ("parameters", "device", "attention", "loss_kernel", "steps", "start_step"):
+        assert ray_summary[key] == local_summary[key], key
+    assert ray_summary["workers"] == 2 and local_summary["workers"] == 1

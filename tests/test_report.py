@@ -276,3 +276,17 @@ def test_the_follower_survives_a_metrics_file_cut_back_and_rewritten_past_where_
     path.write_text("".join(json.dumps(r) + "\n" for r in rewritten))
     follower._drain()  # no JSONDecodeError: the tail of a line is skipped, the whole lines after it read
     assert seen[:3] == [1, 2, 3] and seen[3:] and seen[-1] == 5
+
+
+def test_the_end_of_run_loss_is_a_mean_over_the_last_steps_not_one_noisy_step():
+    """One step's loss is one global batch (4 rows on the demo): the summary's line says a figure over the
+    last steps, token-weighted, and names it as such."""
+    from distsft.metrics.summary import format_summary, summarize
+
+    recs = [{"step": s, "loss": 0.25, "tokens": 100, "step_time_s": 1.0} for s in range(1, 20)]
+    recs.append({"step": 20, "loss": 2.33, "tokens": 10, "step_time_s": 1.0})
+    s = summarize(recs)
+    assert s["final_loss"] == 2.33
+    assert s["train_loss_window"] == pytest.approx((0.25 * 900 + 2.33 * 10) / 910)
+    line = format_summary(s).splitlines()[1]
+    assert "train loss 0.2729 (token-weighted mean of the last 10 steps)" in line and "2.33" not in line

@@ -74,7 +74,7 @@ def test_shard_batch_shifts_labels_before_the_split():
 
 
 def test_sizes_that_do_not_divide_are_one_line_config_errors(tmp_path):
-    from distsft.model.loading import model_plan
+    from distsft.model.loading import traits_and_attention
 
     with pytest.raises(ConfigError, match=r"train.sequence_parallel: 3 does not divide data.max_seq_len = 512"):
         load_config(None, ["train.sequence_parallel=3", "data.max_seq_len=512"])
@@ -83,7 +83,7 @@ def test_sizes_that_do_not_divide_are_one_line_config_errors(tmp_path):
         cfg.batch_plan(3)
     plan = cfg.batch_plan(4)
     assert plan.data_parallel == 2 and plan.global_batch == 2 * cfg.train.micro_batch_size * cfg.train.grad_accum_steps
-    traits, attn = model_plan(cfg.model, "cpu")  # the demo: 4 heads, 4 key/value heads
+    traits, attn = traits_and_attention(cfg.model, "cpu")  # the demo: 4 heads, 4 key/value heads
     with pytest.raises(ConfigError, match=r"= 8 does not divide the model's 4 attention heads"):
         sequence_parallel.check(8, traits, attn)
     with pytest.raises(ConfigError, match=r"attention paged_attention cannot run split sequences; these can: "):

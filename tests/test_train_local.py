@@ -8,7 +8,8 @@ import pytest
 import torch
 from raytest import run_cfg
 
-from distsft.launcher.run import launch_local, prepare_data
+from distsft.launcher.prepare import prepare_data
+from distsft.launcher.run import launch_local
 
 pytestmark = pytest.mark.slow
 
@@ -137,3 +138,21 @@ def test_the_default_path_needs_no_compiler_and_a_failing_op_build_is_one_line(t
     bad = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr[-2000:]
     assert "could not build its fused_adam op" in bad.stderr and '"torch_adam" at "auto"' in bad.stderr
+
+
+def test_no_step_runs_a_forward_pass_beyond_its_micro_batches(tmp_path, monkeypatch, capsys):
+    """``train.cross_entropy: auto`` decides before the run: 3 steps x 2 micro-batches are 6 forward passes,
+    and the engine line says which loss kernel runs and why."""
+    from transformers import LlamaForCausalLM
+
+    calls = []
+    forward = LlamaForCausalLM.forward
+
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(LlamaForCausalLM, "forward", counted)
+    launch_local(small_cfg(tmp_path, "train.max_steps=3", "train.grad_accum_steps=2", "train.micro_batch_size=1"))
+    assert len(calls) == 3 * 2
+    assert "loss plain (logits of a micro-batch" in capsys.readouterr().out

@@ -1,1 +1,23 @@
-from distsft.checkpoint.store import *  # noqa: F401,F403
+"""Checkpoints: atomic sharded saves on a disk or in an object store (``store``, ``storage``), the resume
+decision (``resume``), and consolidation into a Hugging Face directory (``export``).
+
+Imports ``config``, ``host`` and ``model.lora`` (export writes adapters); never the launcher or Ray.
+"""
+
+from distsft.checkpoint.resume import CONTINUATION_KEYS, ResumePlan, check_continuation, decide_resume
+from distsft.checkpoint.store import (
+    MANIFEST,
+    Location,
+    fetch,
+    find_latest,
+    load,
+    read_manifest,
+    resolve,
+    save,
+    step_dir,
+)
+
+__all__ = [
+    "CONTINUATION_KEYS", "MANIFEST", "Location", "ResumePlan", "check_continuation", "decide_resume", "fetch",
+    "find_latest", "load", "read_manifest", "resolve", "save", "step_dir",
+]  # fmt: skip

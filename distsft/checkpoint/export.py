@@ -18,9 +18,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from distsft import checkpoint
 from distsft.checkpoint import storage
+from distsft.checkpoint import store as checkpoint
 from distsft.errors import ConfigError
+from distsft.host import publish_dir
 from distsft.model.lora import is_adapter_dir, write_adapter
 from distsft.model.lora import merge as merge_adapter
 
@@ -56,21 +57,15 @@ def export(ckpt: Path, out: Path, dtype: str = "fp32", max_shard_size: str = "5G
         write_adapter(weights, ckpt / checkpoint.HF_DIR, tmp, _torch_dtype(dtype))
         for name in ("config.json", "generation_config.json"):  # the base's: peft's layout has adapter files only
             (tmp / name).unlink(missing_ok=True)
-        _publish(tmp, out)
+        publish_dir(tmp, out)
         return out
     state, _aliases = consolidated_state(ckpt)
     write_safetensors(state, tmp, dtype, max_shard_size)
     config = json.loads((tmp / "config.json").read_text())
     config["torch_dtype"] = config["dtype"] = DTYPE_NAMES[dtype]
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    _publish(tmp, out)
+    publish_dir(tmp, out)
     return out
-
-
-def _publish(tmp: Path, out: Path) -> None:
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
 
 
 def _torch_dtype(dtype: str) -> Any:

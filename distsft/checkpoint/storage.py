@@ -138,7 +138,9 @@ def bucket(location: str | Path) -> Bucket:
     if not is_remote(loc):
         raise ValueError(f"{loc}: not an object-store URI")
     root = "/".join(loc.split("/", 3)[:3])  # scheme://bucket
-    return _buckets.setdefault(root, Bucket(root))
+    if root not in _buckets:  # one client per bucket and process: making one costs a credentials lookup
+        _buckets[root] = Bucket(root)
+    return _buckets[root]
 
 
 _buckets: dict[str, Bucket] = {}

@@ -19,11 +19,13 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from distsft.checkpoint import storage
 from distsft.errors import ConfigError
+from distsft.host import fsync_dir, write_atomic
 
 PREFIX = "step-"
 MANIFEST = "MANIFEST.json"
@@ -113,11 +115,12 @@ def save(
     step: int,
     meta: dict[str, Any],
     keep_last: int,
-    hf_parts: list[Any],
+    write_hf: Callable[[Path], None],
     frozen_base: bool = False,
 ) -> Location:
-    """Collective: every rank calls it. ``hf_parts`` (config, tokenizer, ...) are saved by rank 0. With a
-    frozen base (LoRA) only what trains is saved: the base comes from ``model.path`` again on resume."""
+    """Collective: every rank calls it. Rank 0 calls ``write_hf(dir)`` for what export needs besides the
+    weights (model config, tokenizer, ...). With a frozen base (LoRA) only what trains is saved: the base
+    comes from ``model.path`` again on resume."""
     import torch.distributed as dist
 
     rank = dist.get_rank()
@@ -138,8 +141,7 @@ def save(
     )
     (tmp / f"rng-rank{rank}.json").write_text(json.dumps(_rng_state()))
     if rank == 0:
-        for part in hf_parts:
-            part.save_pretrained(tmp / HF_DIR)
+        write_hf(tmp / HF_DIR)
     if remote:
         _maybe_die_in_save(step, "upload")
         sent = storage.bucket(root).upload(tmp, final)
@@ -164,12 +166,12 @@ def save(
             storage.bucket(root).write_text(storage.join(final, MANIFEST), text)
             storage.bucket(root).write_text(storage.join(root, LATEST), storage.name(final))
         else:
-            _write_atomic(tmp / MANIFEST, text)
+            write_atomic(tmp / MANIFEST, text, durable=True)
             if Path(final).exists():  # a rerun with resume: never, overwriting its own old step
                 shutil.rmtree(final)
             os.rename(tmp, final)
-            _fsync_dir(Path(root))
-            _write_atomic(Path(root) / LATEST, storage.name(final))
+            fsync_dir(Path(root))
+            write_atomic(Path(root) / LATEST, storage.name(final), durable=True)
         _purge(root, keep_last, keep=final)
     dist.barrier()
     return final
@@ -190,24 +192,6 @@ def _maybe_die_in_save(step: int, moment: str = "shards") -> None:
     import signal
 
     os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _purge(root: Location, keep_last: int, keep: Location) -> None:
@@ -301,91 +285,3 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
-
-
-# --- resume decisions (driver and workers) ----------------------------------------------------------------
-# Keys whose change makes a resumed run differ from an uninterrupted one (data order, batch, schedule).
-CONTINUATION_KEYS = [
-    "model.path",
-    "model.tokenizer",
-    "model.quantization",
-    "lora",
-    "data",
-    "train.max_steps",
-    "train.epochs",
-    "train.micro_batch_size",
-    "train.grad_accum_steps",
-    "train.lr",
-    "train.min_lr_ratio",
-    "train.warmup_steps",
-    "train.weight_decay",
-    "train.adam_betas",
-    "train.seed",
-    "train.zero_stage",
-    "train.router_aux_loss_coef",
-]
-IGNORED_DATA_KEYS = ("num_proc", "cache_dir", "on_error")
-
-
-def pick_resume(mode: str, root: Location, run_id: str) -> Location | None:
-    """Which checkpoint a run starts from. A checkpoint of this very run (a worker-group restart after a
-    failure) always wins; otherwise ``checkpoint.resume`` decides."""
-    latest = find_latest(root)
-    if latest is not None and (read_manifest(latest) or {}).get("run_id") == run_id:
-        return latest
-    if mode == "never":
-        return None
-    if mode == "auto":
-        return latest
-    return resolve(mode)
-
-
-def check_continuation(
-    manifest: dict[str, Any],
-    config: dict[str, Any],
-    world_size: int,
-    data_fingerprint: str,
-    allow: bool,
-    engine_stage: int | str | None = None,
-) -> list[str]:
-    """Differences between the checkpoint's run and this one; raises unless ``allow`` (world size and the
-    engine's checkpoint layout always)."""
-    fresh = "export the checkpoint (`distsft export RUN_DIR`) and start a new run from it with a fresh optimizer"
-    if manifest.get("world_size") != world_size:
-        raise ConfigError(
-            f"the checkpoint was written by {manifest.get('world_size')} workers and this run has {world_size}; "
-            f"ZeRO shards are split per worker, so resume with the same number of workers, or {fresh}"
-        )
-    written = manifest.get("engine_stage", manifest.get("config", {}).get("train", {}).get("zero_stage"))
-    if engine_stage is not None and written is not None and written != engine_stage:
-        raise ConfigError(
-            f"the checkpoint was written by a ZeRO stage {written} engine and this run's is stage {engine_stage} "
-            f"(one worker runs without ZeRO); its optimizer state does not load across layouts: {fresh}"
-        )
-    old = manifest.get("config", {})
-    diffs = []
-    for key in CONTINUATION_KEYS:
-        a, b = _get(old, key), _get(config, key)
-        if key == "data" and isinstance(a, dict) and isinstance(b, dict):
-            for k in sorted(set(a) | set(b)):
-                if k not in IGNORED_DATA_KEYS and a.get(k) != b.get(k):
-                    diffs.append(f"data.{k}: {a.get(k)!r} -> {b.get(k)!r}")
-        elif a != b:
-            diffs.append(f"{key}: {a!r} -> {b!r}")
-    if manifest.get("data_fingerprint") and manifest["data_fingerprint"] != data_fingerprint:
-        diffs.append("the prepared data differs (files, tokenizer or data config changed)")
-    if diffs and not allow:
-        raise ConfigError(
-            "this run's config differs from the checkpoint's in ways that change the continuation:\n  "
-            + "\n  ".join(diffs)
-            + "\nset checkpoint.allow_changes=true to resume anyway, or checkpoint.resume=never to start over"
-        )
-    return diffs
-
-
-def _get(d: dict[str, Any], dotted: str) -> Any:
-    for part in dotted.split("."):
-        if not isinstance(d, dict):
-            return None
-        d = d.get(part)
-    return d

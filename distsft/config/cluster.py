@@ -60,6 +60,11 @@ class ClusterConfig:
     def use_gpu(self) -> bool:
         return self.resources_per_worker.gpus > 0
 
+    @property
+    def process_group_backend(self) -> str:
+        """The torch.distributed backend the workers use: the file's, or nccl with GPUs and gloo without."""
+        return self.backend if self.backend != "auto" else backend_for(self.use_gpu)
+
     def bundle(self) -> dict[str, float]:
         """One worker's Ray resources."""
         r = self.resources_per_worker
@@ -83,6 +88,11 @@ class ClusterConfig:
             rt["env_vars"] = {k: "<set>" for k in rt["env_vars"]}
         d["runtime_env"] = rt
         return d
+
+
+def backend_for(gpu: bool) -> str:
+    """nccl between GPUs, gloo between CPU processes: the one place this choice is made."""
+    return "nccl" if gpu else "gloo"
 
 
 def load_cluster(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> ClusterConfig:

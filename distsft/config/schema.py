@@ -92,7 +92,7 @@ class DataConfig:
     engine: Literal["auto", "local", "ray"] = "auto"
     """Where the data is prepared: ``local`` (this machine, ``num_proc`` processes) or ``ray`` (Ray Data over
     every node's CPUs; JSONL, Parquet and saved datasets). ``auto``: ``ray`` for a Ray launch on several nodes or
-    over ``RAY_ENGINE_BYTES`` of data, else ``local``. Both give the same rows."""
+    over ``RAY_DATA_BYTES`` of data, else ``local``. Both give the same rows."""
     cache_dir: str | None = None
     """Where prepared data is cached; defaults to ``~/.cache/distsft``. With several nodes and the ``ray``
     engine (or workers reading the rows from it), a directory every node sees."""

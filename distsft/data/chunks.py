@@ -37,7 +37,7 @@ class Chunk:
     """Rows of an ``eval_path`` source: held out whole."""
 
 
-def plan_chunks(sources: list[Source], first_index: int = 0, eval: bool = False, opened: dict | None = None):
+def chunk_sources(sources: list[Source], first_index: int = 0, eval: bool = False, opened: dict | None = None):
     """Chunks of every source, numbered from ``first_index``; ``opened`` receives the datasets opened here
     for sources that are read as datasets (source index -> dataset)."""
     chunks: list[Chunk] = []

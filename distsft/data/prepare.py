@@ -2,8 +2,8 @@
 
 The sources are cut into chunks (``chunks.py``); a first pass tokenises each chunk (its examples stream
 to an Arrow file), a second packs each chunk's examples into rows (another Arrow file per chunk). What
-runs the passes is a runner: this machine's processes (``LocalRunner``) or Ray Data across a cluster
-(``distsft/prepare_ray.py``); the chunks and the functions are the same, and so are the rows. Nothing
+runs the passes is a runner (``passes.py``): this machine's processes or Ray Data across a cluster
+(``launcher/ray_data.py``); the chunks and the functions are the same, and so are the rows. Nothing
 holds the whole corpus: the driver keeps per-chunk counts and one bit per example (the eval hold-out).
 
 Every row read is accounted for: ``kept + too_long + rejected == rows_read`` (blank lines are not rows).
@@ -28,16 +28,15 @@ from pathlib import Path
 from typing import Any
 
 from distsft.config import DataConfig, cache_home
-from distsft.data.chunks import Chunk, plan_chunks, read_chunk
-from distsft.data.formats import RowError, to_turns
-from distsft.data.packing import pack_columns, plan_rows
-from distsft.data.sources import LINE, RAW, Source, load_source, resolve_sources, source_fingerprint
-from distsft.data.tokenize import IGNORE_INDEX, ensure_chat_template, fit_length, tokenize_turns
+from distsft.data.chunks import chunk_sources
+from distsft.data.passes import ChunkResult, LocalRunner, Runner, Work, pack_chunk, tokenize_chunk
+from distsft.data.sources import Source, load_source, resolve_sources, source_fingerprint
+from distsft.data.tokenize import ensure_chat_template
 from distsft.errors import DataError
+from distsft.host import write_atomic
 
 PIPELINE_VERSION = "2"  # bump when a change to this package changes the prepared rows
 MAX_REPORTED = 50
-KEPT, TOO_LONG, REJECTED, BLANK = 0, 1, 2, 3
 
 
 @dataclass
@@ -99,7 +98,7 @@ def fingerprint(cfg: DataConfig, sources: list[Source], eval_sources: list[Sourc
 
 
 def prepare(
-    cfg: DataConfig, tokenizer: Any, seed: int, output_dir: str | Path | None = None, runner: Any = None
+    cfg: DataConfig, tokenizer: Any, seed: int, output_dir: str | Path | None = None, runner: Runner | None = None
 ) -> PreparedData:
     """The prepared rows of ``cfg``, from the cache when these inputs were prepared before. ``runner``
     runs the chunks' work (``LocalRunner`` by default; ``distsft.prepare_ray.RayRunner`` spreads it over
@@ -121,73 +120,8 @@ def prepare(
     return data
 
 
-@dataclass
-class Work:
-    """What every chunk's work needs besides the chunk (shipped once per process or node)."""
-
-    cfg: DataConfig
-    tokenizer: Any
-    seed: int
-    sources: list[Source]
-    """Training sources, then eval sources (a chunk's ``source`` indexes this list)."""
-    opened: dict[int, Any]
-    """Sources read as datasets (JSON arrays, saved and hub datasets), open on the driver."""
-    tmp: str
-    """The cache entry being built (renamed into place when complete)."""
-
-
-@dataclass
-class ChunkResult:
-    index: int
-    eval: bool
-    rows_read: int = 0
-    kept: int = 0
-    too_long: int = 0
-    rejected: list[dict[str, Any]] = field(default_factory=list)
-    tokens: int = 0
-    supervised: int = 0
-    peak_rss_mb: float = 0.0
-    """Peak resident memory of the process that did the work (so far), for the benchmark's figures."""
-
-
-def peak_rss_mb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-class LocalRunner:
-    """Runs the chunks' work in this process, or in ``num_proc`` forked processes."""
-
-    def __init__(self, num_proc: int = 1) -> None:
-        self.num_proc = num_proc
-
-    def map(self, fn: Any, items: list, work: Work) -> list:
-        if self.num_proc <= 1 or len(items) <= 1:
-            return [fn(item, work) for item in items]
-        import multiprocessing
-
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # forked children tokenise; the parent's pool would hang
-        ctx = multiprocessing.get_context("fork")
-        with ctx.Pool(min(self.num_proc, len(items)), initializer=_set_work, initargs=(work,)) as pool:
-            return pool.map(_with_work, [(fn, item) for item in items], chunksize=1)
-
-
-_WORK: Work | None = None
-
-
-def _set_work(work: Work) -> None:
-    global _WORK
-    _WORK = work
-
-
-def _with_work(job: tuple[Any, Any]) -> Any:
-    fn, item = job
-    return fn(item, _WORK)
-
-
 def _build(cfg: DataConfig, tokenizer: Any, seed: int, sources: list[Source], eval_sources: list[Source],
-           cache: Path, runner: Any) -> PreparedData:  # fmt: skip
+           cache: Path, runner: Runner) -> PreparedData:  # fmt: skip
     """Two passes over chunks: tokenise (each chunk's examples to a file), then, knowing how many examples
     there are in all (the eval hold-out is a fraction of all of them), pack each chunk's examples."""
     _clear_abandoned(cache)
@@ -200,8 +134,8 @@ def _build(cfg: DataConfig, tokenizer: Any, seed: int, sources: list[Source], ev
         for i, src in enumerate(everything)
         if src.kind not in ("jsonl", "parquet", "saved")
     }
-    chunks = plan_chunks(sources, 0, False, opened)
-    chunks += plan_chunks(
+    chunks = chunk_sources(sources, 0, False, opened)
+    chunks += chunk_sources(
         eval_sources,
         len(chunks),
         True,
@@ -210,7 +144,7 @@ def _build(cfg: DataConfig, tokenizer: Any, seed: int, sources: list[Source], ev
     chunks = [dataclasses.replace(c, source=c.source + len(sources)) if c.eval else c for c in chunks]
     work = Work(cfg, tokenizer, seed, everything, opened, str(tmp))
     try:
-        refusal = runner.refuses(work) if hasattr(runner, "refuses") else ""
+        refusal = runner.refuses(work)
         if refusal:  # before any work: a source this runner cannot read
             raise DataError(refusal)
         results = [
@@ -251,7 +185,7 @@ def _build(cfg: DataConfig, tokenizer: Any, seed: int, sources: list[Source], ev
             peak = max(peak, rss)
         shutil.rmtree(tmp / "examples", ignore_errors=True)
         meta = {"stats": asdict(stats), "rejected": rejected}
-        (tmp / "meta.json").write_text(json.dumps(meta, ensure_ascii=False))  # last: the entry is complete
+        write_atomic(tmp / "meta.json", json.dumps(meta, ensure_ascii=False))  # last: the entry is complete
         try:
             tmp.rename(cache)
         except OSError:  # a concurrent prepare of the same inputs won; its rows are identical
@@ -274,79 +208,6 @@ def held_out(n: int, fraction: float, seed: int) -> Any:
     if fraction > 0 and n > 1:
         mask[np.random.default_rng(seed).permutation(n)[: max(1, int(n * fraction))]] = True
     return mask
-
-
-EXAMPLE_SCHEMA = {"input_ids": "int32", "labels": "int32"}
-
-
-def tokenize_chunk(chunk: Chunk, work: Work) -> ChunkResult:
-    """Stage 1: a chunk's rows -> its kept examples (token ids and labels, written as an Arrow stream in
-    batches, never held whole) and the account of every row."""
-    import pyarrow as pa
-
-    cfg, src = work.cfg, work.sources[chunk.source]
-    result = ChunkResult(chunk.index, chunk.eval)
-    schema = pa.schema({k: pa.list_(pa.int32()) for k in EXAMPLE_SCHEMA})
-    path = Path(work.tmp) / "examples" / f"{chunk.index:06d}.arrow"
-    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
-        for batch in read_chunk(chunk, src, work.opened.get(chunk.source)):
-            out = process_batch(batch, work.tokenizer, src.format, cfg.train_on, cfg.max_seq_len, cfg.too_long)
-            keep = []
-            for i, (s, line, reason) in enumerate(zip(out["status"], out[LINE], out["reason"], strict=True)):
-                if s == BLANK:
-                    continue
-                result.rows_read += 1
-                if s == REJECTED:
-                    result.rejected.append({"file": src.path, "line": line, "where": src.where(line), "reason": reason})
-                elif s == TOO_LONG:
-                    result.too_long += 1
-                else:
-                    keep.append(i)
-                    result.tokens += len(out["input_ids"][i])
-                    result.supervised += sum(1 for t in out["labels"][i] if t != IGNORE_INDEX)
-            result.kept += len(keep)
-            if keep:
-                cols = [pa.array([out[k][i] for i in keep], pa.list_(pa.int32())) for k in EXAMPLE_SCHEMA]
-                writer.write_batch(pa.record_batch(cols, schema=schema))
-    result.peak_rss_mb = peak_rss_mb()
-    return result
-
-
-def pack_chunk(job: tuple[int, bool, Any], work: Work) -> tuple[int, int, int, float]:
-    """Stage 2: a chunk's examples -> packed training rows (and eval rows), written as Arrow streams.
-    Packing is within the chunk: ``CHUNK_ROWS`` examples is window enough for best-fit decreasing."""
-    import numpy as np
-    import pyarrow as pa
-
-    index, is_eval, mask = job
-    cfg = work.cfg
-    path = Path(work.tmp) / "examples" / f"{index:06d}.arrow"
-    with pa.memory_map(str(path)) as source:
-        table = pa.ipc.open_stream(source).read_all()
-    ids, labels = (table.column(k).combine_chunks() for k in EXAMPLE_SCHEMA)
-    lengths = np.diff(np.asarray(ids.offsets)).tolist()
-    held = np.ones(len(ids), dtype=bool) if is_eval else np.asarray(mask, dtype=bool)
-    counts = []
-    for name, members in (("train", np.flatnonzero(~held)), ("eval", np.flatnonzero(held))):
-        if not len(members):
-            counts.append((0, 0))
-            continue
-        seed = work.seed * 1_000_003 + index
-        bins = plan_rows([lengths[i] for i in members], cfg.max_seq_len, seed, cfg.packing)
-        bins = [[int(members[i]) for i in b] for b in bins]
-        rows = pack_columns(ids, labels, bins)
-        _write_rows(Path(work.tmp) / name / f"{index:06d}.arrow", rows)
-        counts.append((len(bins), int(np.asarray(rows["input_ids"].offsets)[-1])))
-    return counts[0][0], counts[0][1], counts[1][0], peak_rss_mb()
-
-
-def _write_rows(path: Path, columns: dict[str, Any]) -> None:
-    import pyarrow as pa
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    table = pa.table(columns)
-    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table, max_chunksize=1024)
 
 
 def _clear_abandoned(cache: Path) -> None:
@@ -388,45 +249,6 @@ def load_prepared(cache: Path) -> PreparedData:
         cache_dir=cache,
         cache_hit=True,
     )
-
-
-def process_batch(batch: dict[str, list], tokenizer: Any, fmt: str, train_on: str, max_len: int, too_long: str):
-    """datasets.map function: raw rows -> token ids + labels, or a status and reason per row."""
-    n = len(batch[LINE])
-    out: dict[str, list] = {"input_ids": [], "labels": [], "status": [], "reason": [], LINE: batch[LINE]}
-    keys = [k for k in batch if k != LINE]
-    for i in range(n):
-        ids: list[int] = []
-        labels: list[int] = []
-        reason = ""
-        try:
-            if RAW in batch:
-                text = batch[RAW][i]
-                if not text.strip():
-                    out["input_ids"].append(ids), out["labels"].append(labels)
-                    out["status"].append(BLANK), out["reason"].append("")
-                    continue
-                try:
-                    row = json.loads(text)
-                except json.JSONDecodeError as e:
-                    raise RowError(f"invalid JSON: {e.msg} (column {e.colno})") from None
-            else:
-                row = {k: batch[k][i] for k in keys}
-            ex = tokenize_turns(tokenizer, to_turns(row, fmt), train_on)
-            if not ex.num_supervised:
-                raise RowError("no supervised tokens after applying the chat template")
-            fitted = fit_length(ex, max_len, too_long)
-            if fitted is None:
-                status = TOO_LONG
-            else:
-                status, ids, labels = KEPT, fitted.input_ids, fitted.labels
-        except RowError as e:
-            status, reason = REJECTED, str(e)
-        out["input_ids"].append(ids)
-        out["labels"].append(labels)
-        out["status"].append(status)
-        out["reason"].append(reason)
-    return out
 
 
 def _raise_report(rejected: list[dict[str, Any]]) -> None:

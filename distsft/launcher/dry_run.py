@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 from distsft.config import Config
 from distsft.config.cluster import ClusterConfig
-from distsft.training.engine import ds_config_path
+from distsft.training.engine import deepspeed_plan
 
 GiB = 1024**3
 
@@ -232,14 +232,9 @@ def _bytes(n: float) -> str:
 
 
 def dry_run(cfg: Config, cluster: ClusterConfig, local: bool = False) -> list[str]:
-    import json
-
     plan = cfg.batch_plan(cluster.num_workers)
-    ds = json.loads(ds_config_path(cfg.train.zero_stage).read_text())
-    zero = ds.get("zero_optimization", {})
-    stage = int(zero.get("stage", 0))
-    offload_opt = zero.get("offload_optimizer", {}).get("device", "none") == "cpu"
-    offload_param = zero.get("offload_param", {}).get("device", "none") == "cpu"
+    ds = deepspeed_plan(cfg, cluster.num_workers)
+    stage, offload_opt, offload_param = ds.stage, ds.offload_optimizer, ds.offload_params
     r = cluster.resources_per_worker
     where = cluster.address or "a new local Ray instance (dashboard on " + cluster.dashboard_host + ")"
     if local:
@@ -249,14 +244,18 @@ def dry_run(cfg: Config, cluster: ClusterConfig, local: bool = False) -> list[st
         f"nodes:          {cluster.num_nodes}",
         f"workers:        {cluster.num_workers} ({cluster.workers_per_node} per node), "
         f"placement {cluster.placement_strategy}, backend "
-        f"{cluster.backend if cluster.backend != 'auto' else ('nccl' if cluster.use_gpu else 'gloo')}",
+        f"{cluster.process_group_backend}",
         f"per worker:     {r.cpus:g} CPU, {r.gpus:g} GPU"
         + (f", {r.memory_gb:g} GiB" if r.memory_gb else "")
         + (f", {r.accelerator_type}" if r.accelerator_type else ""),
         f"env for workers: {', '.join(sorted(cluster.env)) or 'none'} (values not shown)",
-        f"zero:           stage {stage} ({ds_config_path(cfg.train.zero_stage).name})"
-        + (", optimizer offload to CPU" if offload_opt else "")
-        + (", parameter offload to CPU" if offload_param else ""),
+        f"zero:           {ds.describe()} ({ds.source.name}"
+        + (
+            f"; one worker partitions nothing: stage {cfg.train.zero_stage} runs without ZeRO"
+            if ds.layout == 0 and cfg.train.zero_stage != 0
+            else ""
+        )
+        + ")",
         f"batch:          micro {plan.micro_batch_size} x grad accum {plan.grad_accum_steps} x data-parallel "
         f"groups {plan.data_parallel} = global batch {plan.global_batch} rows"
         + (

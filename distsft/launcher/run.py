@@ -3,7 +3,7 @@ end with a Hugging Face model directory and a summary.
 
 ``--local`` runs the loop in this process (world size 1, no Ray): the single-GPU debug mode, and the
 mode every path can be tested in on a CPU. Otherwise Ray places one worker per accelerator (or CPU slot)
-as the cluster file says and each runs the very same loop (``distsft/ray_launch.py``). The data is
+as the cluster file says and each runs the very same loop (``launcher/ray_train.py``). The data is
 prepared once, on this machine or on Ray Data across the cluster (``data.engine``); workers memory-map
 the prepared rows where they can see them, else get them through Ray's object store.
 
@@ -17,81 +17,28 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import signal
-import threading
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 from distsft import checkpoint
-from distsft.checkpoint import storage
+from distsft.checkpoint import Location, ResumePlan, storage
 from distsft.checkpoint.export import export
 from distsft.config import Config, flatten, save_config
 from distsft.config.cluster import ClusterConfig
-from distsft.data.prepare import PreparedData, prepare
+from distsft.data.prepare import PreparedData
 from distsft.data.sampler import total_steps
-from distsft.errors import ConfigError
-from distsft.launcher.ray_train import ray_session
+from distsft.host import write_atomic
+from distsft.launcher.prepare import choose_data_runner, prepare_data
+from distsft.launcher.ray_session import RaySession
+from distsft.launcher.stop import StopOnSignal
 from distsft.metrics.console import driver_log
 from distsft.metrics.display import Display, check_logging
 from distsft.metrics.jsonl import read_metrics
 from distsft.metrics.records import RecordSink, local_sender
 from distsft.metrics.summary import add_run_figures, format_summary
-from distsft.model.loading import load_tokenizer, materialize_demo
-
-RAY_ENGINE_BYTES = 1 << 30
-"""``data.engine: auto`` prepares on Ray Data from this much input (or on a cluster of several nodes)."""
-
-
-def data_engine(cfg: Config, cluster: ClusterConfig | None) -> str:
-    """``local`` or ``ray``: the config's choice, or for ``auto``: Ray Data when the launch runs on Ray and
-    either the cluster has several nodes (and ``data.cache_dir`` is set: it must be a directory they all
-    see) or the input is large; a source Ray Data does not read (JSON arrays, hub datasets) keeps
-    ``auto`` local."""
-    shared = cfg.data.cache_dir is not None  # where every node's chunks go: must be one place for all
-    if cfg.data.engine == "ray" and cluster is not None and cluster.num_nodes > 1 and not shared:
-        raise ConfigError(
-            f"data.engine = ray on {cluster.num_nodes} nodes writes the prepared chunks from every node: set "
-            "data.cache_dir to a directory every node sees (or data.engine=local)"
-        )
-    if cfg.data.engine != "auto":
-        return cfg.data.engine
-    if cluster is None or (cluster.num_nodes > 1 and not shared):
-        return "local"
-    from distsft.data.sources import resolve_sources
-
-    sources = resolve_sources(cfg.data.path, cfg.data.format)
-    sources += resolve_sources(cfg.data.eval_path, cfg.data.format) if cfg.data.eval_path else []
-    if any(s.kind not in ("jsonl", "parquet", "saved") for s in sources):
-        return "local"
-    size = sum(f.stat().st_size for s in sources for f in _files(Path(s.path)))
-    return "ray" if cluster.num_nodes > 1 or size >= RAY_ENGINE_BYTES else "local"
-
-
-def _files(p: Path) -> list[Path]:
-    return [f for f in p.rglob("*") if f.is_file()] if p.is_dir() else [p]
-
-
-def prepare_data(cfg: Config, engine: str = "local") -> PreparedData:
-    """The prepared rows; ``engine`` ``ray`` runs the work on Ray Data (on the Ray this process is connected
-    to, or on a local instance started for it and stopped after)."""
-    tokenizer = load_tokenizer(cfg.model)
-    if engine != "ray":
-        return prepare(cfg.data, tokenizer, seed=cfg.train.seed, output_dir=cfg.output_dir)
-    import ray
-
-    from distsft.launcher.ray_data import RayRunner
-
-    started = not ray.is_initialized()
-    if started:  # a Ray of its own, like a launch without --cluster: never someone else's (RAY_ADDRESS)
-        os.environ.pop("RAY_ADDRESS", None)
-        ray.init(logging_level="ERROR", log_to_driver=False, include_dashboard=False)
-    try:
-        return prepare(cfg.data, tokenizer, seed=cfg.train.seed, output_dir=cfg.output_dir, runner=RayRunner())
-    finally:
-        if started and ray.is_initialized():
-            ray.shutdown()
+from distsft.model.loading import materialize_demo
+from distsft.training.engine import deepspeed_plan
 
 
 def launch_local(cfg: Config, quiet: bool = False, verbose: bool = False) -> dict[str, Any]:
@@ -101,27 +48,27 @@ def launch_local(cfg: Config, quiet: bool = False, verbose: bool = False) -> dic
 
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     with driver_log(Path(cfg.output_dir), verbose):
-        out, data, t0 = _start(cfg, quiet, device_type, 1, data_engine(cfg, None))
+        out, data, t0 = _start(cfg, quiet, device_type, 1, choose_data_runner(cfg, None))
         root = checkpoint_root(cfg, None)
-        meta, start_step = _resume_plan(cfg, root, world_size=1, data=data)
+        resume = decide_resume(cfg, root, 1, data)
         steps = total_steps(len(data.train), cfg.batch_plan(1), cfg.train.max_steps, cfg.train.epochs)
-        display = Display(cfg, steps, start_step)
-        reporter = local_sender(RecordSink(str(out), 1, start_step, on_record=display))
+        display = Display(cfg, steps, resume.step)
+        sender = local_sender(RecordSink(str(out), 1, resume.step, on_record=display))
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         try:
             with StopOnSignal() as stop:
                 ctx = WorkerContext(
-                    report=reporter.report,
-                    flush=reporter.flush,
-                    wait=reporter.wait,
-                    checkpoint_dir=str(root),
+                    checkpoint_dir=root,
+                    resume=resume,
+                    report=sender.report,
+                    flush=sender.flush,
+                    wait=sender.wait,
                     should_stop=stop.is_set,
-                    run_meta=meta,
                 )
-                summary = train(cfg, data.train, data.eval, ctx)
+                summary = {"workers": 1, **train(cfg, data.train, data.eval, ctx)}
         finally:
             display.close()
-        return _finish(cfg, out, root, summary, data, t0, start_step)
+        return _finish(cfg, out, root, summary, data, t0, resume.step)
 
 
 def launch_ray(cfg: Config, cluster: ClusterConfig, quiet: bool = False, verbose: bool = False) -> dict[str, Any]:
@@ -129,31 +76,52 @@ def launch_ray(cfg: Config, cluster: ClusterConfig, quiet: bool = False, verbose
 
     cfg = absolute_paths(cfg)  # workers run in their own directories
     check_storage(cluster)
-    engine = data_engine(cfg, cluster)
-    with driver_log(Path(cfg.output_dir), verbose), ray_session(cluster, Path(cfg.output_dir), verbose, engine):
+    runner = choose_data_runner(cfg, cluster)
+    out_dir = Path(cfg.output_dir)
+    with driver_log(out_dir, verbose), RaySession(cluster, out_dir, verbose) as session:
         if not quiet:
             print(f"cluster: {describe_cluster(cluster)}", flush=True)
-        out, data, t0 = _start(cfg, quiet, "cuda" if cluster.use_gpu else "cpu", cluster.num_workers, engine)
+        if runner == "ray":  # the instance that prepares the rows is the one that trains on them
+            session.ensure()
+        out, data, t0 = _start(cfg, quiet, "cuda" if cluster.use_gpu else "cpu", cluster.num_workers, runner)
         root = checkpoint_root(cfg, cluster)
-        meta, start_step = _resume_plan(cfg, root, world_size=cluster.num_workers, data=data)
+        resume = decide_resume(cfg, root, cluster.num_workers, data)
         steps = total_steps(len(data.train), cfg.batch_plan(cluster.num_workers), cfg.train.max_steps, cfg.train.epochs)
-        display = Display(cfg, steps, start_step)
+        display = Display(cfg, steps, resume.step)
         try:
             with StopOnSignal() as stop:
-                run_workers(cfg, cluster, data, root, meta, start_step, display, stop, verbose, engine)
+                ran = run_workers(cfg, cluster, session, data, root, resume, display, stop, runner)
         finally:
             display.close()
-        rows = read_metrics(out)
-        summary = {"steps": steps, "workers": cluster.num_workers, "start_step": start_step}
-        summary["last"] = rows[-1] if rows else {}
-        if stop.is_set():
-            summary["stopped_at"] = summary["last"].get("step")
-        return _finish(cfg, out, root, summary, data, t0, start_step)
+        summary: dict[str, Any] = {"steps": steps, "workers": cluster.num_workers, "start_step": resume.step, **ran}
+        if "last" not in summary:
+            rows = read_metrics(out)
+            summary["last"] = rows[-1] if rows else {}
+        return _finish(cfg, out, root, summary, data, t0, resume.step)
+
+
+def decide_resume(cfg: Config, root: Location, world_size: int, data: PreparedData) -> ResumePlan:
+    """The checkpoint this launch continues from, validated before any worker starts (and said)."""
+    plan, diffs = checkpoint.decide_resume(
+        cfg.checkpoint.resume,
+        root,
+        cfg.to_dict(),
+        world_size,
+        data.cache_dir.name if data.cache_dir else "",
+        deepspeed_plan(cfg, world_size).layout,
+        cfg.checkpoint.allow_changes,
+    )
+    if plan.checkpoint is not None:
+        note = f" (allowed changes: {'; '.join(diffs)})" if diffs else ""
+        print(f"resuming from {plan.checkpoint} (step {plan.step}){note}", flush=True)
+    return plan
 
 
 def _start(
-    cfg: Config, quiet: bool, device_type: str, world_size: int, engine: str
+    cfg: Config, quiet: bool, device_type: str, world_size: int, runner: str
 ) -> tuple[Path, PreparedData, float]:
+    """What every launch does first, in this order: the config saved and its changes said, the batch plan
+    and the model checked (no weights), the data prepared and described."""
     check_logging(cfg.logging)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -166,13 +134,13 @@ def _start(
     if cfg.model.path == "demo":
         materialize_demo(cfg.train.seed)  # once here, rather than by every worker at the same time
     t0 = time.perf_counter()
-    data = prepare_data(cfg, engine)
+    data = prepare_data(cfg, runner)
     s = data.stats.as_dict()
     print(
         f"data: {s['rows_read']} rows read, {s['kept']} kept, {s['rejected']} rejected, {s['too_long']} too long; "
         f"{s['packed_rows']} rows of <= {s['max_seq_len']} tokens (packing efficiency {s['packing_efficiency']:.1%}), "
         f"{s['supervised_tokens']} supervised tokens [{'cached' if data.cache_hit else 'prepared'} in "
-        f"{time.perf_counter() - t0:.1f}s{' on Ray Data' if engine == 'ray' and not data.cache_hit else ''}]",
+        f"{time.perf_counter() - t0:.1f}s{' on Ray Data' if runner == 'ray' and not data.cache_hit else ''}]",
         flush=True,
     )
     return out, data, t0
@@ -183,11 +151,11 @@ def check_model(cfg: Config, device_type: str) -> str:
     and say what it will run with; workers make the same choice on their own device."""
     import torch
 
-    from distsft.model.loading import model_plan
+    from distsft.model.loading import traits_and_attention
     from distsft.model.traits import check_training_fit
     from distsft.training import sequence_parallel
 
-    traits, attn = model_plan(cfg.model, torch.device(device_type))
+    traits, attn = traits_and_attention(cfg.model, torch.device(device_type))
     check_training_fit(traits, cfg.data.packing, cfg.train.router_aux_loss_coef)
     sequence_parallel.check(cfg.train.sequence_parallel, traits, attn)
     line = f"model: {traits.describe(attn)}"
@@ -197,9 +165,7 @@ def check_model(cfg: Config, device_type: str) -> str:
 
 def config_changes(cfg: Config) -> list[tuple[str, Any]]:
     """Keys whose value differs from the built-in default (dotted, in the config's order)."""
-    from distsft.config import Config as Defaults
-
-    mine, default = flatten(cfg.to_dict()), flatten(Defaults().to_dict())
+    mine, default = flatten(cfg.to_dict()), flatten(Config().to_dict())
     same_path = Path(str(mine["output_dir"])).resolve() == Path(str(default["output_dir"])).resolve()
     return [(k, v) for k, v in mine.items() if default.get(k) != v and not (k == "output_dir" and same_path)]
 
@@ -216,7 +182,7 @@ def describe_cluster(cluster: ClusterConfig) -> str:
 
 
 def _finish(
-    cfg: Config, out: Path, root: Any, summary: dict[str, Any], data: PreparedData, t0: float, start_step: int
+    cfg: Config, out: Path, root: Location, summary: dict[str, Any], data: PreparedData, t0: float, start_step: int
 ) -> dict[str, Any]:
     """The coordinator's last job: consolidate the final checkpoint's shards into ``output_dir/final``,
     then summarise the run and draw its loss curve."""
@@ -234,83 +200,21 @@ def _finish(
         summary["final_dir"] = str(out / "final")
     summary["wall_s"] = time.perf_counter() - t0
     add_run_figures(summary, read_metrics(out), out, start_step, plot=cfg.logging.plot)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    write_atomic(out / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
     if not summary.get("stopped_at"):
         print(format_summary(summary), flush=True)
     return summary
 
 
-def checkpoint_root(cfg: Config, cluster: ClusterConfig | None) -> str | Path:
+def checkpoint_root(cfg: Config, cluster: ClusterConfig | None) -> Location:
     """``output_dir/checkpoints`` locally; under the cluster's storage path (a shared filesystem or an
     object store) on Ray."""
     if cluster is not None and cluster.storage_path:
-        base: str | Path = cluster.storage_path
+        base: Location = cluster.storage_path
         if not storage.is_remote(base):
             base = Path(base).expanduser().resolve()
         return storage.join(base, Path(cfg.output_dir).name, "checkpoints")
     return Path(cfg.output_dir).resolve() / "checkpoints"
-
-
-def _resume_plan(cfg: Config, root: Any, world_size: int, data: PreparedData) -> tuple[dict[str, Any], int]:
-    """Validate the checkpoint this launch will continue from, before any worker starts; returns the run's
-    metadata and the step it starts after (0 for a fresh run)."""
-    from distsft.training.engine import engine_stage
-
-    meta = {
-        "run_id": uuid.uuid4().hex,
-        "data_fingerprint": data.cache_dir.name if data.cache_dir else "",
-        "engine_stage": engine_stage(cfg, world_size),
-    }
-    ckpt = checkpoint.pick_resume(cfg.checkpoint.resume, root, meta["run_id"])
-    if ckpt is not None:
-        manifest = checkpoint.read_manifest(ckpt) or {}
-        diffs = checkpoint.check_continuation(
-            manifest, cfg.to_dict(), world_size, meta["data_fingerprint"], cfg.checkpoint.allow_changes,
-            engine_stage=meta["engine_stage"],
-        )  # fmt: skip
-        note = f" (allowed changes: {'; '.join(diffs)})" if diffs else ""
-        print(f"resuming from {ckpt} (step {manifest.get('step')}){note}", flush=True)
-        return meta, int(manifest.get("step") or 0)
-    return meta, 0
-
-
-class StopOnSignal:
-    """SIGTERM/SIGINT ask the run to save a checkpoint and exit (at the next step whose records are read,
-    every ``train.log_every`` steps); a second signal aborts. ``on_stop`` also tells remote workers."""
-
-    def __init__(self) -> None:
-        self._event = threading.Event()
-        self.on_stop = None
-        self._old: dict[int, Any] = {}
-
-    def is_set(self) -> bool:
-        return self._event.is_set()
-
-    def __enter__(self):
-        self.install()
-        return self
-
-    def install(self) -> None:
-        """(Again) make ours the handlers: starting Ray installs its own, which end the process."""
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                old = signal.signal(sig, self._handle)
-                self._old.setdefault(sig, old)
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self._event.is_set():
-            raise KeyboardInterrupt
-        print(
-            f"\n{signal.Signals(signum).name}: saving a checkpoint and exiting (send it again to abort without saving)",
-            flush=True,
-        )
-        self._event.set()
-        if self.on_stop is not None:
-            self.on_stop()
 
 
 def absolute_paths(cfg: Config) -> Config:

@@ -35,6 +35,7 @@ class RecordSink:
         self.pending: dict[int, dict[int, dict[str, Any]]] = {}
         self.placement: dict[int, dict[str, Any]] = {}
         self.last_step = keep_through
+        self.summary: dict[str, Any] = {}
 
     def hello(self, rank: int, where: dict[str, Any]) -> None:
         """A worker (re)started: where it runs, for ``workers.json`` and the console."""
@@ -61,6 +62,13 @@ class RecordSink:
             self.log.append(merge([by_rank[r] for r in sorted(by_rank)]))
             self.last_step = step
         return self.last_step
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        """Rank 0's summary of the run (what ``training.loop.train`` returns), for the driver."""
+        self.summary = summary
+
+    def run_summary(self) -> dict[str, Any]:
+        return self.summary
 
 
 class RecordSender:

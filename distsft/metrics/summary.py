@@ -8,6 +8,10 @@ from typing import Any
 
 from distsft.metrics.display import format_duration
 
+LOSS_WINDOW = 10
+"""The end-of-run training loss is the token-weighted mean of this many last steps: one step's loss is one
+global batch (4 rows on the demo) and jumps by 5x from step to step."""
+
 
 def summarize(records: list[dict[str, Any]], start_step: int = 0) -> dict[str, Any]:
     """Throughput figures cover this launch's steps (after ``start_step``); eval figures the whole run.
@@ -31,7 +35,11 @@ def summarize(records: list[dict[str, Any]], start_step: int = 0) -> dict[str, A
     if mine and mine[-1].get("tflops_per_device") is not None:
         out["tflops_per_device"] = sum(r["tflops_per_device"] * r["step_time_s"] for r in mine) / max(step_time, 1e-12)
     if records:
-        out["final_loss"] = records[-1]["loss"]
+        out["final_loss"] = records[-1]["loss"]  # one step's loss: one global batch, noisy
+        last = records[-LOSS_WINDOW:]
+        tokens_in = sum(r["tokens"] for r in last)
+        out["train_loss_window"] = sum(r["loss"] * r["tokens"] for r in last) / max(tokens_in, 1)
+        out["train_loss_window_steps"] = len(last)
     evals = [r for r in records if r.get("eval_loss") is not None]
     if evals:
         best = min(evals, key=lambda r: r["eval_loss"])
@@ -63,7 +71,11 @@ def format_summary(s: dict[str, Any], heading: str = "done") -> str:
         + (f", MFU {s['mfu']:.1%}" if s.get("mfu") is not None else "")
         + (f", {s['tflops_per_device']:.2f} TFLOP/s per device" if s.get("tflops_per_device") is not None else ""),
     ]
-    loss = f"  loss {s['final_loss']:.4f}" if "final_loss" in s else "  loss -"
+    if "train_loss_window" in s:
+        n = s["train_loss_window_steps"]
+        loss = f"  train loss {s['train_loss_window']:.4f} (token-weighted mean of the last {n} step{'s' * (n > 1)})"
+    else:
+        loss = "  train loss -"
     if "final_eval_loss" in s:
         loss += f"; eval loss {s['final_eval_loss']:.4f} (best {s['best_eval_loss']:.4f} at step {s['best_eval_step']})"
     lines.append(loss)

@@ -67,7 +67,7 @@ def load_model_config(cfg: ModelConfig) -> Any:
     )
 
 
-def model_plan(
+def traits_and_attention(
     cfg: ModelConfig, device: torch.device | str, dtype: torch.dtype | None = None
 ) -> tuple[ModelTraits, str]:
     """The family's traits and the attention implementation to run on ``device`` in ``dtype`` (an explicit

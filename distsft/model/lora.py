@@ -19,6 +19,7 @@ import torch
 
 from distsft.config import LoraConfig
 from distsft.errors import ConfigError
+from distsft.host import publish_dir
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -169,7 +170,5 @@ def merge(adapter_dir: Path, out: Path, dtype: torch.dtype, trust_remote_code: b
     shutil.rmtree(tmp, ignore_errors=True)
     merged.save_pretrained(str(tmp), safe_serialization=True)
     AutoTokenizer.from_pretrained(str(adapter_dir)).save_pretrained(str(tmp))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    publish_dir(tmp, out)
     return out

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,6 +59,10 @@ class ModelTraits:
     utilities, which read example boundaries from restarting position ids, and has no recurrent layers
     whose state would flow from one example into the next."""
     why_not_packs: str = ""
+    vocab_size: int = 0
+    rescales_logits: bool = False
+    """The class changes its logits after the output layer, beyond final soft-capping (Granite divides by
+    ``logits_scaling``, Cohere multiplies by ``logit_scale``): a loss fused with the output layer would miss it."""
 
     def describe(self, attn: str) -> str:
         parts = [f"{self.class_name} ({self.model_type})", f"attention {attn}"]
@@ -138,7 +143,22 @@ def read_traits(config: Any, cls: type) -> ModelTraits:
         router_aux_loss_coef=float(getattr(text, "router_aux_loss_coef", 0.0) or 0.0) if router_loss else 0.0,
         packs=not why,
         why_not_packs=why,
+        vocab_size=int(getattr(text, "vocab_size", 0) or 0),
+        rescales_logits=_rescales_logits(cls),
     )
+
+
+_RESCALE = re.compile(r"^\s*logits\s*(?:[*/]=|=\s*(?:logits|self\.lm_head\([^)]*\))\s*[*/])")
+
+
+def _rescales_logits(cls: type) -> bool:
+    """Read from the class's ``forward``: a line that multiplies or divides ``logits`` after the output layer
+    (soft-capping, which the fused loss applies itself, aside). Unreadable source counts as rescaling."""
+    try:
+        source = inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return True
+    return any(_RESCALE.match(line) and "softcap" not in line for line in source.splitlines())
 
 
 def _global_int(config: Any, key: str) -> int:

@@ -8,11 +8,12 @@ filled here, so the two can never disagree.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
-import socket
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,16 +23,72 @@ from distsft.config import BatchPlan, Config
 from distsft.errors import ConfigError
 
 DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
-STAGE_FILES = {1: "zero1.json", 2: "zero2.json", 3: "zero3.json", "3_offload": "zero3_offload.json"}
+STAGE_FILES = {0: "zero0.json", 1: "zero1.json", 2: "zero2.json", 3: "zero3.json", "3_offload": "zero3_offload.json"}
 
 
 def ds_config_path(zero_stage: int | str) -> Path:
+    """The JSON file of ``train.zero_stage``: a shipped one, or the user's (checked at config load)."""
     if zero_stage in STAGE_FILES:
         return DS_CONFIG_DIR / STAGE_FILES[zero_stage]
-    p = Path(str(zero_stage)).expanduser()
-    if not p.is_file():
-        raise ConfigError(f"train.zero_stage: {zero_stage}: DeepSpeed config file not found")
-    return p
+    return Path(str(zero_stage)).expanduser()
+
+
+@dataclass(frozen=True)
+class DeepSpeedPlan:
+    """What the DeepSpeed engine will be, decided once from the config and the worker count, and read
+    wherever the stage matters: the engine's JSON, who clips, the loss kernel, checkpoints, the dry run.
+
+    A world of one partitions nothing: ZeRO stages 1 and 2 then run as DeepSpeed without ZeRO, which
+    spares the gradient hooks, buckets and flat fp32 copies that cost a one-GPU step as much as its forward
+    and backward (measured on an H100: 218 ms vs 174 ms per step, 1.5B model)."""
+
+    stage: int
+    """The ZeRO stage the engine really runs: 0 (no ZeRO), 1, 2 or 3."""
+    layout: int | str
+    """What checkpoints record as the engine's layout (``engine_stage``): 0 where one worker runs without
+    ZeRO, else ``train.zero_stage`` as written (old checkpoints recorded the same values)."""
+    template: dict[str, Any] = field(repr=False)
+    """The JSON file's content, ``"auto"`` values still to fill (``render_ds_config``)."""
+    source: Path
+    offload_optimizer: bool = False
+    offload_params: bool = False
+
+    @property
+    def loop_clips(self) -> bool:
+        """Without ZeRO the loop clips (foreach, no host sync) and keeps the norm it logs; ZeRO clips itself."""
+        return self.stage == 0
+
+    def describe(self) -> str:
+        """For the dry run and the engine line."""
+        zero = "without ZeRO" if self.stage == 0 else f"ZeRO stage {self.stage}"
+        where = [x for x, on in (("optimizer", self.offload_optimizer), ("parameter", self.offload_params)) if on]
+        offload = f", {' and '.join(where)} offload to CPU" if where else ""
+        return f"{zero}{offload}"
+
+
+def deepspeed_plan(cfg: Config, world_size: int) -> DeepSpeedPlan:
+    path = ds_config_path(cfg.train.zero_stage)
+    try:
+        ds = json.loads(path.read_text())
+    except OSError as e:
+        raise ConfigError(f"train.zero_stage: {path}: {e.strerror or e}") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+    zero = ds.get("zero_optimization", {})
+    stage = int(zero.get("stage", 0))
+    single = world_size == 1 and stage in (1, 2)
+    return DeepSpeedPlan(
+        stage=0 if single else stage,
+        layout=0 if single else cfg.train.zero_stage,
+        template=ds,
+        source=path,
+        offload_optimizer=_offloads(zero, "offload_optimizer"),
+        offload_params=_offloads(zero, "offload_param"),
+    )
+
+
+def _offloads(zero: dict[str, Any], key: str) -> bool:
+    return zero.get(key, {}).get("device", "none") not in ("none", None)
 
 
 @dataclass(frozen=True)
@@ -44,20 +101,8 @@ class Precision:
     """fp32 weights (and optimizer) with bf16 matmuls through torch.autocast (PyTorch's AMP)."""
 
 
-def single_worker_stage(cfg: Config, world_size: int) -> bool:
-    """A world of one partitions nothing: ZeRO stages 1 and 2 (the shipped files) then run as DeepSpeed
-    without ZeRO, which spares the gradient hooks, buckets and flat fp32 copies that cost a one-GPU step
-    as much as its forward and backward (measured on an H100: 218 ms vs 174 ms per step, 1.5B model)."""
-    return world_size == 1 and cfg.train.zero_stage in (1, 2)
-
-
-def engine_stage(cfg: Config, world_size: int) -> int | str:
-    """The ZeRO stage the engine really runs (recorded in checkpoints, whose layout depends on it)."""
-    return 0 if single_worker_stage(cfg, world_size) else cfg.train.zero_stage
-
-
-def plan_precision(cfg: Config, device: torch.device, dtype: torch.dtype, world_size: int) -> Precision:
-    """``model.dtype: auto`` on a GPU with one worker: fp32 weights and optimizer with bf16 autocast, the
+def choose_precision(cfg: Config, device: torch.device, dtype: torch.dtype, ds: DeepSpeedPlan) -> Precision:
+    """``model.dtype: auto`` on a GPU without ZeRO: fp32 weights and optimizer with bf16 autocast, the
     mixed precision of PyTorch's AMP, which needs no fp32 master copy beside bf16 weights and no
     conversions between them at every step. Otherwise the weights are ``dtype`` (DeepSpeed keeps fp32
     master weights for bf16 ones under ZeRO)."""
@@ -66,22 +111,23 @@ def plan_precision(cfg: Config, device: torch.device, dtype: torch.dtype, world_
         and device.type == "cuda"
         and dtype in (torch.bfloat16, torch.float16)
         and cfg.model.quantization == "none"
-        and single_worker_stage(cfg, world_size)
+        and ds.stage == 0
     )
     return Precision(torch.float32, dtype, autocast=True) if amp else Precision(dtype, dtype)
 
 
 def render_ds_config(
-    cfg: Config, plan: BatchPlan, precision: Precision, device: torch.device, hidden_size: int | None = None
+    cfg: Config,
+    ds_plan: DeepSpeedPlan,
+    plan: BatchPlan,
+    precision: Precision,
+    device: torch.device,
+    hidden_size: int | None = None,
 ) -> dict[str, Any]:
-    path = ds_config_path(cfg.train.zero_stage)
+    """The engine's JSON: the plan's template with its ``"auto"`` values filled from our config."""
+    ds = copy.deepcopy(ds_plan.template)
     dtype = precision.weights
-    try:
-        ds = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
-    zero = ds.get("zero_optimization", {})
-    offload_opt = zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
+    offload_opt = ds_plan.offload_optimizer
     h = hidden_size or 0
     values = {
         # DeepSpeed counts every worker as data-parallel (a sequence-parallel group's workers each add their
@@ -106,9 +152,10 @@ def render_ds_config(
         "zero_optimization.stage3_prefetch_bucket_size": int(0.9 * h * h) or int(5e7),
         "zero_optimization.stage3_param_persistence_threshold": 10 * h or int(1e5),
     }
-    _fill_auto(ds, values, "", path)
-    if single_worker_stage(cfg, plan.world_size):
+    _fill_auto(ds, values, "", ds_plan.source)
+    if ds_plan.stage == 0:
         ds["zero_optimization"] = {"stage": 0}
+    if ds_plan.loop_clips:
         ds["gradient_clipping"] = 0.0  # the loop clips (foreach, no host sync) and keeps the norm it logs
     if precision.autocast:
         ds["torch_autocast"] = {"enabled": True, "dtype": str(precision.compute).removeprefix("torch.")}
@@ -157,33 +204,6 @@ def op_build_failure(error: BaseException) -> str | None:
     return f"DeepSpeed could not build its {name} op ({type(error).__name__}: {why}); {remedy}"
 
 
-def init_distributed(device: torch.device) -> None:
-    """Join the process group: Ray Train has already made one on workers; ``--local`` makes a 1-rank group.
-
-    The local group is made with an explicit loopback address instead of ``MASTER_*`` environment
-    variables, so nothing leaks into child processes (which would then fight over the same port).
-    """
-    import deepspeed
-    import deepspeed.ops
-
-    # DeepSpeed compiles a shared-memory all-reduce for CPU *inference* when it starts (a C++ build on a
-    # fresh machine, and a log line); training all-reduces through torch.distributed and never uses it.
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    if not torch.distributed.is_initialized():
-        os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed reads it; harmless to inherit
-        torch.distributed.init_process_group(
-            backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1
-        )
-    deepspeed.init_distributed(dist_backend=backend, verbose=False)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def lr_lambda(total_steps: int, warmup_steps: int, min_ratio: float):
     """Linear warmup to the peak, then cosine decay to ``min_ratio`` of it at the last step."""
 
@@ -197,14 +217,18 @@ def lr_lambda(total_steps: int, warmup_steps: int, min_ratio: float):
     return f
 
 
-def build_engine(cfg: Config, ds_config: dict[str, Any], build_model, total_steps: int):
-    """``build_model()`` runs while ``HfDeepSpeedConfig`` is alive, so ZeRO-3 builds a partitioned model."""
+def build_engine(
+    cfg: Config, ds: DeepSpeedPlan, ds_config: dict[str, Any], build_model: Callable[[], Any], total_steps: int
+) -> tuple[Any, Any]:
+    """``build_model()`` runs while ``HfDeepSpeedConfig`` is alive, so ZeRO-3 builds a partitioned model;
+    the caller keeps the returned config referenced for as long as the engine lives (transformers asks it
+    whether ZeRO-3 is on, through a weak reference)."""
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
 
     hf_ds = HfDeepSpeedConfig(ds_config)  # noqa: F841 - must stay referenced while the model is built
     model = build_model()
-    if ds_config.get("zero_optimization", {}).get("stage") == 3:
+    if ds.stage == 3:
         from deepspeed.utils import set_z3_leaf_modules
 
         from distsft.model.traits import expert_blocks

@@ -1,13 +1,17 @@
-"""Token-weighted loss of a model directory on a data set, without DeepSpeed (one process, one device)."""
+"""Held-out loss: inside a run, on the DeepSpeed engine over every rank (``evaluate``), and of a finished
+model directory in one process without DeepSpeed (``distsft eval``: ``evaluate_dir``). Both are the
+token-weighted mean of ``distsft/training/loss.py``."""
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
-from distsft.config import Config
+from distsft.config import BatchPlan, Config
 from distsft.data.collate import collate
 from distsft.data.prepare import prepare
 from distsft.errors import DistsftError
@@ -29,7 +33,7 @@ def evaluate_model(model: Any, rows: Any, pad_id: int, batch_size: int, device: 
 
 def evaluate_dir(cfg: Config, model_dir: str) -> dict[str, Any]:
     """Evaluate ``data.eval_path`` when set, else all of ``data.path``, with the model's own tokenizer."""
-    from distsft.model.loading import load_model, load_tokenizer, model_plan, resolve_dtype
+    from distsft.model.loading import load_model, load_tokenizer, resolve_dtype, traits_and_attention
     from distsft.model.lora import adapter_base, is_adapter_dir, with_adapter
     from distsft.model.traits import check_training_fit
 
@@ -39,7 +43,7 @@ def evaluate_dir(cfg: Config, model_dir: str) -> dict[str, Any]:
         cfg.model, path=base, tokenizer=model_dir, gradient_checkpointing=False, quantization="none"
     )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    traits, attn = model_plan(model_cfg, device)
+    traits, attn = traits_and_attention(model_cfg, device)
     check_training_fit(traits, cfg.data.packing, None)
     tokenizer = load_tokenizer(model_cfg)
     target = cfg.data.eval_path or cfg.data.path
@@ -52,3 +56,32 @@ def evaluate_dir(cfg: Config, model_dir: str) -> dict[str, Any]:
         model = with_adapter(model, adapter)
     model = model.to(device).eval()
     return evaluate_model(model, data.train, tokenizer.pad_token_id, cfg.train.micro_batch_size, device, attn)
+
+
+@torch.no_grad()
+def evaluate(
+    engine: Any, rows: Any, plan: BatchPlan, rank: int, to_device: Callable[[list[dict]], dict], device: torch.device
+) -> float:
+    """Token-weighted loss over every eval row; rows are dealt round-robin so data-parallel groups share the
+    work (the workers of a sequence-parallel group each take their slice of the same rows).
+
+    Every rank runs the same number of forward passes (a rank short of rows repeats an empty-label batch),
+    because ZeRO-3 forwards are collectives.
+    """
+    engine.eval()
+    micro_batch, groups = plan.micro_batch_size, plan.data_parallel
+    mine = list(range(plan.data_rank(rank), len(rows), groups))
+    n_batches = -(-len(rows) // (groups * micro_batch))
+    sums = torch.zeros(2, dtype=torch.float64, device=device)
+    for i in range(n_batches):
+        chunk = mine[i * micro_batch : (i + 1) * micro_batch]
+        if chunk:
+            parts = token_loss_sum(engine, to_device([rows[j] for j in chunk]), mode="chunked")
+            sums += torch.stack([parts.loss_sum.double(), parts.tokens.double()])
+        else:
+            token_loss_sum(engine, to_device([rows[0]]), mode="chunked")
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(sums)
+    total, tokens = sums.tolist()
+    engine.train()
+    return total / max(tokens, 1.0)

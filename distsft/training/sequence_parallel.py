@@ -35,6 +35,7 @@ import torch.distributed as dist
 
 from distsft.data.tokenize import IGNORE_INDEX
 from distsft.errors import ConfigError
+from distsft.model.traits import ModelTraits
 
 NAME = "distsft_ulysses"
 CORES = ("flash_attention_3", "flash_attention_2", "distsft_varlen", "flex_attention", "sdpa", "eager")
@@ -62,7 +63,7 @@ def new_groups(size: int) -> SequenceGroup | None:
     return SequenceGroup(size, rank % size, mine)
 
 
-def check(size: int, traits: Any, attn: str) -> None:
+def check(size: int, traits: ModelTraits, attn: str) -> None:
     """Refuse, before any heavy work, a sequence-parallel size the model cannot be split by (the workers and
     the row length are checked with the batch plan and the config)."""
     if size == 1:

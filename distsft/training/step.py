@@ -1,0 +1,163 @@
+"""One optimizer step and its figures: the micro-batches' forward and backward, clipping, the step clock,
+and reading the pending steps' records (the only host sync, every ``train.log_every`` steps)."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from distsft.config import BatchPlan
+from distsft.training.loss import LossKernel, token_loss_sum
+from distsft.training.profiling import phase
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak accelerator memory on GPU; peak resident host memory (what ZeRO-3 saves on CPU) otherwise."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    from distsft.host import peak_rss_mb
+
+    return peak_rss_mb()
+
+
+def inject_fault(rank: int, step: int) -> None:
+    """Failure injection for tests: ``DISTSFT_FAIL_AT=RANK:STEP[:MARKER]`` makes that rank raise at that
+    step; with a marker file it fails only once (the marker is created), so a restarted run can finish."""
+    spec = os.environ.get("DISTSFT_FAIL_AT")
+    if not spec:
+        return
+    parts = spec.split(":", 2)
+    if parts[:2] != [str(rank), str(step)]:
+        return
+    if len(parts) == 3:
+        marker = Path(parts[2])
+        if marker.exists():
+            return
+        marker.touch()
+    raise RuntimeError(f"injected failure (DISTSFT_FAIL_AT={spec})")
+
+
+class StepClock:
+    """Where a step's time goes: waiting for inputs, forward + backward, the optimizer. On a GPU the marks
+    are CUDA events, read only when records are (so timing adds no sync); on a CPU, wall-clock times."""
+
+    MARKS = ("start", "data", "fwd_bwd", "optimizer")
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.marks: dict[str, Any] = {}
+
+    def mark(self, name: str) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks[name] = event
+        else:
+            self.marks[name] = time.perf_counter()
+
+    def take(self) -> dict[str, Any]:
+        marks, self.marks = self.marks, {}
+        return marks
+
+    def split(self, marks: dict[str, Any]) -> dict[str, float]:
+        """Seconds per phase (after the device has passed the last mark)."""
+
+        def between(a: str, b: str) -> float:
+            if self.cuda:
+                return marks[a].elapsed_time(marks[b]) / 1e3
+            return marks[b] - marks[a]
+
+        return {
+            "step_time_s": between("start", "optimizer"),
+            "data_wait_s": between("start", "data"),
+            "fwd_bwd_s": between("data", "fwd_bwd"),
+            "optimizer_s": between("fwd_bwd", "optimizer"),
+        }
+
+
+@dataclass
+class PendingStep:
+    """A finished step whose device-side figures have not been read yet."""
+
+    record: dict[str, Any]
+    sums: torch.Tensor
+    """This rank's (loss sum, router-loss sum) on the device; summed over ranks when read."""
+    grad_norm: Any
+    marks: dict[str, Any]
+
+
+def train_step(
+    engine: Any,
+    batches: list[dict[str, Any]],
+    scale: float,
+    aux_coef: float,
+    loss_kernel: LossKernel,
+    compute_dtype: torch.dtype,
+    clock: StepClock,
+    clip: float | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One optimizer step over this rank's micro-batches: (loss sum, router-loss sum) on the device, and the
+    gradient norm when the loop clips. Nothing here waits for the device."""
+    sums = torch.zeros(2, dtype=torch.float32, device=batches[0]["input_ids"].device)
+    norm = None
+    for i, b in enumerate(batches):
+        last = i == len(batches) - 1
+        with phase("forward"):
+            parts = token_loss_sum(engine, b, aux_coef > 0, mode=loss_kernel, compute_dtype=compute_dtype)
+            objective = parts.loss_sum * scale
+            sums[0] += parts.loss_sum.detach()
+            if parts.aux is not None:
+                # DeepSpeed divides by grad_accum and averages over ranks: the step adds the coefficient
+                # times the mean router loss over every micro-batch of the global batch.
+                objective = objective + aux_coef * parts.aux
+                sums[1] += parts.aux.detach().float()
+        with phase("backward"):
+            engine.backward(objective)
+        if last:
+            clock.mark("fwd_bwd")
+        with phase("optimizer"):
+            if last and clip is not None:
+                norm = clip_gradients(engine, clip)
+            engine.step()  # the optimizer runs at the last micro-batch only
+    clock.mark("optimizer")
+    return sums, norm
+
+
+def clip_gradients(engine: Any, max_norm: float) -> torch.Tensor:
+    """Clip to ``max_norm`` (0: only measure) and return the global norm, all on the device (DeepSpeed
+    without ZeRO would read the norm back to the host). Squares are summed in fp64, so the norm does not
+    depend on how the gradients were summed (1 worker x 4 micro-batches or 2 x 2)."""
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float64)))
+    if max_norm > 0:
+        torch._foreach_mul_(grads, (max_norm / (norm + 1e-6)).clamp(max=1.0).to(grads[0].dtype))
+    return norm
+
+
+def read_pending(
+    pending: list[PendingStep], clock: StepClock, plan: BatchPlan, aux_coef: float, device: torch.device, start: float
+) -> list[dict[str, Any]]:
+    """The pending steps' records, complete: one all-reduce and one host sync for all of them."""
+    sums = torch.stack([p.sums for p in pending])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(sums)
+    norms = [p.grad_norm for p in pending]
+    sums = sums.tolist()  # the sync: the device has finished every pending step
+    elapsed = time.perf_counter() - start
+    out = []
+    for p, (loss_sum, aux_sum), norm in zip(pending, sums, norms, strict=True):
+        record = dict(p.record)
+        record["loss"] = loss_sum / max(record["tokens"], 1)
+        record["grad_norm"] = float(norm) if norm is not None else None
+        if aux_coef > 0:
+            record["aux_loss"] = aux_sum / (plan.grad_accum_steps * plan.world_size)
+        record.update(clock.split(p.marks))
+        record["elapsed_s"] = elapsed
+        out.append(record)
+    return out
