@@ -205,40 +205,9 @@ def _coerce(value: Any, tp: Any) -> Any:
         extra = f" (did you mean {near[0]!r}?)" if near else ""
         raise ValueError(f"expected {_describe(tp)}{extra}")
     if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        specific = None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg)
-            except ValueError as e:
-                # Keep the detailed reason of the branch whose shape the value has (a list, a mapping).
-                shaped = (isinstance(value, list) and typing.get_origin(arg) is list) or (
-                    isinstance(value, dict) and dataclasses.is_dataclass(arg)
-                )
-                specific = e if shaped else specific
-        if specific is not None:
-            raise specific
-        raise ValueError(f"expected {_describe(tp)}")
+        return _coerce_union(value, tp)
     if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ValueError(f"expected a mapping with keys {', '.join(f.name for f in dataclasses.fields(tp))}")
-        problems: list[str] = []
-        try:
-            built = _build(tp, value, "", "", {}, problems)
-        except TypeError:
-            missing = [
-                f.name
-                for f in dataclasses.fields(tp)
-                if f.name not in value and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-            ]
-            raise ValueError(f"missing key(s): {', '.join(missing)}") from None
-        if problems:
-            raise ValueError(problems[0].lstrip(": "))
-        return built
+        return _coerce_dataclass(value, tp)
     if origin is list:
         (item,) = typing.get_args(tp)
         if not isinstance(value, list):
@@ -262,6 +231,49 @@ def _coerce(value: Any, tp: Any) -> Any:
         if not isinstance(value, (list, tuple)) or len(value) != len(items):
             raise ValueError(f"expected a list of {len(items)} values")
         return tuple(_coerce(v, t) for v, t in zip(value, items, strict=True))
+    return _coerce_scalar(value, tp)
+
+
+def _coerce_union(value: Any, tp: Any) -> Any:
+    args = typing.get_args(tp)
+    if value is None and type(None) in args:
+        return None
+    specific = None
+    for arg in args:
+        if arg is type(None):
+            continue
+        try:
+            return _coerce(value, arg)
+        except ValueError as e:
+            # Keep the detailed reason of the branch whose shape the value has (a list, a mapping).
+            shaped = (isinstance(value, list) and typing.get_origin(arg) is list) or (
+                isinstance(value, dict) and dataclasses.is_dataclass(arg)
+            )
+            specific = e if shaped else specific
+    if specific is not None:
+        raise specific
+    raise ValueError(f"expected {_describe(tp)}")
+
+
+def _coerce_dataclass(value: Any, tp: Any) -> Any:
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a mapping with keys {', '.join(f.name for f in dataclasses.fields(tp))}")
+    problems: list[str] = []
+    try:
+        built = _build(tp, value, "", "", {}, problems)
+    except TypeError:
+        missing = [
+            f.name
+            for f in dataclasses.fields(tp)
+            if f.name not in value and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        ]
+        raise ValueError(f"missing key(s): {', '.join(missing)}") from None
+    if problems:
+        raise ValueError(problems[0].lstrip(": "))
+    return built
+
+
+def _coerce_scalar(value: Any, tp: Any) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value

@@ -1,7 +1,7 @@
 """The training loop: run unchanged by ``--local`` (world size 1) and by every Ray worker.
 
-``train`` is two parts: ``set_up`` builds what a worker's run needs once (device, process group, model,
-DeepSpeed engine, input pipeline, the resume point, the loss kernel), and ``run_steps`` runs the steps.
+``train`` is two parts: a ``Run`` is set up once (device, process group, model, DeepSpeed engine, input
+pipeline, the resume point, the loss kernel), then ``Run.run_steps`` runs the steps.
 
 Loss normalisation is exact: the loss of an optimizer step is the sum of token losses over every
 supervised token of the global batch, divided by their global count. Every rank knows that count
@@ -26,7 +26,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -87,185 +87,150 @@ class WorkerContext:
     records it covers) and at the end."""
 
 
-@dataclass
 class Run:
-    """One worker's run, set up: everything the steps use, built once by ``set_up``."""
+    """One worker's run: ``__init__`` sets it up once (device, process group, model, DeepSpeed engine,
+    input pipeline, the resume point, the loss kernel); ``run_steps`` runs the optimizer steps."""
 
-    cfg: Config
-    ctx: WorkerContext
-    engine: Any
-    plan: BatchPlan
-    ds: DeepSpeedPlan
-    precision: Precision
-    device: torch.device
-    feed: Prefetcher
-    to_device: Callable[[list[dict]], dict[str, Any]]
-    eval_rows: Any
-    steps: int
-    start_step: int
-    loss: LossChoice
-    aux_coef: float
-    peak_flops: float | None
-    profiler: StepProfiler
-    save: Callable[[int], None]
-    summary: dict[str, Any] = field(default_factory=dict)
-    keep_alive: Any = None
-    """Held for the engine's lifetime (transformers' ZeRO-3 config)."""
+    def __init__(self, cfg: Config, train_rows: Any, eval_rows: Any, ctx: WorkerContext) -> None:
+        # DeepSpeed calls torch.distributed APIs that torch now marks deprecated, once per bucket per step.
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+        os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+        self.cfg, self.ctx, self.eval_rows = cfg, ctx, eval_rows
+        self.device = device = pick_device(ctx.local_rank)
+        init_distributed(device)
+        seed_everything(cfg.train.seed)
+        self.plan = plan = cfg.batch_plan(ctx.world_size)
+        sp = sequence_parallel.new_groups(plan.sequence_parallel)
+        self.steps = total_steps(len(train_rows), plan, cfg.train.max_steps, cfg.train.epochs)
+        ds = deepspeed_plan(cfg, ctx.world_size)
+        self.precision = choose_precision(cfg, device, resolve_dtype(cfg.model, device), ds)
+        traits, attn = traits_and_attention(cfg.model, device, self.precision.compute)
+        sequence_parallel.check(plan.sequence_parallel, traits, attn)
+        tokenizer = load_tokenizer(cfg.model)
+        tokens_per_micro_batch = cfg.train.micro_batch_size * cfg.data.max_seq_len // plan.sequence_parallel
+        self.engine, self._keep_alive = _engine(
+            cfg, ctx, ds, plan, self.precision, device, traits, attn, sp, tokens_per_micro_batch, self.steps
+        )  # the ZeRO-3 config that transformers holds by a weak reference lives as long as the engine
+        self.clip = cfg.train.max_grad_norm if ds.loop_clips else None
+        self.aux_coef = router_aux_coef(cfg, traits)
+
+        # Sequence parallelism needs every row's example lengths (the whole row's), whatever the kernel.
+        lengths = varlen(attn) or sp is not None
+        shard = functools.partial(sequence_parallel.shard_batch, size=sp.size, rank=sp.rank) if sp else None
+        n_params = count_parameters(self.engine.module)
+        table = RowTable(train_rows, flops_of=flops_model(self.engine.module, n_params).per_example)
+        pad = tokenizer.pad_token_id
+        self.feed = Prefetcher(table, plan, ctx.rank, cfg.train.seed, pad, lengths, device.type == "cuda", shard)
+
+        def to_device(rows: list[dict]) -> dict[str, Any]:
+            batch = collate(rows, pad, lengths, plan.sequence_parallel)
+            batch = shard(batch) if shard else batch
+            return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+        self.to_device = to_device
+        resume_from = ctx.resume.for_worker(ctx.checkpoint_dir)
+        self.start_step = checkpoint.load(self.engine, resume_from, cfg.lora.r > 0) if resume_from else 0
+        if resume_from is not None and ctx.rank == 0:
+            print(f"resumed from {resume_from} at step {self.start_step}", flush=True)
+        self.loss = choose_loss_kernel(
+            cfg.train.cross_entropy,
+            zero_stage=ds.stage,
+            compiled=cfg.train.compile,
+            tokens_per_micro_batch=tokens_per_micro_batch,
+            vocab_size=traits.vocab_size,
+            device_memory=_memory_bytes(device),
+            head_fusable=head_fusable(self.engine.module, traits.rescales_logits),
+        )
+        if ctx.rank == 0:
+            print(describe_engine(ds, self.precision, plan, attn, cfg.model.tiled_mlp, self.loss), flush=True)
+        device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+        self.peak_flops = peak_flops(device_name, cfg.logging.peak_tflops)
+        profile_dir = Path(cfg.output_dir) / "profile"
+        self.profiler = StepProfiler(cfg.logging.profile_steps, profile_dir, ctx.rank, device.type == "cuda")
+        self.save = _saver(cfg, ctx, self.engine, tokenizer)
+        self.summary: dict[str, Any] = {
+            "steps": self.steps,
+            "parameters": n_params,
+            "start_step": self.start_step,
+            "device": device_name,
+            "attention": attn,
+            "loss_kernel": self.loss.kernel,
+        }
+
+    def close(self) -> None:
+        self.feed.close()
+        self.profiler.close()
+
+    def run_steps(self) -> dict[str, Any]:
+        """The optimizer steps from ``start_step``; returns the summary (``stopped_at`` on a stop request)."""
+        cfg, ctx, engine, plan, summary = self.cfg, self.ctx, self.engine, self.plan, self.summary
+        clock = StepClock(self.device)
+        pending: list[PendingStep] = []
+        start = time.perf_counter()
+        for step in range(self.start_step, self.steps):
+            done = step + 1
+            engine.train()
+            self.profiler.step_begins(done)
+            clock.mark("start")
+            with phase("data"):
+                inputs = self.feed.get(step, then=done if done < self.steps else None)
+                batches = inputs.to_device(self.device)
+            clock.mark("data")
+            scale = plan.grad_accum_steps * plan.world_size / max(inputs.global_supervised, 1)
+            lr = engine.get_lr()[0]  # the rate this step's update uses; the scheduler moves on in step()
+            inject_fault(ctx.rank, done)
+            compute = self.precision.compute
+            sums, norm = train_step(engine, batches, scale, self.aux_coef, self.loss.kernel, compute, clock, self.clip)
+            record = {
+                "step": done,
+                "lr": lr,
+                "tokens": inputs.global_supervised,
+                "input_tokens": inputs.global_tokens,
+                "flops": inputs.global_flops,
+                "peak_flops": self.peak_flops,
+                "world_size": ctx.world_size,
+                "peak_mem_mb": peak_memory_mb(self.device),
+                "rank": ctx.rank,
+                "resumed_from": self.start_step,
+            }
+            grad_norm = norm if self.clip is not None else engine.get_global_grad_norm()
+            pending.append(PendingStep(record, sums, grad_norm, clock.take()))
+            profile = self.profiler.step_ends(done)
+            if profile:
+                print(f"profile of steps {self.profiler.first}-{self.profiler.last}: {profile}", flush=True)
+            every, every_eval, last = cfg.checkpoint.every_steps, cfg.train.eval_every, done == self.steps
+            wants_eval = bool(len(self.eval_rows)) and (bool(every_eval and done % every_eval == 0) or last)
+            saves = (last and cfg.checkpoint.final) or bool(every and done % every == 0)
+            if not (done % cfg.train.log_every == 0 or wants_eval or saves or last):
+                continue
+            records = read_pending(pending, clock, plan, self.aux_coef, self.device, start)
+            pending.clear()
+            if wants_eval:
+                records[-1]["eval_loss"] = evaluate(engine, self.eval_rows, plan, ctx.rank, self.to_device, self.device)
+            for r in records:
+                ctx.report(r)
+            ctx.flush()
+            summary["last"] = records[-1]
+            stop = agree(ctx.should_stop(), ctx.rank, self.device)  # every rank saves the same step
+            if stop or saves:
+                ctx.wait()
+                self.save(done)
+            if stop:
+                summary["stopped_at"] = done
+                return summary
+        if len(self.eval_rows) and "last" in summary:
+            summary["eval_loss"] = summary["last"].get("eval_loss")
+        ctx.wait()
+        return summary
 
 
 def train(cfg: Config, train_rows: Any, eval_rows: Any, ctx: WorkerContext) -> dict[str, Any]:
     """Train on this worker's share of ``train_rows``; returns the run's summary (the same on every rank)."""
-    run = set_up(cfg, train_rows, eval_rows, ctx)
+    run = Run(cfg, train_rows, eval_rows, ctx)
     try:
-        return run_steps(run)
+        return run.run_steps()
     finally:
-        run.feed.close()
-        run.profiler.close()
-
-
-def set_up(cfg: Config, train_rows: Any, eval_rows: Any, ctx: WorkerContext) -> Run:
-    # DeepSpeed calls torch.distributed APIs that torch now marks deprecated, once per bucket per step.
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
-    device = pick_device(ctx.local_rank)
-    init_distributed(device)
-    seed_everything(cfg.train.seed)
-    plan = cfg.batch_plan(ctx.world_size)
-    sp = sequence_parallel.new_groups(plan.sequence_parallel)
-    steps = total_steps(len(train_rows), plan, cfg.train.max_steps, cfg.train.epochs)
-    ds = deepspeed_plan(cfg, ctx.world_size)
-    precision = choose_precision(cfg, device, resolve_dtype(cfg.model, device), ds)
-    traits, attn = traits_and_attention(cfg.model, device, precision.compute)
-    sequence_parallel.check(plan.sequence_parallel, traits, attn)
-    tokenizer = load_tokenizer(cfg.model)
-    tokens_per_micro_batch = cfg.train.micro_batch_size * cfg.data.max_seq_len // plan.sequence_parallel
-    engine, keep_alive = _engine(cfg, ctx, ds, plan, precision, device, traits, attn, sp, tokens_per_micro_batch, steps)
-
-    # Sequence parallelism needs every row's example lengths (the whole row's), whatever the kernel.
-    lengths = varlen(attn) or sp is not None
-    shard = functools.partial(sequence_parallel.shard_batch, size=sp.size, rank=sp.rank) if sp else None
-    n_params = count_parameters(engine.module)
-    table = RowTable(train_rows, flops_of=flops_model(engine.module, n_params).per_example)
-    feed = Prefetcher(
-        table, plan, ctx.rank, cfg.train.seed, tokenizer.pad_token_id, lengths, device.type == "cuda", shard
-    )
-
-    def to_device(rows: list[dict]) -> dict[str, Any]:
-        batch = collate(rows, tokenizer.pad_token_id, lengths, plan.sequence_parallel)
-        batch = shard(batch) if shard else batch
-        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-    resume_from = ctx.resume.for_worker(ctx.checkpoint_dir)
-    start_step = checkpoint.load(engine, resume_from, frozen_base=cfg.lora.r > 0) if resume_from else 0
-    if resume_from is not None and ctx.rank == 0:
-        print(f"resumed from {resume_from} at step {start_step}", flush=True)
-    loss = choose_loss_kernel(
-        cfg.train.cross_entropy,
-        zero_stage=ds.stage,
-        compiled=cfg.train.compile,
-        tokens_per_micro_batch=tokens_per_micro_batch,
-        vocab_size=traits.vocab_size,
-        device_memory=_memory_bytes(device),
-        head_fusable=head_fusable(engine.module, traits.rescales_logits),
-    )
-    if ctx.rank == 0:
-        print(describe_engine(ds, precision, plan, attn, cfg.model.tiled_mlp, loss), flush=True)
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-    return Run(
-        cfg=cfg,
-        ctx=ctx,
-        engine=engine,
-        plan=plan,
-        ds=ds,
-        precision=precision,
-        device=device,
-        feed=feed,
-        to_device=to_device,
-        eval_rows=eval_rows,
-        steps=steps,
-        start_step=start_step,
-        loss=loss,
-        aux_coef=router_aux_coef(cfg, traits),
-        peak_flops=peak_flops(device_name, cfg.logging.peak_tflops),
-        profiler=StepProfiler(
-            cfg.logging.profile_steps, Path(cfg.output_dir) / "profile", ctx.rank, device.type == "cuda"
-        ),
-        save=_saver(cfg, ctx, engine, tokenizer),
-        summary={
-            "steps": steps,
-            "parameters": n_params,
-            "start_step": start_step,
-            "device": device_name,
-            "attention": attn,
-            "loss_kernel": loss.kernel,
-        },
-        keep_alive=keep_alive,
-    )
-
-
-def run_steps(run: Run) -> dict[str, Any]:
-    """The optimizer steps from ``run.start_step``; returns the summary (``stopped_at`` on a stop request)."""
-    cfg, ctx, engine, plan, summary = run.cfg, run.ctx, run.engine, run.plan, run.summary
-    clock = StepClock(run.device)
-    clip = cfg.train.max_grad_norm if run.ds.loop_clips else None
-    pending: list[PendingStep] = []
-    start = time.perf_counter()
-    for step in range(run.start_step, run.steps):
-        done = step + 1
-        engine.train()
-        run.profiler.step_begins(done)
-        clock.mark("start")
-        with phase("data"):
-            inputs = run.feed.get(step, then=done if done < run.steps else None)
-            batches = inputs.to_device(run.device)
-        clock.mark("data")
-        scale = plan.grad_accum_steps * plan.world_size / max(inputs.global_supervised, 1)
-        lr = engine.get_lr()[0]  # the rate this step's update uses; the scheduler moves on in step()
-        inject_fault(ctx.rank, done)
-        sums, norm = train_step(
-            engine, batches, scale, run.aux_coef, run.loss.kernel, run.precision.compute, clock, clip
-        )
-        record = {
-            "step": done,
-            "lr": lr,
-            "tokens": inputs.global_supervised,
-            "input_tokens": inputs.global_tokens,
-            "flops": inputs.global_flops,
-            "peak_flops": run.peak_flops,
-            "world_size": ctx.world_size,
-            "peak_mem_mb": peak_memory_mb(run.device),
-            "rank": ctx.rank,
-            "resumed_from": run.start_step,
-        }
-        grad_norm = norm if clip is not None else engine.get_global_grad_norm()
-        pending.append(PendingStep(record, sums, grad_norm, clock.take()))
-        profile = run.profiler.step_ends(done)
-        if profile:
-            print(f"profile of steps {run.profiler.first}-{run.profiler.last}: {profile}", flush=True)
-        every, every_eval = cfg.checkpoint.every_steps, cfg.train.eval_every
-        wants_eval = bool(len(run.eval_rows)) and (bool(every_eval and done % every_eval == 0) or done == run.steps)
-        saves = (done == run.steps and cfg.checkpoint.final) or bool(every and done % every == 0)
-        if not (done % cfg.train.log_every == 0 or wants_eval or saves or done == run.steps):
-            continue
-        records = read_pending(pending, clock, plan, run.aux_coef, run.device, start)
-        pending.clear()
-        if wants_eval:
-            records[-1]["eval_loss"] = evaluate(engine, run.eval_rows, plan, ctx.rank, run.to_device, run.device)
-        for r in records:
-            ctx.report(r)
-        ctx.flush()
-        summary["last"] = records[-1]
-        stop = agree(ctx.should_stop(), ctx.rank, run.device)  # every rank saves the same step
-        if stop or saves:
-            ctx.wait()
-            run.save(done)
-        if stop:
-            summary["stopped_at"] = done
-            return summary
-    if len(run.eval_rows) and "last" in summary:
-        summary["eval_loss"] = summary["last"].get("eval_loss")
-    ctx.wait()
-    return summary
+        run.close()
 
 
 def _engine(
