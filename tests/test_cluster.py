@@ -123,10 +123,15 @@ def test_a_worker_failure_reaches_the_console_without_terminal_colours():
 
     class Failed(Exception):
         worker_failures = {
-            1: RuntimeError("\x1b[36mray::execute._setup_torch_process_group()\x1b[39m rank 1 on node 198.51.100.2")
+            1: RuntimeError(
+                "rank 1 on node 198.51.100.2 failed:\n\x1b[36mray::execute._setup_torch_process_group()\x1b[39m"
+            )
         }
 
     msg = describe_failure(Failed())
     assert "\x1b" not in msg and "[36m" not in msg
-    assert msg == "training failed on 1 worker(s); first: rank 1 on node 198.51.100.2"
+    assert msg == (
+        "training failed on 1 worker(s); first: rank 1 on node 198.51.100.2 failed:\n"
+        "ray::execute._setup_torch_process_group()"
+    )
     assert "\x1b" not in describe_failure(RuntimeError("\x1b[31mboom\x1b[0m"))
