@@ -18,6 +18,7 @@ import logging
 from dataclasses import asdict, is_dataclass
 from typing import Any
 
+from distsft.data.passes import Work
 from distsft.errors import DataError
 
 
@@ -29,7 +30,7 @@ class RayRunner:
     def __init__(self, cpus_per_task: float = 1.0) -> None:
         self.cpus_per_task = cpus_per_task
 
-    def refuses(self, work: Any) -> str:
+    def refuses(self, work: Work) -> str:
         """Why this runner cannot prepare ``work`` ('' when it can)."""
         if not work.opened:
             return ""
@@ -39,7 +40,7 @@ class RayRunner:
             f"{kinds}; set data.engine=local or convert them to JSONL or Parquet"
         )
 
-    def map(self, fn: Any, items: list, work: Any) -> list:
+    def map(self, fn: Any, items: list, work: Work) -> list:
         import ray
         import ray.data
 
