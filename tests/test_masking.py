@@ -131,3 +131,105 @@ def test_every_assistant_message_appears_once_across_packed_rows(family):
             start += n
     want = Counter(s for t in convs for s in expected_spans(family, t))
     assert got == want
+
+
+FLAGGED = {  # a wrong first answer kept as context: the row says not to learn it
+    "messages": {
+        "messages": [
+            {"role": "user", "content": "Say OK."},
+            {"role": "assistant", "content": "Nope.", "train": False},
+            {"role": "user", "content": "Please say OK."},
+            {"role": "assistant", "content": "OK"},
+        ]
+    },
+    "sharegpt": {
+        "conversations": [
+            {"from": "human", "value": "Say OK."},
+            {"from": "gpt", "value": "Nope.", "weight": 0},
+            {"from": "human", "value": "Please say OK."},
+            {"from": "gpt", "value": "OK", "weight": 1},
+        ]
+    },
+    "prompt_completion_lists": {
+        "prompt": [
+            {"role": "user", "content": "Say OK."},
+            {"role": "assistant", "content": "Nope.", "train": False},
+            {"role": "user", "content": [{"type": "text", "text": "Please "}, {"type": "text", "text": "say OK."}]},
+        ],
+        "completion": [{"role": "assistant", "content": [{"type": "text", "text": "OK"}]}],
+    },
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("fmt", sorted(FLAGGED))
+def test_a_turn_flagged_not_to_train_is_context_only_whatever_train_on_says(family, fmt):
+    tok = family_tokenizer(family)
+    turns = to_turns(json.loads(json.dumps(FLAGGED[fmt])))
+    assert [t["content"] for t in turns] == ["Say OK.", "Nope.", "Please say OK.", "OK"]
+    eot = FAMILIES[family]["eot"]
+    for train_on in ("assistant", "last_assistant"):
+        ex = tokenize_turns(tok, turns, train_on=train_on)
+        assert [tok.decode(s) for s in supervised_spans(ex.input_ids, ex.labels)] == ["OK" + eot]
+    # train_on: all labels the whole conversation but the flagged answer
+    ex = tokenize_turns(tok, turns, train_on="all")
+    unlabelled = tok.decode([t for t, lab in zip(ex.input_ids, ex.labels, strict=True) if lab == IGNORE_INDEX][1:])
+    assert unlabelled.strip() == "Nope." + eot
+
+
+def test_a_turn_flagged_to_train_is_learnt_under_last_assistant():
+    tok = family_tokenizer("qwen2")
+    turns = to_turns({"messages": [
+        {"role": "user", "content": "Say OK."}, {"role": "assistant", "content": "OK", "train": True},
+        {"role": "user", "content": "Again."}, {"role": "assistant", "content": "OK!"},
+    ]})  # fmt: skip
+    ex = tokenize_turns(tok, turns, train_on="last_assistant")
+    assert [tok.decode(s) for s in supervised_spans(ex.input_ids, ex.labels)] == ["OK<|im_end|>", "OK!<|im_end|>"]
+
+
+@pytest.mark.parametrize(
+    "turn,reason",
+    [
+        ({"role": "user", "content": "Hi", "train": True}, r"turn 0 \(user\): 'train: true' on a user turn"),
+        ({"role": "user", "content": "Hi", "weight": 0.5}, r"messages\[0\]: 'weight' must be 0 or 1"),
+        ({"role": "user", "content": "Hi", "train": "no"}, r"messages\[0\]: 'train' must be true or false"),
+        ({"role": "user", "content": "Hi", "train": True, "weight": 1}, r"give 'train' or 'weight', not both"),
+        (
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]},
+            r"messages\[0\].content\[0\]: only text parts can be trained on, got 'image_url'",
+        ),
+    ],
+)
+def test_bad_training_flags_and_content_parts_are_row_errors_naming_the_turn(turn, reason):
+    from distsft.data.formats import RowError
+
+    with pytest.raises(RowError, match=reason):
+        to_turns({"messages": [turn, {"role": "assistant", "content": "Hello"}]})
+
+
+def test_flagged_rows_match_the_generation_markers_of_a_real_training_template():
+    """TRL ships Llama 3's original template and a training variant whose {% generation %} markers say what
+    the model writes: on a row with a turn not to learn, our mask is the markers' mask without that turn."""
+    import copy
+    import os
+
+    import trl
+
+    templates = os.path.join(os.path.dirname(trl.__file__), "chat_templates")
+    tok = family_tokenizer("llama3")
+    turns = to_turns(json.loads(json.dumps(FLAGGED["messages"])))
+    plain = [{k: v for k, v in t.items() if k != "train"} for t in turns]
+    marked = tok.apply_chat_template(
+        plain,
+        chat_template=open(os.path.join(templates, "llama3_training.jinja")).read(),
+        return_dict=True,
+        return_assistant_tokens_mask=True,
+    )
+    original = copy.copy(tok)
+    original.chat_template = open(os.path.join(templates, "llama3.jinja")).read()
+    ex = tokenize_turns(original, turns)
+    assert ex.input_ids == list(marked["input_ids"])
+    mask_spans = [tok.decode(s) for s in supervised_spans(marked["input_ids"], [
+        t if m else IGNORE_INDEX for t, m in zip(marked["input_ids"], marked["assistant_masks"], strict=True)
+    ])]  # fmt: skip
+    assert [tok.decode(s) for s in supervised_spans(ex.input_ids, ex.labels)] == mask_spans[1:]

@@ -6,6 +6,11 @@ Formats (auto-detected per row's keys, or forced with ``data.format``):
 - alpaca:            {"instruction": str, "input"?: str, "output": str, "system"?: str}
 - prompt_completion: {"prompt": str | [turns], "completion": str | [turns]}  (as TRL accepts)
 
+A turn may carry a training flag, ``"train": true|false`` or ``"weight": 1|0`` (axolotl's and
+LLaMA-Factory's spelling), which overrides ``data.train_on`` for that turn: a wrong earlier answer kept
+as context is ``train: false``. Only assistant turns can be trained on. Content may be a string or a list
+of text parts (``[{"type": "text", "text": ...}]``, what OpenAI-format exports hold), joined in order.
+
 A bad row raises :class:`RowError` with a reason; the caller adds file and line.
 """
 
@@ -17,7 +22,8 @@ ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion")
 
-Turn = dict[str, str]
+Turn = dict[str, Any]
+"""``{"role", "content"}``, and ``"train"`` (bool) where the row says whether to learn that turn."""
 
 
 class RowError(ValueError):
@@ -68,8 +74,44 @@ def _message_list(value: Any, key: str) -> list[Turn]:
     for i, m in enumerate(value):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise RowError(f"{key}[{i}] must be an object with 'role' and 'content'")
-        turns.append({"role": m["role"], "content": m["content"]})
+        turns.append(_turn(m["role"], m["content"], m, f"{key}[{i}]"))
     return turns
+
+
+def _turn(role: Any, content: Any, raw: dict[str, Any], where: str) -> Turn:
+    turn: Turn = {"role": role, "content": _text(content, where)}
+    flag = _train_flag(raw, where)
+    if flag is not None:
+        turn["train"] = flag
+    return turn
+
+
+def _text(content: Any, where: str) -> Any:
+    """A list of text parts as one string; anything else is left for ``_validate`` to judge."""
+    if not isinstance(content, list):
+        return content
+    texts = []
+    for j, part in enumerate(content):
+        if not isinstance(part, dict) or part.get("type", "text") != "text" or not isinstance(part.get("text"), str):
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            raise RowError(f"{where}.content[{j}]: only text parts can be trained on, got {kind!r}")
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+def _train_flag(raw: dict[str, Any], where: str) -> bool | None:
+    """``train`` (true/false) or ``weight`` (1/0) of a turn; None when it has neither."""
+    if "train" in raw and "weight" in raw:
+        raise RowError(f"{where}: give 'train' or 'weight', not both")
+    if "train" in raw:
+        if not isinstance(raw["train"], bool):
+            raise RowError(f"{where}: 'train' must be true or false, got {raw['train']!r}")
+        return raw["train"]
+    if "weight" in raw:
+        if raw["weight"] not in (0, 1) or isinstance(raw["weight"], bool):
+            raise RowError(f"{where}: 'weight' must be 0 or 1 (a turn is learnt or not), got {raw['weight']!r}")
+        return raw["weight"] == 1
+    return None
 
 
 def _sharegpt(value: Any) -> list[Turn]:
@@ -84,7 +126,7 @@ def _sharegpt(value: Any) -> list[Turn]:
             raise RowError(
                 f"conversations[{i}]: unknown role {m['from']!r}; expected one of {', '.join(SHAREGPT_ROLES)}"
             )
-        turns.append({"role": role, "content": m["value"]})
+        turns.append(_turn(role, m["value"], m, f"conversations[{i}]"))
     return turns
 
 
@@ -123,5 +165,9 @@ def _validate(turns: list[Turn]) -> None:
             raise RowError(f"turn {i} ({t['role']}): content must be a string, got {type(t['content']).__name__}")
         if not t["content"].strip():
             raise RowError(f"turn {i} ({t['role']}): empty content")
+        if t.get("train") and t["role"] != "assistant":
+            raise RowError(
+                f"turn {i} ({t['role']}): 'train: true' on a {t['role']} turn; only assistant turns are learnt"
+            )
     if not any(t["role"] == "assistant" for t in turns):
         raise RowError("no assistant turn: nothing to learn from")

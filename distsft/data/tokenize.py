@@ -88,26 +88,44 @@ def assistant_spans(tokenizer: Any, turns: list[Turn], full: str) -> list[tuple[
     return spans
 
 
+def learnt(turns: list[Turn], train_on: str) -> list[bool]:
+    """For each assistant turn, in order: whether it is learnt. A turn's own ``train`` flag wins; otherwise
+    ``data.train_on`` decides (``last_assistant``: only the last one; ``assistant`` and ``all``: each)."""
+    assistant = [t for t in turns if t["role"] == "assistant"]
+    default = [train_on != "last_assistant" or i == len(assistant) - 1 for i in range(len(assistant))]
+    return [t.get("train", d) for t, d in zip(assistant, default, strict=True)]
+
+
 def tokenize_turns(tokenizer: Any, turns: list[Turn], train_on: str = "assistant") -> Example:
-    full = render(tokenizer, turns)
+    # Templates see only what they render: the training flags are ours.
+    rendered = [{k: v for k, v in t.items() if k != "train"} for t in turns]
+    full = render(tokenizer, rendered)
     enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     input_ids: list[int] = list(enc["input_ids"])
-    if train_on == "all":
+    keep = learnt(turns, train_on)
+    if train_on == "all":  # every token, but the assistant turns the row says not to learn
         labels = list(input_ids)
+        if not all(keep):
+            spans = assistant_spans(tokenizer, rendered, full)
+            _label(labels, enc["offset_mapping"], [s for s, k in zip(spans, keep, strict=True) if not k], IGNORE_INDEX)
     else:
-        spans = assistant_spans(tokenizer, turns, full)
-        if train_on == "last_assistant":
-            spans = spans[-1:]
+        spans = assistant_spans(tokenizer, rendered, full)
         labels = [IGNORE_INDEX] * len(input_ids)
-        j = 0
-        for t, (s, e) in enumerate(enc["offset_mapping"]):
-            while j < len(spans) and spans[j][1] <= s:
-                j += 1
-            if j < len(spans) and e > spans[j][0] and s < spans[j][1] and e > s:
-                labels[t] = input_ids[t]
+        _label(labels, enc["offset_mapping"], [s for s, k in zip(spans, keep, strict=True) if k], input_ids)
     if labels:
         labels[0] = IGNORE_INDEX
     return Example(input_ids=input_ids, labels=labels)
+
+
+def _label(labels: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]], value: Any) -> None:
+    """Set the labels of the tokens that overlap ``spans`` (sorted character ranges) to ``value``: one
+    value, or a list of them (the input ids)."""
+    j = 0
+    for t, (s, e) in enumerate(offsets):
+        while j < len(spans) and spans[j][1] <= s:
+            j += 1
+        if j < len(spans) and e > spans[j][0] and s < spans[j][1] and e > s:
+            labels[t] = value[t] if isinstance(value, list) else value
 
 
 def fit_length(example: Example, max_len: int, too_long: str) -> Example | None:
