@@ -233,3 +233,32 @@ def test_flagged_rows_match_the_generation_markers_of_a_real_training_template()
         t if m else IGNORE_INDEX for t, m in zip(marked["input_ids"], marked["assistant_masks"], strict=True)
     ])]  # fmt: skip
     assert [tok.decode(s) for s in supervised_spans(ex.input_ids, ex.labels)] == mask_spans[1:]
+
+
+@pytest.mark.parametrize(
+    "template,ends",
+    [("phi3", ["<|end|>", "<|end|>\n</s>"]), ("gptoss", ["<|end|>", "<|return|>"])],  # not last / last
+)
+def test_a_turn_that_is_not_the_last_learns_its_own_end_of_turn_marker(template, ends):
+    """Phi-3 closes the last turn with an extra </s>, gpt-oss with <|return|> instead of <|end|>: the end of
+    the other turns is not the last turn's, and it must still be learnt (else the model never learns to
+    end a turn in a conversation). Real templates from TRL; the markers as the special tokens they are."""
+    import os
+    import re
+
+    import trl
+    from conftest import REPO
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    text = open(os.path.join(os.path.dirname(trl.__file__), "chat_templates", f"{template}.jinja")).read()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_file(str(REPO / "distsft" / "demo" / "tokenizer" / "tokenizer.json")),
+        bos_token="<s>", eos_token="</s>", pad_token="<|pad|>", clean_up_tokenization_spaces=False,
+    )  # fmt: skip
+    tok.add_special_tokens({"additional_special_tokens": sorted(set(re.findall(r"<\|[a-z_]+\|>", text)))})
+    tok.chat_template = text
+    turns = CONVERSATIONS[1][1:]  # two assistant turns
+    ex = tokenize_turns(tok, turns)
+    got = [tok.decode(s) for s in supervised_spans(ex.input_ids, ex.labels)]
+    assert got == ["OK" + ends[0], "OK" + ends[1]]

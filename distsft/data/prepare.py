@@ -35,7 +35,7 @@ from distsft.data.tokenize import ensure_chat_template
 from distsft.errors import DataError
 from distsft.host import write_atomic
 
-PIPELINE_VERSION = "2"  # bump when a change to this package changes the prepared rows
+PIPELINE_VERSION = "3"  # bump when a change to this package changes the prepared rows
 MAX_REPORTED = 50
 
 

@@ -83,6 +83,8 @@ def assistant_spans(tokenizer: Any, turns: list[Turn], full: str) -> list[tuple[
         eot = upto[k + len(content) :].rstrip() if k >= 0 else ""
         if eot and full.startswith(eot, end):
             end += len(eot)
+        else:  # a turn that is not the last may end differently (gpt-oss: <|end|>, not <|return|>)
+            end += len(_special_token_after(tokenizer, full, end))
         spans.append((pos, end))
         cursor = end
     return spans
@@ -94,6 +96,23 @@ def learnt(turns: list[Turn], train_on: str) -> list[bool]:
     assistant = [t for t in turns if t["role"] == "assistant"]
     default = [train_on != "last_assistant" or i == len(assistant) - 1 for i in range(len(assistant))]
     return [t.get("train", d) for t, d in zip(assistant, default, strict=True)]
+
+
+def _special_token_after(tokenizer: Any, text: str, at: int) -> str:
+    """The special token that ``text`` holds at ``at`` (after optional whitespace), or ''. A turn's end
+    marker is a special token in every chat tokenizer; the next turn's header follows it."""
+    rest = text[at:]
+    stripped = rest.lstrip()
+    for token in sorted(_special_tokens(tokenizer), key=len, reverse=True):
+        if stripped.startswith(token):
+            return rest[: len(rest) - len(stripped) + len(token)]
+    return ""
+
+
+def _special_tokens(tokenizer: Any) -> list[str]:
+    special = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    special |= {t.content for t in (getattr(tokenizer, "added_tokens_decoder", {}) or {}).values() if t.special}
+    return [t for t in special if t]
 
 
 def tokenize_turns(tokenizer: Any, turns: list[Turn], train_on: str = "assistant") -> Example:
