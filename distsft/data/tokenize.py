@@ -83,7 +83,7 @@ def assistant_spans(tokenizer: Any, turns: list[Turn], full: str) -> list[tuple[
         eot = upto[k + len(content) :].rstrip() if k >= 0 else ""
         if eot and full.startswith(eot, end):
             end += len(eot)
-        else:  # a turn that is not the last may end differently (gpt-oss: <|end|>, not <|return|>)
+        elif eot:  # a turn that is not the last may end differently (gpt-oss: <|end|>, not <|return|>)
             end += len(_special_token_after(tokenizer, full, end))
         spans.append((pos, end))
         cursor = end
