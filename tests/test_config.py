@@ -149,3 +149,11 @@ def test_every_problem_of_a_config_is_reported_at_once(tmp_path):
     assert msg.startswith("3 problems:")
     assert "model.quantization: 4bit quantises" in msg and "lora.modules_to_save" in msg
     assert "train.sequence_parallel: 3 does not divide" in msg
+
+
+def test_a_chat_template_is_a_file_or_inline_jinja(tmp_path):
+    with pytest.raises(ConfigError, match=r"--set: model.chat_template: .*none.jinja: no such file"):
+        load_config(None, [f"model.chat_template={tmp_path / 'none.jinja'}"])
+    assert load_config(None, ["model.chat_template={{ messages[0]['content'] }}"]).model.chat_template.startswith("{{")
+    (tmp_path / "t.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    assert load_config(None, [f"model.chat_template={tmp_path / 't.jinja'}"]).model.chat_template.endswith("t.jinja")

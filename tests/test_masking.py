@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from collections import Counter
 
@@ -262,3 +263,42 @@ def test_a_turn_that_is_not_the_last_learns_its_own_end_of_turn_marker(template,
     ex = tokenize_turns(tok, turns)
     got = [tok.decode(s) for s in supervised_spans(ex.input_ids, ex.labels)]
     assert got == ["OK" + ends[0], "OK" + ends[1]]
+
+
+def _trl_templates() -> dict[str, str]:
+    import glob
+    import os
+
+    import trl
+
+    folder = os.path.join(os.path.dirname(trl.__file__), "chat_templates")
+    return {os.path.basename(p)[: -len(".jinja")]: p for p in sorted(glob.glob(os.path.join(folder, "*.jinja")))}
+
+
+MARKED = [n for n in _trl_templates() if n.endswith("_training")]
+
+
+@pytest.mark.parametrize("name", MARKED)
+def test_a_template_with_generation_markers_is_masked_by_exactly_its_markers(name):
+    """TRL's training templates (``{% generation %}`` around what the model writes), as model.chat_template:
+    our labels are transformers' own assistant mask, token for token; a turn flagged ``train: false`` loses
+    exactly its block."""
+    tok = copy.copy(family_tokenizer("qwen2"))
+    tok.chat_template = open(_trl_templates()[name]).read()
+    turns = CONVERSATIONS[1]
+    try:
+        marked = tok.apply_chat_template(turns, return_dict=True, return_assistant_tokens_mask=True)
+    except Exception as e:  # noqa: BLE001 - templates that refuse a system turn or plain-string content
+        pytest.skip(f"{name} does not render this conversation: {type(e).__name__}")
+    ids, mask = list(marked["input_ids"]), list(marked["assistant_masks"])
+    if (
+        not any(mask)
+        or len(supervised_spans(ids, [t if m else IGNORE_INDEX for t, m in zip(ids, mask, strict=True)])) != 2
+    ):
+        pytest.skip(f"{name} marks no generation block per assistant turn here")
+    ex = tokenize_turns(tok, turns)
+    assert ex.input_ids == ids
+    assert ex.labels == [IGNORE_INDEX] + [t if m else IGNORE_INDEX for t, m in zip(ids[1:], mask[1:], strict=True)]
+    flagged = [dict(t, train=False) if i == 2 else t for i, t in enumerate(turns)]  # the first answer: context
+    spans = supervised_spans(ids, tokenize_turns(tok, flagged).labels)
+    assert spans == supervised_spans(ids, ex.labels)[1:]

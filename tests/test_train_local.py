@@ -156,3 +156,28 @@ def test_no_step_runs_a_forward_pass_beyond_its_micro_batches(tmp_path, monkeypa
     launch_local(small_cfg(tmp_path, "train.max_steps=3", "train.grad_accum_steps=2", "train.micro_batch_size=1"))
     assert len(calls) == 3 * 2
     assert "loss plain (logits of a micro-batch" in capsys.readouterr().out
+
+
+def test_a_chosen_chat_template_trains_and_is_exported_with_the_tokenizer(tmp_path):
+    """model.chat_template: TRL's Qwen2.5 training template (with {% generation %} markers) replaces the
+    tokenizer's own; the rows are masked by its markers and final/ chats with it."""
+    import os
+
+    import trl
+    from transformers import AutoTokenizer
+
+    from distsft.data.formats import to_turns
+    from distsft.data.tokenize import tokenize_turns
+    from distsft.model.loading import load_tokenizer
+
+    path = os.path.join(os.path.dirname(trl.__file__), "chat_templates", "qwen2_5_training.jinja")
+    cfg = small_cfg(tmp_path, f"model.chat_template={path}")
+    tok = load_tokenizer(cfg.model)
+    turns = to_turns(json.loads(open(cfg.data.path).readline()))
+    marked = tok.apply_chat_template(turns, return_dict=True, return_assistant_tokens_mask=True)
+    ex = tokenize_turns(tok, turns)
+    assert ex.labels[1:] == [
+        t if m else -100 for t, m in zip(marked["input_ids"][1:], marked["assistant_masks"][1:], strict=False)
+    ]
+    launch_local(cfg, quiet=True)
+    assert AutoTokenizer.from_pretrained(tmp_path / "final").chat_template == open(path).read()

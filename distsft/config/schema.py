@@ -58,6 +58,10 @@ class ModelConfig:
     """Run each layer's MLP over tiles of ``hidden_size`` tokens, recomputed in the backward pass (DeepSpeed
     ALST's TiledMLP): the MLP's intermediate activations exist for one tile at a time, not the whole row,
     which is what bounds the activation peak of long sequences. Costs one extra MLP forward per layer."""
+    chat_template: str | None = None
+    """The chat template to train with (and to save into the exported tokenizer): a Jinja file, or the
+    template itself inline. Default: the tokenizer's own. A template with ``{% generation %}`` markers is
+    masked by exactly those markers."""
     config_path: str | None = None
     """A ``config.json`` of the architecture for ``--dry-run`` planning when the driver cannot read
     ``model.path`` (weights only on the nodes, or no hub access); training always uses ``model.path``."""
@@ -289,7 +293,17 @@ def combination_problems(cfg: Config) -> list[tuple[str, str]]:
     why = ds_config_problem(stage)
     if why:
         problems.append(("train.zero_stage", why))
+    template = cfg.model.chat_template
+    if template is not None and not is_inline_template(template) and not Path(template).expanduser().is_file():
+        problems.append(
+            ("model.chat_template", f"{template}: no such file (give a Jinja file, or the template inline)")
+        )
     return problems
+
+
+def is_inline_template(text: str) -> bool:
+    """``model.chat_template`` holds Jinja itself (rather than naming a file)."""
+    return "{%" in text or "{{" in text
 
 
 def ds_config_problem(zero_stage: int | str) -> str:

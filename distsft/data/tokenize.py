@@ -1,10 +1,12 @@
 """Chat template -> ``input_ids`` + ``labels`` with -100 everywhere except what the model should learn.
 
-Masking works for *any* chat template, not only ones with ``{% generation %}`` markers: the conversation
-is rendered to text once, the character span of every assistant turn (its content plus the end-of-turn
-scaffolding the template puts right after it, such as ``<|im_end|>``, ``<|eot_id|>`` or ``</s>``) is
-located by rendering the conversation's prefixes, and tokens are labelled through the fast tokenizer's
-offset mapping. This is the one place where label masking is decided.
+A template with ``{% generation %}`` markers (TRL's training templates, or your own through
+``model.chat_template``) is masked by exactly those markers: each assistant turn's marked text. Masking
+works for *any* other chat template too: the conversation is rendered to text once, the character span
+of every assistant turn (its content plus the end-of-turn scaffolding the template puts right after it,
+such as ``<|im_end|>``, ``<|eot_id|>`` or ``</s>``) is located by rendering the conversation's prefixes,
+and tokens are labelled through the fast tokenizer's offset mapping.
+This is the one place where label masking is decided.
 
 Labels follow the Hugging Face convention (same length as ``input_ids``; the model shifts them). The
 first token of every example is always -100: nothing inside the example predicts it, and in a packed row
@@ -13,6 +15,7 @@ this keeps the last token of one example from being trained to predict the first
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +54,66 @@ def render(tokenizer: Any, turns: list[Turn], add_generation_prompt: bool = Fals
         return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=add_generation_prompt)
     except Exception as e:  # jinja raise_exception(...) from templates that reject a role order
         raise RowError(f"chat template rejected the conversation: {e}") from None
+
+
+GENERATION = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+
+def turn_spans(tokenizer: Any, turns: list[Turn], full: str) -> list[list[tuple[int, int]]]:
+    """Character spans of each assistant turn in ``full`` (a list per turn): the template's own
+    ``{% generation %}`` blocks where it has them, else found by rendering (``assistant_spans``)."""
+    if not GENERATION.search(tokenizer.chat_template or ""):
+        return [[span] for span in assistant_spans(tokenizer, turns, full)]
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    texts, indices = render_jinja_template(
+        conversations=[turns],
+        chat_template=tokenizer.chat_template,
+        return_assistant_tokens_mask=True,
+        **tokenizer.special_tokens_map,
+    )
+    if texts[0] != full:
+        raise RowError("the chat template renders differently when asked for its {% generation %} blocks")
+    return _blocks_by_turn(turns, full, [(int(a), int(b)) for a, b in indices[0]])
+
+
+def _blocks_by_turn(turns: list[Turn], full: str, blocks: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
+    """The generation blocks of each assistant turn. A template may mark a turn in several blocks (Phi-3:
+    the answer and the end of text); blocks between two other turns' text belong to the assistant turns
+    between them: all to one turn, or one each to consecutive ones."""
+    groups: list[tuple[list[int], int]] = []  # (assistant turn numbers, where the next other turn's text starts)
+    pending: list[int] = []
+    cursor, k = 0, 0
+    for t in turns:
+        if t["role"] == "assistant":
+            pending.append(k)
+            k += 1
+            continue
+        pos = full.find(t["content"], cursor) if t["content"] else -1
+        if pos < 0:
+            continue  # not rendered verbatim: no boundary here
+        if pending:
+            groups.append((pending, pos))
+            pending = []
+        cursor = pos + len(t["content"])
+    if pending:
+        groups.append((pending, len(full)))
+    out: list[list[tuple[int, int]]] = [[] for _ in range(k)]
+    lo = 0
+    for members, hi in groups:
+        mine = [b for b in blocks if lo <= b[0] < hi]
+        if len(members) == 1:
+            out[members[0]] = mine
+        elif len(mine) == len(members):
+            for m, b in zip(members, mine, strict=True):
+                out[m] = [b]
+        else:
+            raise RowError(
+                f"the chat template's {{% generation %}} blocks ({len(mine)}) cannot be told apart between "
+                f"{len(members)} consecutive assistant turns"
+            )
+        lo = hi
+    return out
 
 
 def assistant_spans(tokenizer: Any, turns: list[Turn], full: str) -> list[tuple[int, int]]:
@@ -125,12 +188,14 @@ def tokenize_turns(tokenizer: Any, turns: list[Turn], train_on: str = "assistant
     if train_on == "all":  # every token, but the assistant turns the row says not to learn
         labels = list(input_ids)
         if not all(keep):
-            spans = assistant_spans(tokenizer, rendered, full)
-            _label(labels, enc["offset_mapping"], [s for s, k in zip(spans, keep, strict=True) if not k], IGNORE_INDEX)
+            spans = turn_spans(tokenizer, rendered, full)
+            off = [s for turn, k in zip(spans, keep, strict=True) if not k for s in turn]
+            _label(labels, enc["offset_mapping"], off, IGNORE_INDEX)
     else:
-        spans = assistant_spans(tokenizer, rendered, full)
+        spans = turn_spans(tokenizer, rendered, full)
         labels = [IGNORE_INDEX] * len(input_ids)
-        _label(labels, enc["offset_mapping"], [s for s, k in zip(spans, keep, strict=True) if k], input_ids)
+        on = [s for turn, k in zip(spans, keep, strict=True) if k for s in turn]
+        _label(labels, enc["offset_mapping"], on, input_ids)
     if labels:
         labels[0] = IGNORE_INDEX
     return Example(input_ids=input_ids, labels=labels)

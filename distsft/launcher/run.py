@@ -26,6 +26,7 @@ from distsft.checkpoint import Location, ResumePlan, storage
 from distsft.checkpoint.export import export
 from distsft.config import Config, flatten, save_config
 from distsft.config.cluster import ClusterConfig
+from distsft.config.schema import is_inline_template
 from distsft.data.prepare import PreparedData
 from distsft.data.sampler import total_steps
 from distsft.host import write_atomic
@@ -223,5 +224,8 @@ def absolute_paths(cfg: Config) -> Config:
     def fix(p: str | None) -> str | None:
         return str(Path(p).resolve()) if p and p != "demo" and Path(p).exists() else p
 
+    template = cfg.model.chat_template  # a file, or the template itself (no path to fix)
+    template = template if template is None or is_inline_template(template) else fix(template)
     model = dataclasses.replace(cfg.model, path=fix(cfg.model.path), tokenizer=fix(cfg.model.tokenizer))
+    model = dataclasses.replace(model, chat_template=template)
     return dataclasses.replace(cfg, output_dir=str(Path(cfg.output_dir).resolve()), model=model)

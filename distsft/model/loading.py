@@ -52,10 +52,19 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
     tok = AutoTokenizer.from_pretrained(
         src.path, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision, **src.kwargs()
     )
+    if cfg.chat_template is not None:  # saved with the tokenizer: the exported model chats as it was trained
+        tok.chat_template = chat_template_text(cfg.chat_template)
     if tok.pad_token_id is None:
         # Padding never reaches the loss or attention (labels -100, its own segment), so EOS is a safe pad.
         tok.pad_token = tok.eos_token
     return tok
+
+
+def chat_template_text(value: str) -> str:
+    """``model.chat_template``: the template inline, or the file that holds it."""
+    from distsft.config.schema import is_inline_template
+
+    return value if is_inline_template(value) else Path(value).expanduser().read_text(encoding="utf-8")
 
 
 def load_model_config(cfg: ModelConfig) -> Any:
