@@ -237,10 +237,13 @@ def test_flagged_rows_match_the_generation_markers_of_a_real_training_template()
 
 
 @pytest.mark.parametrize(
-    "template,ends",
-    [("phi3", ["<|end|>", "<|end|>\n</s>"]), ("gptoss", ["<|end|>", "<|return|>"])],  # not last / last
+    "template,head,ends",
+    [  # gpt-oss: the model writes its channel header too (the prompt ends at <|start|>assistant)
+        ("phi3", "", ["<|end|>", "<|end|>\n</s>"]),
+        ("gptoss", "<|channel|>final<|message|>", ["<|end|>", "<|return|>"]),
+    ],
 )
-def test_a_turn_that_is_not_the_last_learns_its_own_end_of_turn_marker(template, ends):
+def test_a_turn_that_is_not_the_last_learns_its_own_end_of_turn_marker(template, head, ends):
     """Phi-3 closes the last turn with an extra </s>, gpt-oss with <|return|> instead of <|end|>: the end of
     the other turns is not the last turn's, and it must still be learnt (else the model never learns to
     end a turn in a conversation). Real templates from TRL; the markers as the special tokens they are."""
@@ -262,7 +265,7 @@ def test_a_turn_that_is_not_the_last_learns_its_own_end_of_turn_marker(template,
     turns = CONVERSATIONS[1][1:]  # two assistant turns
     ex = tokenize_turns(tok, turns)
     got = [tok.decode(s) for s in supervised_spans(ex.input_ids, ex.labels)]
-    assert got == ["OK" + ends[0], "OK" + ends[1]]
+    assert got == [head + "OK" + ends[0], head + "OK" + ends[1]]
 
 
 def _trl_templates() -> dict[str, str]:

@@ -87,6 +87,9 @@ class DataConfig:
     packing: bool = True
     train_on: Literal["assistant", "last_assistant", "all"] = "assistant"
     """Which tokens carry labels: every assistant turn, only the last one, or the whole conversation."""
+    train_on_reasoning: bool = True
+    """Learn an assistant turn's reasoning (``reasoning_content``, rendered by the template as a thinking
+    block) with its answer; ``false`` keeps it in the sequence as context only."""
     too_long: Literal["drop", "truncate"] = "drop"
     on_error: Literal["fail", "skip"] = "fail"
     eval_path: str | list[str | DataSource] | None = None

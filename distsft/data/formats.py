@@ -1,10 +1,18 @@
-"""Normalise one raw row of any common SFT format into a list of ``{"role", "content"}`` turns.
+"""Normalise one raw row of any common SFT format into a ``Conversation``: turns and the tools offered.
 
 Formats (auto-detected per row's keys, or forced with ``data.format``):
-- messages:          {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}
-- sharegpt:          {"conversations": [{"from": "human"|"gpt"|"system", "value": str}, ...]}
+- messages:          {"messages": [{"role": "system"|"developer"|"user"|"assistant"|"tool", "content": ...}],
+                      "tools"?: [JSON schema, ...]}
+- sharegpt:          {"conversations": [{"from": "human"|"gpt"|"system"|"function_call"|"observation",
+                      "value": str}, ...], "tools"?: ...}
 - alpaca:            {"instruction": str, "input"?: str, "output": str, "system"?: str}
 - prompt_completion: {"prompt": str | [turns], "completion": str | [turns]}  (as TRL accepts)
+
+Messages are taken as OpenAI-format exports write them today: assistant turns with ``tool_calls``
+(``{"type": "function", "function": {"name", "arguments"}}``; arguments given as a JSON string become the
+object templates expect) and often no content, ``tool`` turns with ``tool_call_id`` and ``name``, and
+reasoning as ``reasoning_content`` (or ``reasoning``, ``thinking``), handed to templates under both names
+they read (Qwen3 and DeepSeek read ``reasoning_content``, gpt-oss ``thinking``).
 
 A turn may carry a training flag, ``"train": true|false`` or ``"weight": 1|0`` (axolotl's and
 LLaMA-Factory's spelling), which overrides ``data.train_on`` for that turn: a wrong earlier answer kept
@@ -16,10 +24,22 @@ A bad row raises :class:`RowError` with a reason; the caller adds file and line.
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from typing import Any
 
-ROLES = ("system", "user", "assistant")
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+ROLES = ("system", "developer", "user", "assistant", "tool")
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+    "function_call": "assistant",  # LLaMA-Factory's tool-calling sharegpt: the call, then its result
+    "observation": "tool",
+    "tool": "tool",
+}
+REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
 FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion")
 
 Turn = dict[str, Any]
@@ -28,6 +48,13 @@ Turn = dict[str, Any]
 
 class RowError(ValueError):
     """One row cannot be used; the message says why in words a user can act on."""
+
+
+@dataclass(frozen=True)
+class Conversation:
+    turns: list[Turn]
+    tools: list[dict[str, Any]] | None = None
+    """The tools the row offers the model (JSON schemas), rendered by the template into the prompt."""
 
 
 def detect_format(row: dict[str, Any]) -> str:
@@ -49,6 +76,10 @@ def detect_format(row: dict[str, Any]) -> str:
 
 
 def to_turns(row: Any, fmt: str = "auto") -> list[Turn]:
+    return to_conversation(row, fmt).turns
+
+
+def to_conversation(row: Any, fmt: str = "auto") -> Conversation:
     if not isinstance(row, dict):
         raise RowError(f"a row must be a JSON object, got {type(row).__name__}")
     if fmt == "auto":
@@ -64,7 +95,21 @@ def to_turns(row: Any, fmt: str = "auto") -> list[Turn]:
     else:
         raise RowError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
     _validate(turns)
-    return turns
+    return Conversation(turns, _tools(row.get("tools")))
+
+
+def _tools(value: Any) -> list[dict[str, Any]] | None:
+    """A row's ``tools``: a list of JSON schemas, or that list as a JSON string (LLaMA-Factory writes one)."""
+    if value is None or value == "" or value == []:
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise RowError(f"'tools' is a string but not JSON: {e.msg}") from None
+    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+        raise RowError("'tools' must be a list of JSON schemas (objects)")
+    return value
 
 
 def _message_list(value: Any, key: str) -> list[Turn]:
@@ -72,18 +117,56 @@ def _message_list(value: Any, key: str) -> list[Turn]:
         raise RowError(f"{key!r} must be a list of turns, got {type(value).__name__}")
     turns = []
     for i, m in enumerate(value):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise RowError(f"{key}[{i}] must be an object with 'role' and 'content'")
-        turns.append(_turn(m["role"], m["content"], m, f"{key}[{i}]"))
+        if not isinstance(m, dict) or "role" not in m or ("content" not in m and not m.get("tool_calls")):
+            raise RowError(f"{key}[{i}] must be an object with 'role' and 'content' (or 'tool_calls')")
+        turns.append(_turn(m["role"], m.get("content"), m, f"{key}[{i}]"))
     return turns
 
 
 def _turn(role: Any, content: Any, raw: dict[str, Any], where: str) -> Turn:
-    turn: Turn = {"role": role, "content": _text(content, where)}
+    if role == "tool" and isinstance(content, dict):  # a tool's result as an object: the JSON it returned
+        content = json.dumps(content, ensure_ascii=False)
+    turn: Turn = {"role": role, "content": "" if content is None and raw.get("tool_calls") else _text(content, where)}
+    if raw.get("tool_calls"):
+        turn["tool_calls"] = _tool_calls(raw["tool_calls"], where)
+    for key in ("tool_call_id", "name"):
+        if raw.get(key) is not None and role == "tool":
+            turn[key] = raw[key]
+    reasoning = next((raw[k] for k in REASONING_KEYS if raw.get(k)), None)
+    if reasoning is not None:
+        if not isinstance(reasoning, str):
+            raise RowError(f"{where}: reasoning must be a string, got {type(reasoning).__name__}")
+        turn["reasoning_content"] = turn["thinking"] = reasoning  # the names templates read
     flag = _train_flag(raw, where)
     if flag is not None:
         turn["train"] = flag
     return turn
+
+
+def _tool_calls(value: Any, where: str) -> list[dict[str, Any]]:
+    """OpenAI's shape, ``{"id"?, "type": "function", "function": {"name", "arguments"}}`` (a bare
+    ``{"name", "arguments"}`` is accepted too), with the arguments as an object."""
+    calls = value if isinstance(value, list) else [value]
+    out = []
+    for j, call in enumerate(calls):
+        fn = call.get("function", call) if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise RowError(
+                f"{where}.tool_calls[{j}]: expected {{'type': 'function', 'function': {{'name', 'arguments'}}}}"
+            )
+        args = fn.get("arguments", {})
+        if isinstance(args, str):
+            try:
+                args = json.loads(args) if args.strip() else {}
+            except json.JSONDecodeError as e:
+                raise RowError(f"{where}.tool_calls[{j}]: arguments are a string but not JSON: {e.msg}") from None
+        if not isinstance(args, dict):
+            raise RowError(f"{where}.tool_calls[{j}]: arguments must be an object, got {type(args).__name__}")
+        normal = {"type": "function", "function": {"name": fn["name"], "arguments": args}}
+        if isinstance(call, dict) and call.get("id") is not None:
+            normal["id"] = call["id"]
+        out.append(normal)
+    return out
 
 
 def _text(content: Any, where: str) -> Any:
@@ -126,6 +209,13 @@ def _sharegpt(value: Any) -> list[Turn]:
             raise RowError(
                 f"conversations[{i}]: unknown role {m['from']!r}; expected one of {', '.join(SHAREGPT_ROLES)}"
             )
+        if m["from"] == "function_call":  # the value is the call itself, as JSON
+            try:
+                call = json.loads(m["value"]) if isinstance(m["value"], str) else m["value"]
+            except json.JSONDecodeError as e:
+                raise RowError(f"conversations[{i}]: a function_call value must be JSON: {e.msg}") from None
+            turns.append(_turn(role, None, {**m, "tool_calls": call}, f"conversations[{i}]"))
+            continue
         turns.append(_turn(role, m["value"], m, f"conversations[{i}]"))
     return turns
 
@@ -163,7 +253,7 @@ def _validate(turns: list[Turn]) -> None:
             raise RowError(f"turn {i}: unknown role {t['role']!r}; expected one of {', '.join(ROLES)}")
         if not isinstance(t["content"], str):
             raise RowError(f"turn {i} ({t['role']}): content must be a string, got {type(t['content']).__name__}")
-        if not t["content"].strip():
+        if not t["content"].strip() and not t.get("tool_calls"):
             raise RowError(f"turn {i} ({t['role']}): empty content")
         if t.get("train") and t["role"] != "assistant":
             raise RowError(

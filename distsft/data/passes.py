@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 from distsft.config import DataConfig
 from distsft.data.chunks import Chunk, read_chunk
-from distsft.data.formats import RowError, to_turns
+from distsft.data.formats import RowError, to_conversation
 from distsft.data.packing import pack_columns, plan_rows
 from distsft.data.sources import LINE, RAW, Source
 from distsft.data.tokenize import IGNORE_INDEX, fit_length, tokenize_turns
@@ -51,6 +51,8 @@ class ChunkResult:
     rejected: list[dict[str, Any]] = field(default_factory=list)
     tokens: int = 0
     supervised: int = 0
+    reasoning_dropped: int = 0
+    """Kept rows with reasoning that the chat template does not render (left out, said once)."""
     peak_rss_mb: float = 0.0
     """Peak resident memory of the process that did the work (so far), for the benchmark's figures."""
 
@@ -112,7 +114,7 @@ def tokenize_chunk(chunk: Chunk, work: Work) -> ChunkResult:
     path = Path(work.tmp) / "examples" / f"{chunk.index:06d}.arrow"
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
         for batch in read_chunk(chunk, src, work.opened.get(chunk.source)):
-            out = process_batch(batch, work.tokenizer, src.format, cfg.train_on, cfg.max_seq_len, cfg.too_long)
+            out = process_batch(batch, work.tokenizer, src.format, cfg)
             keep = []
             for i, (s, line, reason) in enumerate(zip(out["status"], out[LINE], out["reason"], strict=True)):
                 if s == BLANK:
@@ -124,6 +126,7 @@ def tokenize_chunk(chunk: Chunk, work: Work) -> ChunkResult:
                     result.too_long += 1
                 else:
                     keep.append(i)
+                    result.reasoning_dropped += out["reasoning_dropped"][i] > 0
                     result.tokens += len(out["input_ids"][i])
                     result.supervised += sum(1 for t in out["labels"][i] if t != IGNORE_INDEX)
             result.kept += len(keep)
@@ -171,21 +174,23 @@ def _write_rows(path: Path, columns: dict[str, Any]) -> None:
         writer.write_table(table, max_chunksize=1024)
 
 
-def process_batch(batch: dict[str, list], tokenizer: Any, fmt: str, train_on: str, max_len: int, too_long: str):
-    """datasets.map function: raw rows -> token ids + labels, or a status and reason per row."""
+def process_batch(batch: dict[str, list], tokenizer: Any, fmt: str, cfg: DataConfig) -> dict[str, list]:
+    """Raw rows -> token ids + labels, or a status and reason per row (and whether the template left out
+    a turn's reasoning)."""
     n = len(batch[LINE])
-    out: dict[str, list] = {"input_ids": [], "labels": [], "status": [], "reason": [], LINE: batch[LINE]}
+    out: dict[str, list] = {"input_ids": [], "labels": [], "status": [], "reason": [], "reasoning_dropped": []}
+    out[LINE] = batch[LINE]
     keys = [k for k in batch if k != LINE]
     for i in range(n):
         ids: list[int] = []
         labels: list[int] = []
-        reason = ""
+        reason, dropped = "", 0
         try:
             if RAW in batch:
                 text = batch[RAW][i]
                 if not text.strip():
                     out["input_ids"].append(ids), out["labels"].append(labels)
-                    out["status"].append(BLANK), out["reason"].append("")
+                    out["status"].append(BLANK), out["reason"].append(""), out["reasoning_dropped"].append(0)
                     continue
                 try:
                     row = json.loads(text)
@@ -193,10 +198,12 @@ def process_batch(batch: dict[str, list], tokenizer: Any, fmt: str, train_on: st
                     raise RowError(f"invalid JSON: {e.msg} (column {e.colno})") from None
             else:
                 row = {k: batch[k][i] for k in keys}
-            ex = tokenize_turns(tokenizer, to_turns(row, fmt), train_on)
+            chat = to_conversation(row, fmt)
+            ex = tokenize_turns(tokenizer, chat.turns, cfg.train_on, chat.tools, cfg.train_on_reasoning)
+            dropped = ex.reasoning_dropped
             if not ex.num_supervised:
                 raise RowError("no supervised tokens after applying the chat template")
-            fitted = fit_length(ex, max_len, too_long)
+            fitted = fit_length(ex, cfg.max_seq_len, cfg.too_long)
             if fitted is None:
                 status = TOO_LONG
             else:
@@ -207,4 +214,5 @@ def process_batch(batch: dict[str, list], tokenizer: Any, fmt: str, train_on: st
         out["labels"].append(labels)
         out["status"].append(status)
         out["reason"].append(reason)
+        out["reasoning_dropped"].append(dropped)
     return out

@@ -51,6 +51,8 @@ class DataStats:
     packed_tokens: int = 0
     eval_rows: int = 0
     max_seq_len: int = 0
+    reasoning_dropped: int = 0
+    """Rows with reasoning on a turn where the chat template does not render it: left out, not learnt."""
 
     @property
     def packing_efficiency(self) -> float:
@@ -159,6 +161,7 @@ def _build(cfg: DataConfig, tokenizer: Any, seed: int, sources: list[Source], ev
                 stats.rows_read += r.rows_read
                 stats.kept += r.kept
                 stats.too_long += r.too_long
+                stats.reasoning_dropped += r.reasoning_dropped
                 stats.rejected += len(r.rejected)
                 stats.tokens += r.tokens
                 stats.supervised_tokens += r.supervised

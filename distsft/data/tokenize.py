@@ -36,6 +36,8 @@ DEFAULT_CHAT_TEMPLATE = (
 class Example:
     input_ids: list[int]
     labels: list[int]
+    reasoning_dropped: int = 0
+    """Assistant turns whose reasoning the chat template does not render."""
 
     @property
     def num_supervised(self) -> int:
@@ -49,9 +51,11 @@ def ensure_chat_template(tokenizer: Any) -> None:
         raise RowError("assistant-only masking needs a fast tokenizer (offset mapping); this one is not fast")
 
 
-def render(tokenizer: Any, turns: list[Turn], add_generation_prompt: bool = False) -> str:
+def render(tokenizer: Any, turns: list[Turn], add_generation_prompt: bool = False, tools: Any = None) -> str:
     try:
-        return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return tokenizer.apply_chat_template(
+            turns, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
     except Exception as e:  # jinja raise_exception(...) from templates that reject a role order
         raise RowError(f"chat template rejected the conversation: {e}") from None
 
@@ -59,22 +63,49 @@ def render(tokenizer: Any, turns: list[Turn], add_generation_prompt: bool = Fals
 GENERATION = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 
-def turn_spans(tokenizer: Any, turns: list[Turn], full: str) -> list[list[tuple[int, int]]]:
-    """Character spans of each assistant turn in ``full`` (a list per turn): the template's own
-    ``{% generation %}`` blocks where it has them, else found by rendering (``assistant_spans``)."""
+@dataclass
+class Spans:
+    """Where each assistant turn is in the rendered conversation, and what the template left out."""
+
+    by_turn: list[list[tuple[int, int]]]
+    """Character spans ``[start, end)`` per assistant turn, in order."""
+    reasoning_dropped: int = 0
+    """Assistant turns whose reasoning the template does not render (it is neither context nor learnt)."""
+
+
+def turn_spans(
+    tokenizer: Any, turns: list[Turn], full: str, tools: Any = None, train_on_reasoning: bool = True
+) -> Spans:
+    """The template's own ``{% generation %}`` blocks where it has them, else the spans found by rendering
+    (``assistant_spans``). Reasoning is learnt with its turn, or with ``train_on_reasoning`` off kept as
+    context (the turn's learnt text then starts at its answer)."""
     if not GENERATION.search(tokenizer.chat_template or ""):
-        return [[span] for span in assistant_spans(tokenizer, turns, full)]
+        return assistant_spans(tokenizer, turns, full, tools, train_on_reasoning)
     from transformers.utils.chat_template_utils import render_jinja_template
 
     texts, indices = render_jinja_template(
         conversations=[turns],
         chat_template=tokenizer.chat_template,
+        tools=tools,
         return_assistant_tokens_mask=True,
         **tokenizer.special_tokens_map,
     )
     if texts[0] != full:
         raise RowError("the chat template renders differently when asked for its {% generation %} blocks")
-    return _blocks_by_turn(turns, full, [(int(a), int(b)) for a, b in indices[0]])
+    by_turn = _blocks_by_turn(turns, full, [(int(a), int(b)) for a, b in indices[0]])
+    dropped = 0
+    for turn, blocks in zip([t for t in turns if t["role"] == "assistant"], by_turn, strict=True):
+        reasoning = (turn.get("reasoning_content") or "").strip()
+        if not reasoning or not blocks:
+            continue
+        r = full.find(reasoning, blocks[0][0], blocks[-1][1])
+        if r < 0:
+            dropped += 1
+        elif not train_on_reasoning:  # learn from the answer on: the reasoning and its tags are context
+            answer = full.find(turn["content"].strip(), r + len(reasoning)) if turn["content"].strip() else -1
+            cut = answer if answer >= 0 else r + len(reasoning)
+            blocks[:] = [(max(a, cut), b) for a, b in blocks if b > cut]
+    return Spans(by_turn, dropped)
 
 
 def _blocks_by_turn(turns: list[Turn], full: str, blocks: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
@@ -116,41 +147,99 @@ def _blocks_by_turn(turns: list[Turn], full: str, blocks: list[tuple[int, int]])
     return out
 
 
-def assistant_spans(tokenizer: Any, turns: list[Turn], full: str) -> list[tuple[int, int]]:
-    """Character spans ``[start, end)`` of each assistant turn's content + end-of-turn marker in ``full``."""
-    spans: list[tuple[int, int]] = []
-    cursor = 0
+def assistant_spans(
+    tokenizer: Any, turns: list[Turn], full: str, tools: Any = None, train_on_reasoning: bool = True
+) -> Spans:
+    """Each assistant turn's text in ``full``: what the model writes after the prompt the template would
+    give it (a channel header, a thinking block, the answer, tool calls) through the end-of-turn marker.
+    With ``train_on_reasoning`` off it starts at the answer; the reasoning before it stays as context."""
+    spans: list[list[tuple[int, int]]] = []
+    cursor, dropped = 0, 0
     for i, turn in enumerate(turns):
         if turn["role"] != "assistant":
             continue
-        # Where this turn's text starts: right after the prompt the template would give the model.
-        start = cursor
-        try:
-            prefix = render(tokenizer, turns[:i], add_generation_prompt=True) if i else ""
-        except RowError:
-            prefix = ""
-        if prefix and full.startswith(prefix) and len(prefix) >= cursor:
-            start = len(prefix)
-        content = turn["content"]
-        pos = full.find(content, start)
-        if pos < 0:  # templates that trim content (`| trim`)
-            content = content.strip()
-            pos = full.find(content, start)
-        if pos < 0:
-            raise RowError(f"turn {i} (assistant): the chat template does not render its content verbatim")
-        end = pos + len(content)
-        # The end-of-turn scaffolding is whatever the template writes after the content when the turn is
-        # the last one, up to the trailing whitespace that separates turns.
-        upto = render(tokenizer, turns[: i + 1])
-        k = upto.rfind(content)
-        eot = upto[k + len(content) :].rstrip() if k >= 0 else ""
-        if eot and full.startswith(eot, end):
-            end += len(eot)
-        elif eot:  # a turn that is not the last may end differently (gpt-oss: <|end|>, not <|return|>)
-            end += len(_special_token_after(tokenizer, full, end))
-        spans.append((pos, end))
+        start, generated = _turn_start(tokenizer, turns, i, full, cursor, tools)
+        upto = render(tokenizer, turns[: i + 1], tools=tools)  # this turn as the last one
+        if turn["content"].strip():
+            pos, end = _answer(tokenizer, full, upto, turn["content"], start, i)
+        else:  # tool calls and no text: the turn is whatever the template writes for it
+            pos, end = start, _calls_end(tokenizer, full, upto, start, i)
+        reasoning = (turn.get("reasoning_content") or "").strip()
+        r = full.find(reasoning, start, end) if reasoning else -1
+        if reasoning and (r < 0 or (r >= pos and bool(turn["content"].strip()))):
+            dropped += 1  # the template does not render it here (Qwen3: only after the last user turn)
+        elif reasoning and not train_on_reasoning and not turn["content"].strip():
+            pos = r + len(reasoning)  # a call after reasoning: learn the call, not the reasoning
+        if generated and (train_on_reasoning or r < 0):
+            pos = start  # all the model writes, not only its answer
+        names = [c["function"]["name"] for c in turn.get("tool_calls", [])]
+        missing = [n for n in names if n not in full[pos:end]]
+        if missing:
+            raise RowError(f"turn {i} (assistant): the chat template drops its tool calls ({', '.join(missing)})")
+        spans.append([(pos, end)])
         cursor = end
-    return spans
+    return Spans(spans, dropped)
+
+
+def _turn_start(tokenizer: Any, turns: list[Turn], i: int, full: str, cursor: int, tools: Any) -> tuple[int, bool]:
+    """Where assistant turn ``i`` starts in ``full``: right after the prompt the template would give the
+    model (its generation prompt, as far as ``full`` shares it), and whether that prompt was found; else
+    at ``cursor`` (the end of the previous assistant turn), where only the answer can be located."""
+    if not i:
+        return cursor, False
+    try:
+        before = render(tokenizer, turns[:i], tools=tools)
+        prompt = render(tokenizer, turns[:i], add_generation_prompt=True, tools=tools)
+    except RowError:
+        return cursor, False
+    # The conversation so far is what the prompt shares with the rendering that does not ask for a reply
+    # (some templates close a conversation that ends here: Phi-3 appends </s>).
+    shared, so_far = _common_prefix(prompt, full), _common_prefix(prompt, before)
+    if so_far and shared >= so_far and shared >= cursor:
+        return shared, True
+    return cursor, False
+
+
+def _common_prefix(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def _calls_end(tokenizer: Any, full: str, upto: str, start: int, i: int) -> int:
+    """The end of an assistant turn that only calls tools: the turn as the template writes it when last,
+    or, where it ends differently inside the conversation, through the same end-of-turn marker."""
+    own = upto[start:].rstrip() if upto[:start] == full[:start] else ""
+    if own and full.startswith(own, start):
+        return start + len(own)
+    marker = next((t for t in sorted(_special_tokens(tokenizer), key=len, reverse=True) if own.endswith(t)), "")
+    j = full.find(marker, start) if marker else -1
+    if j < 0:
+        raise RowError(f"turn {i} (assistant): its tool calls cannot be located in the rendered conversation")
+    return j + len(marker)
+
+
+def _answer(tokenizer: Any, full: str, upto: str, content: str, start: int, i: int) -> tuple[int, int]:
+    """Where the answer ``content`` of turn ``i`` is in ``full``, through the end-of-turn scaffolding the
+    template writes after it (tool calls included), up to the whitespace that separates turns."""
+    pos = full.find(content, start)
+    if pos < 0:  # templates that trim content (`| trim`)
+        content = content.strip()
+        pos = full.find(content, start)
+    if pos < 0:
+        raise RowError(f"turn {i} (assistant): the chat template does not render its content verbatim")
+    end = pos + len(content)
+    # The same answer in the rendering that ends with this turn: searched from where the turn starts when
+    # both renderings agree that far (a short answer such as "OK" also hides in "<|END_OF_TURN_TOKEN|>").
+    k = upto.find(content, start) if upto[:start] == full[:start] else upto.rfind(content)
+    eot = upto[k + len(content) :].rstrip() if k >= 0 else ""
+    if eot and full.startswith(eot, end):
+        end += len(eot)
+    elif eot:  # a turn that is not the last may end differently (gpt-oss: <|end|>, not <|return|>)
+        end += len(_special_token_after(tokenizer, full, end))
+    return pos, end
 
 
 def learnt(turns: list[Turn], train_on: str) -> list[bool]:
@@ -178,27 +267,37 @@ def _special_tokens(tokenizer: Any) -> list[str]:
     return [t for t in special if t]
 
 
-def tokenize_turns(tokenizer: Any, turns: list[Turn], train_on: str = "assistant") -> Example:
+def tokenize_turns(
+    tokenizer: Any,
+    turns: list[Turn],
+    train_on: str = "assistant",
+    tools: Any = None,
+    train_on_reasoning: bool = True,
+) -> Example:
+    if tools and "tools" not in (tokenizer.chat_template or ""):
+        raise RowError("the row offers tools but the chat template does not render tools")
     # Templates see only what they render: the training flags are ours.
     rendered = [{k: v for k, v in t.items() if k != "train"} for t in turns]
-    full = render(tokenizer, rendered)
+    full = render(tokenizer, rendered, tools=tools)
     enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     input_ids: list[int] = list(enc["input_ids"])
     keep = learnt(turns, train_on)
+    dropped = 0
     if train_on == "all":  # every token, but the assistant turns the row says not to learn
         labels = list(input_ids)
         if not all(keep):
-            spans = turn_spans(tokenizer, rendered, full)
-            off = [s for turn, k in zip(spans, keep, strict=True) if not k for s in turn]
+            spans = turn_spans(tokenizer, rendered, full, tools, train_on_reasoning)
+            off = [s for turn, k in zip(spans.by_turn, keep, strict=True) if not k for s in turn]
             _label(labels, enc["offset_mapping"], off, IGNORE_INDEX)
     else:
-        spans = turn_spans(tokenizer, rendered, full)
+        spans = turn_spans(tokenizer, rendered, full, tools, train_on_reasoning)
+        dropped = spans.reasoning_dropped
         labels = [IGNORE_INDEX] * len(input_ids)
-        on = [s for turn, k in zip(spans, keep, strict=True) if k for s in turn]
+        on = [s for turn, k in zip(spans.by_turn, keep, strict=True) if k for s in turn]
         _label(labels, enc["offset_mapping"], on, input_ids)
     if labels:
         labels[0] = IGNORE_INDEX
-    return Example(input_ids=input_ids, labels=labels)
+    return Example(input_ids=input_ids, labels=labels, reasoning_dropped=dropped)
 
 
 def _label(labels: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]], value: Any) -> None:

@@ -144,6 +144,12 @@ def _start(
         f"{time.perf_counter() - t0:.1f}s{' on Ray Data' if runner == 'ray' and not data.cache_hit else ''}]",
         flush=True,
     )
+    if s["reasoning_dropped"]:
+        print(
+            f"data: {s['reasoning_dropped']} rows hold reasoning on turns where the chat template does not "
+            "render it; it is left out (README: Data, reasoning)",
+            flush=True,
+        )
     return out, data, t0
 
 
