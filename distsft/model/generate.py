@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from distsft.errors import DistsftError
 
@@ -41,7 +42,17 @@ def generate(
             **ids,
             max_new_tokens=max_new_tokens,
             do_sample=False,
-            eos_token_id=tokenizer.eos_token_id,
+            eos_token_id=stop_ids(model, tokenizer),
             pad_token_id=tokenizer.pad_token_id,
         )
     return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+
+
+def stop_ids(model: Any, tokenizer: Any) -> list[int]:
+    """EOS, the model's own stop tokens, and the chat template's end-of-turn token."""
+    from distsft.model.loading import end_of_turn_id
+
+    gen = getattr(model, "generation_config", None)
+    own = getattr(gen, "eos_token_id", None)
+    ids = [tokenizer.eos_token_id, *(own if isinstance(own, list) else [own]), end_of_turn_id(tokenizer)]
+    return list(dict.fromkeys(i for i in ids if i is not None))

@@ -8,6 +8,7 @@ model partitioned (``deepspeed.zero.Init``) instead of materialising a full copy
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -52,12 +53,55 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
     tok = AutoTokenizer.from_pretrained(
         src.path, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision, **src.kwargs()
     )
-    if cfg.chat_template is not None:  # saved with the tokenizer: the exported model chats as it was trained
-        tok.chat_template = chat_template_text(cfg.chat_template)
+    prepare_chat_tokenizer(tok, chat_template_text(cfg.chat_template) if cfg.chat_template else None)
+    return tok
+
+
+def prepare_chat_tokenizer(tok: Any, template: str | None = None) -> list[str]:
+    """Make ``tok`` ready to train a chat: ``template`` (or, for a base model's tokenizer without one,
+    ChatML), and, where a template is chosen for it, its markers (``<|im_start|>``, ``<|im_end|>``, ...) as
+    real tokens rather than strings split into pieces, so the model learns one end-of-turn token; a pad
+    token where there is none. Returns the tokens added (the model's embeddings grow to match). Saved with
+    the tokenizer, so the exported model chats as it was trained."""
+    from distsft.data.tokenize import DEFAULT_CHAT_TEMPLATE
+
+    chosen = template is not None or not getattr(tok, "chat_template", None)
+    if chosen:
+        tok.chat_template = template or DEFAULT_CHAT_TEMPLATE
+    added = add_marker_tokens(tok, tok.chat_template) if chosen else []
     if tok.pad_token_id is None:
         # Padding never reaches the loss or attention (labels -100, its own segment), so EOS is a safe pad.
-        tok.pad_token = tok.eos_token
-    return tok
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else added[-1] if added else None
+    return added
+
+
+MARKER = re.compile(r"<\|[^\s|<>'\"]{1,40}\|>|<｜[^\s<>'\"]{1,40}｜>")
+"""Literal markers of chat templates: ``<|im_end|>``, ``<|eot_id|>``, ``<｜Assistant｜>``."""
+
+
+def add_marker_tokens(tok: Any, template: str) -> list[str]:
+    """The template's markers that ``tok`` would split into pieces, added as special tokens."""
+    missing = sorted(m for m in set(MARKER.findall(template)) if len(tok.encode(m, add_special_tokens=False)) != 1)
+    if missing:
+        from tokenizers import AddedToken
+
+        tok.add_tokens([AddedToken(m, special=True, normalized=False) for m in missing], special_tokens=True)
+    return missing
+
+
+def end_of_turn_id(tok: Any) -> int | None:
+    """The token the chat template closes an assistant turn with (``<|im_end|>``, ``<|eot_id|>``), which
+    generation stops at as well as EOS; None where it is not one token."""
+    turns = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
+    try:
+        text = tok.apply_chat_template(turns, tokenize=False)
+    except Exception:  # noqa: BLE001 - a template that wants another conversation: no marker learnt here
+        return None
+    after = text[text.rfind("y") + 1 :].strip()
+    ids = tok.encode(after, add_special_tokens=False) if after else []
+    added = getattr(tok, "added_tokens_decoder", {}) or {}
+    special = ids and (ids[0] in tok.all_special_ids or (ids[0] in added and added[ids[0]].special))
+    return ids[0] if special else None
 
 
 def chat_template_text(value: str) -> str:
@@ -128,10 +172,18 @@ def base_path(cfg: ModelConfig, seed: int) -> str:
 
 
 def load_model(
-    cfg: ModelConfig, dtype: torch.dtype, attn_implementation: str, seed: int, lora: LoraConfig | None = None
+    cfg: ModelConfig,
+    dtype: torch.dtype,
+    attn_implementation: str,
+    seed: int,
+    lora: LoraConfig | None = None,
+    vocab_size: int | None = None,
 ) -> Any:
     """The demo is a seeded random init (see :func:`materialize_demo`); everything else is pretrained. With
-    ``lora.r > 0`` the base is frozen (and quantised per ``model.quantization``) under seeded adapters."""
+    ``lora.r > 0`` the base is frozen (and quantised per ``model.quantization``) under seeded adapters.
+    ``vocab_size``: the tokenizer's length; a tokenizer that gained tokens (a chat template's markers)
+    grows the embeddings to it, the new rows initialised from the mean of the old ones, and with LoRA the
+    embedding and output layers then train and are saved with the adapter."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -150,8 +202,11 @@ def load_model(
         **({"quantization_config": quantization} if quantization is not None else {}),
         **src.kwargs(),
     )
+    grown = bool(vocab_size) and vocab_size > model.get_input_embeddings().weight.shape[0]
+    if grown:
+        model.resize_token_embeddings(vocab_size, mean_resizing=True)
     if lora is not None and lora.r > 0:
-        model = apply_lora(model, lora, quantized=quantization is not None, seed=seed)
+        model = apply_lora(model, lora, quantized=quantization is not None, seed=seed, train_embeddings=grown)
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(model)
     return model

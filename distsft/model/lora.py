@@ -48,22 +48,32 @@ def bnb_config(quantization: str, dtype: torch.dtype) -> Any:
     )
 
 
-def peft_config(cfg: LoraConfig) -> Any:
+def peft_config(cfg: LoraConfig, extra_modules: list[str] = (), tied: bool = False) -> Any:
     from peft import LoraConfig as PeftLoraConfig
 
+    modules = list(dict.fromkeys([*cfg.modules_to_save, *extra_modules]))
     return PeftLoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha if cfg.alpha is not None else 2 * cfg.r,
         lora_dropout=cfg.dropout,
         target_modules=cfg.target_modules,
-        modules_to_save=list(cfg.modules_to_save) or None,
+        modules_to_save=modules or None,
+        ensure_weight_tying=tied and bool(modules),
         task_type="CAUSAL_LM",
         bias="none",
     )
 
 
-def apply_lora(model: Any, cfg: LoraConfig, quantized: bool, seed: int) -> Any:
-    """The PEFT model: adapters (seeded, so every worker count starts from the same ones) on a frozen base.
+def embedding_modules(model: Any) -> list[str]:
+    """The last names of the input and output embedding modules (``embed_tokens``, ``lm_head``; GPT-2's
+    ``wte``), what ``modules_to_save`` names to train them whole beside the adapters."""
+    wanted = {id(model.get_input_embeddings()), id(model.get_output_embeddings())}
+    return list(dict.fromkeys(name.rsplit(".", 1)[-1] for name, m in model.named_modules() if id(m) in wanted))
+
+
+def apply_lora(model: Any, cfg: LoraConfig, quantized: bool, seed: int, train_embeddings: bool = False) -> Any:
+    """The PEFT model: adapters (seeded, so every worker count starts from the same ones) on a frozen base;
+    with ``train_embeddings`` (new tokens were added) the embedding and output layers train whole too.
     Activation checkpointing, if any, is enabled afterwards by the caller (non-reentrant, which needs no
     input that requires grad)."""
     from peft import get_peft_model, prepare_model_for_kbit_training
@@ -78,7 +88,9 @@ def apply_lora(model: Any, cfg: LoraConfig, quantized: bool, seed: int) -> Any:
                 module.support_avx512bf16_for_cpu = False
     torch.manual_seed(seed)
     try:
-        peft_model = get_peft_model(model, peft_config(cfg))
+        extra = embedding_modules(model) if train_embeddings else []
+        tied = bool(getattr(model.config, "tie_word_embeddings", False))
+        peft_model = get_peft_model(model, peft_config(cfg, extra, tied))
     except ValueError as e:
         if "not found in the base model" not in str(e) and "Target modules" not in str(e):
             raise
@@ -120,9 +132,14 @@ def adapter_base(path: str | Path) -> str:
 
 
 def with_adapter(model: Any, adapter_dir: str | Path) -> Any:
-    """``model`` (the base) with the adapter of ``adapter_dir`` loaded on it, for inference."""
+    """``model`` (the base) with the adapter of ``adapter_dir`` loaded on it, for inference. A base whose
+    tokenizer gained tokens in training grows its embeddings to the adapter's tokenizer first."""
     from peft import PeftModel
+    from transformers import AutoTokenizer
 
+    vocab = len(AutoTokenizer.from_pretrained(str(adapter_dir)))
+    if vocab > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(vocab, mean_resizing=False)  # the adapter brings the trained rows
     return PeftModel.from_pretrained(model, str(adapter_dir))
 
 
@@ -159,13 +176,12 @@ def write_adapter(trainable: dict[str, torch.Tensor], hf_dir: Path, out: Path, d
 
 def merge(adapter_dir: Path, out: Path, dtype: torch.dtype, trust_remote_code: bool = False) -> Path:
     """A plain Hugging Face model whose weights are base + scaled BA (the base loaded unquantised)."""
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     base = AutoModelForCausalLM.from_pretrained(
         adapter_base(adapter_dir), dtype=dtype, trust_remote_code=trust_remote_code
     )
-    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    merged = with_adapter(base, adapter_dir).merge_and_unload()
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     merged.save_pretrained(str(tmp), safe_serialization=True)

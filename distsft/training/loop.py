@@ -109,7 +109,18 @@ class Run:
         tokenizer = load_tokenizer(cfg.model)
         tokens_per_micro_batch = cfg.train.micro_batch_size * cfg.data.max_seq_len // plan.sequence_parallel
         self.engine, self._keep_alive = _engine(
-            cfg, ctx, ds, plan, self.precision, device, traits, attn, sp, tokens_per_micro_batch, self.steps
+            cfg,
+            ctx,
+            ds,
+            plan,
+            self.precision,
+            device,
+            traits,
+            attn,
+            sp,
+            tokens_per_micro_batch,
+            self.steps,
+            len(tokenizer),
         )  # the ZeRO-3 config that transformers holds by a weak reference lives as long as the engine
         self.clip = cfg.train.max_grad_norm if ds.loop_clips else None
         self.aux_coef = router_aux_coef(cfg, traits)
@@ -245,13 +256,14 @@ def _engine(
     sp: sequence_parallel.SequenceGroup | None,
     tokens_per_micro_batch: int,
     steps: int,
+    vocab_size: int,
 ) -> tuple[Any, Any]:
     """The model (LoRA, tiled MLPs, the sequence-parallel attention wrapper) inside its DeepSpeed engine."""
     ds_config = render_ds_config(cfg, ds, plan, precision, device, traits.hidden_size or None)
     runs_attn = sequence_parallel.register(sp, attn) if sp else attn
 
     def build_model() -> Any:
-        model = load_model(cfg.model, precision.weights, runs_attn, cfg.train.seed, cfg.lora)
+        model = load_model(cfg.model, precision.weights, runs_attn, cfg.train.seed, cfg.lora, vocab_size)
         tiled = cfg.model.tiled_mlp and tile_mlps(model, tokens_per_micro_batch, traits.hidden_size)
         if cfg.model.tiled_mlp and not tiled and ctx.rank == 0:
             print("model.tiled_mlp: this model has no dense MLP to tile (its experts are not tiled)", flush=True)
@@ -267,7 +279,7 @@ def _saver(cfg: Config, ctx: WorkerContext, engine: Any, tokenizer: Any) -> Call
 
     def write_hf(out: Path) -> None:  # model config, generation config, tokenizer; a LoRA run's adapter config
         module = engine.module
-        for part in (module.config, tokenizer, getattr(module, "generation_config", None)):
+        for part in (module.config, tokenizer, generation_config(module, tokenizer)):
             if part is not None:
                 part.save_pretrained(out)
         if adapters:
@@ -279,6 +291,25 @@ def _saver(cfg: Config, ctx: WorkerContext, engine: Any, tokenizer: Any) -> Call
         checkpoint.save(engine, ctx.checkpoint_dir, step, meta, cfg.checkpoint.keep_last, write_hf, adapters)
 
     return save
+
+
+def generation_config(module: Any, tokenizer: Any) -> Any:
+    """The model's generation config, stopping at the chat template's end-of-turn token as well as EOS
+    (a base model's config knows only EOS; its new ``<|im_end|>`` ends every trained reply)."""
+    import copy
+
+    from distsft.model.loading import end_of_turn_id
+
+    gen = getattr(module, "generation_config", None)
+    eot = end_of_turn_id(tokenizer)
+    if gen is None or eot is None:
+        return gen
+    ids = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
+    if eot in ids:
+        return gen
+    gen = copy.deepcopy(gen)
+    gen.eos_token_id = [i for i in ids if i is not None] + [eot]
+    return gen
 
 
 def _memory_bytes(device: torch.device) -> int:
