@@ -37,7 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prepare", help="prepare (or reuse the cached) training data and print its statistics")
     _add_config_args(p)
-    p.add_argument("--show", type=int, default=0, metavar="N", help="print N packed rows, supervised text highlighted")
+    p.add_argument(
+        "--show",
+        type=int,
+        default=0,
+        metavar="N",
+        help="print the first N rows turn by turn (role, tool calls, reasoning, what is learnt) and N packed rows",
+    )
     p.add_argument(
         "--dump", metavar="FILE", help="write every packed row as JSON lines (input_ids, labels, position_ids)"
     )
@@ -98,7 +104,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     import time
 
     from distsft.config import load_config
-    from distsft.data.inspect import dump_rows, show_rows
+    from distsft.data.inspect import dump_rows, first_rows, show_conversations, show_rows
     from distsft.launcher.prepare import choose_data_runner, prepare_data
     from distsft.model.loading import load_tokenizer
 
@@ -112,7 +118,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     for k, v in stats.items():
         print(f"{k:<{width}}  {v:.1%}" if k == "packing_efficiency" else f"{k:<{width}}  {v}")
     if args.show:
-        show_rows(data.train, args.show, load_tokenizer(cfg.model), sys.stdout, color=sys.stdout.isatty())
+        tokenizer, color = load_tokenizer(cfg.model), sys.stdout.isatty()
+        show_conversations(first_rows(cfg.data, args.show), tokenizer, cfg.data, sys.stdout, color)
+        show_rows(data.train, args.show, tokenizer, sys.stdout, color=color)
     if args.dump:
         print(f"wrote {dump_rows(data.train, args.dump)} packed rows to {args.dump}")
     return 0

@@ -68,6 +68,39 @@ def test_prepare_prints_stats_shows_and_dumps_rows(cli, tmp_path):
     assert "cache               hit" in out2
 
 
+def test_prepare_show_says_turn_by_turn_what_is_learnt(cli, tmp_path):
+    """Tool calls, reasoning and tool results, each on its own line with its state, and the exact text
+    learnt of each assistant turn; a row the template cannot take shows why."""
+    import os
+
+    import trl
+
+    rows = tmp_path / "agent.jsonl"
+    call = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    rows.write_text(
+        json.dumps({"tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}],
+                    "messages": [{"role": "user", "content": "Weather in Paris?"},
+                                 {"role": "assistant", "content": "", "tool_calls": [call]},
+                                 {"role": "tool", "tool_call_id": "c1", "name": "get_weather", "content": "18 C"},
+                                 {"role": "assistant", "content": "It is 18 C."}]}) + "\n"
+        + json.dumps({"messages": [{"role": "user", "content": "Say OK."},
+                                   {"role": "assistant", "content": "Nope.", "train": False},
+                                   {"role": "user", "content": "Please."},
+                                   {"role": "assistant", "reasoning_content": "They insist.", "content": "OK"}]}) + "\n"
+    )  # fmt: skip
+    template = os.path.join(os.path.dirname(trl.__file__), "chat_templates", "qwen3.jinja")
+    code, out, err = cli(
+        "prepare", "--set", f"data.path={rows}", "--set", f"output_dir={tmp_path}", "--set", "data.eval_fraction=0",
+        "--set", f"model.chat_template={template}", "--show", "2",
+    )  # fmt: skip
+    assert code == 0, err
+    assert f"=== {rows}:1 ===" in out and f"=== {rows}:2 ===" in out
+    assert '  tool      | get_weather returned "18 C"  [context]' in out
+    assert "  assistant | (no text)  [learnt]" in out and 'tool call get_weather({"city": "Paris"})' in out
+    assert '  assistant | "Nope."  [context (train: false)]' in out
+    assert 'reasoning "They insist."  [learnt]' in out and "They insist.\n</think>\n\nOK<|im_end|>⟧" in out
+
+
 def test_prepare_reports_bad_rows_and_exits_nonzero(cli, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": []}\n{oops\n')

@@ -51,3 +51,90 @@ def dump_rows(rows: Iterable[dict[str, list[int]]], path: str | Path) -> int:
             f.write(json.dumps(rec) + "\n")
             n += 1
     return n
+
+
+def describe_conversation(tokenizer: Any, chat: Any, cfg: Any, color: bool = False) -> list[str]:
+    """One line per turn: its role, what it holds (tool calls, reasoning, a tool's result) and whether it
+    is learnt, with the exact text learnt of each assistant turn: what a person checks a new template by."""
+    from distsft.data.tokenize import learnt, render, turn_spans
+
+    open_, close = (GREEN, RESET) if color else ("⟦", "⟧")
+    rendered = [{k: v for k, v in t.items() if k != "train"} for t in chat.turns]
+    full = render(tokenizer, rendered, tools=chat.tools)
+    spans = turn_spans(tokenizer, rendered, full, chat.tools, cfg.train_on_reasoning).by_turn
+    keep = learnt(chat.turns, cfg.train_on)
+    lines = []
+    if chat.tools:
+        names = ", ".join(t.get("function", t).get("name", "?") for t in chat.tools)
+        lines.append(f"  {'tools':<10}| {names}  [context: the prompt offers them]")
+    k = 0
+    for t in chat.turns:
+        role = t["role"]
+        if role != "assistant":
+            what = f"{t.get('name', 'tool')} returned " if role == "tool" else ""
+            learnt_all = cfg.train_on == "all"
+            lines.append(f"  {role:<10}| {what}{_short(t['content'])}  [{'learnt' if learnt_all else 'context'}]")
+            continue
+        state = "learnt" if keep[k] else "context (train: false)" if t.get("train") is False else "context"
+        answer = _short(t["content"]) if t["content"].strip() else "(no text)"
+        lines.append(f"  {role:<10}| {answer}  [{state}]")
+        text = "".join(full[a:b] for a, b in spans[k]) if keep[k] else ""
+        for call in t.get("tool_calls", []):
+            fn = call["function"]
+            lines.append(f"  {'':<10}| tool call {fn['name']}({json.dumps(fn['arguments'], ensure_ascii=False)})")
+        reasoning = (t.get("reasoning_content") or "").strip()
+        if reasoning:
+            where = (
+                "learnt" if reasoning in text else "context" if reasoning in full else "not rendered by the template"
+            )
+            lines.append(f"  {'':<10}| reasoning {_short(reasoning)}  [{where}]")
+        if text:
+            lines.append(f"  {'':<10}| learnt: {open_}{text}{close}")
+        k += 1
+    return lines
+
+
+def _short(text: str, width: int = 72) -> str:
+    one = " ".join(str(text).split())
+    return json.dumps(one if len(one) <= width else one[: width - 1] + "…", ensure_ascii=False)
+
+
+def show_conversations(rows: list[tuple[str, Any]], tokenizer: Any, cfg: Any, out: TextIO, color: bool) -> None:
+    """``rows``: (where, raw row) pairs; each is described turn by turn, or its error given."""
+    from distsft.data.formats import RowError, to_conversation
+
+    for where, raw in rows:
+        print(f"=== {where} ===", file=out)
+        try:
+            lines = describe_conversation(tokenizer, to_conversation(raw, cfg.format), cfg, color)
+        except RowError as e:
+            lines = [f"  refused: {e}"]
+        print("\n".join(lines), file=out)
+
+
+def first_rows(cfg: Any, n: int) -> list[tuple[str, Any]]:
+    """The first ``n`` rows of ``data.path`` as written (blank lines skipped), each with its file:line."""
+    from distsft.data.chunks import chunk_sources, read_chunk
+    from distsft.data.sources import LINE, RAW, resolve_sources
+
+    sources = resolve_sources(cfg.path, cfg.format)
+    opened: dict[int, Any] = {}
+    out: list[tuple[str, Any]] = []
+    for chunk in chunk_sources(sources, opened=opened):
+        src = sources[chunk.source]
+        for batch in read_chunk(chunk, src, opened.get(chunk.source)):
+            keys = [k for k in batch if k != LINE]
+            for i, line in enumerate(batch[LINE]):
+                if RAW in batch:
+                    if not batch[RAW][i].strip():
+                        continue
+                    try:
+                        row = json.loads(batch[RAW][i])
+                    except json.JSONDecodeError as e:
+                        row = f"invalid JSON: {e.msg}"
+                else:
+                    row = {k: batch[k][i] for k in keys}
+                out.append((src.where(line), row))
+                if len(out) >= n:
+                    return out
+    return out
