@@ -305,3 +305,25 @@ def test_a_template_with_generation_markers_is_masked_by_exactly_its_markers(nam
     flagged = [dict(t, train=False) if i == 2 else t for i, t in enumerate(turns)]  # the first answer: context
     spans = supervised_spans(ids, tokenize_turns(tok, flagged).labels)
     assert spans == supervised_spans(ids, ex.labels)[1:]
+
+
+def test_text_rows_learn_every_token_or_what_follows_the_response_marker():
+    """Raw text (TRL's dataset_text_field, continued pre-training): no chat template; an EOS closes it."""
+    from distsft.data.formats import RowError, to_conversation
+    from distsft.data.tokenize import tokenize_text
+
+    tok = family_tokenizer("llama3")
+    chat = to_conversation({"text": "Routers reboot in 30 seconds."})
+    assert chat.raw == ("", "Routers reboot in 30 seconds.") and not chat.turns
+    ex = tokenize_text(tok, *chat.raw)
+    assert ex.input_ids[-1] == tok.eos_token_id and ex.labels[1:] == ex.input_ids[1:]
+    marked = to_conversation({"text": "Q: why?\n### Answer: because."}, response_marker="### Answer:")
+    ex = tokenize_text(tok, *marked.raw)
+    assert [tok.decode(s) for s in supervised_spans(ex.input_ids, ex.labels)] == [" because.<|eot_id|>"]
+    with pytest.raises(RowError, match="response_marker '### A:' is not in the text"):
+        to_conversation({"text": "no marker"}, response_marker="### A:")
+    # string prompt/completion as raw text (data.template: none), as TRL treats them
+    raw = to_conversation({"prompt": "The router", "completion": " reboots."}, template="none")
+    ex = tokenize_text(tok, *raw.raw)
+    assert [tok.decode(s) for s in supervised_spans(ex.input_ids, ex.labels)] == [" reboots.<|eot_id|>"]
+    assert "<|start_header_id|>" not in tok.decode(ex.input_ids)

@@ -72,7 +72,7 @@ class DataSource:
     """One entry of ``data.path`` when it needs its own format: ``{path: x.jsonl, format: alpaca}``."""
 
     path: str
-    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion"] = "auto"
+    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"] = "auto"
     split: str = "train"
     """For hub datasets and saved ``DatasetDict`` directories: which split to read."""
 
@@ -82,11 +82,18 @@ class DataConfig:
     path: str | list[str | DataSource] = "demo"
     """A file, a directory, a dataset saved with ``save_to_disk``, a hub dataset id, ``demo``, or a list of
     these (entries may be ``{path, format, split}`` mappings)."""
-    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion"] = "auto"
+    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"] = "auto"
     max_seq_len: int = checked(1024, lambda v: v >= 8, "an integer >= 8")
     packing: bool = True
     train_on: Literal["assistant", "last_assistant", "all"] = "assistant"
     """Which tokens carry labels: every assistant turn, only the last one, or the whole conversation."""
+    template: Literal["chat", "none"] = "chat"
+    """``none``: string ``prompt``/``completion`` rows are raw text (``prompt + completion``, the completion
+    and an EOS learnt), as TRL treats them, instead of a user and an assistant turn of the chat template.
+    ``text`` rows are always raw."""
+    response_marker: str | None = None
+    """``text`` rows: learn only what follows the first occurrence of this string (TRL's response template);
+    by default every token of a ``text`` row is learnt."""
     train_on_reasoning: bool = True
     """Learn an assistant turn's reasoning (``reasoning_content``, rendered by the template as a thinking
     block) with its answer; ``false`` keeps it in the sequence as context only."""

@@ -7,6 +7,7 @@ Formats (auto-detected per row's keys, or forced with ``data.format``):
                       "value": str}, ...], "tools"?: ...}
 - alpaca:            {"instruction": str, "input"?: str, "output": str, "system"?: str}
 - prompt_completion: {"prompt": str | [turns], "completion": str | [turns]}  (as TRL accepts)
+- text:              {"text": str}  (raw text: pre-training style, pre-formatted corpora; no chat template)
 
 Messages are taken as OpenAI-format exports write them today: assistant turns with ``tool_calls``
 (``{"type": "function", "function": {"name", "arguments"}}``; arguments given as a JSON string become the
@@ -40,7 +41,7 @@ SHAREGPT_ROLES = {
     "tool": "tool",
 }
 REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
-FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion")
+FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "text")
 
 Turn = dict[str, Any]
 """``{"role", "content"}``, and ``"train"`` (bool) where the row says whether to learn that turn."""
@@ -55,6 +56,8 @@ class Conversation:
     turns: list[Turn]
     tools: list[dict[str, Any]] | None = None
     """The tools the row offers the model (JSON schemas), rendered by the template into the prompt."""
+    raw: tuple[str, str] | None = None
+    """Raw text with no chat template: (context, learnt), for ``text`` rows and raw prompt/completion."""
 
 
 def detect_format(row: dict[str, Any]) -> str:
@@ -68,10 +71,12 @@ def detect_format(row: dict[str, Any]) -> str:
         return "alpaca"
     if {"prompt", "completion"} <= has:
         return "prompt_completion"
+    if "text" in has:
+        return "text"
     keys = ", ".join(sorted(has)) or "none"
     raise RowError(
-        f"no recognisable format (keys: {keys}); expected messages, conversations, instruction/output "
-        "or prompt/completion"
+        f"no recognisable format (keys: {keys}); expected messages, conversations, instruction/output, "
+        "prompt/completion or text"
     )
 
 
@@ -79,11 +84,21 @@ def to_turns(row: Any, fmt: str = "auto") -> list[Turn]:
     return to_conversation(row, fmt).turns
 
 
-def to_conversation(row: Any, fmt: str = "auto") -> Conversation:
+def to_conversation(
+    row: Any, fmt: str = "auto", template: str = "chat", response_marker: str | None = None
+) -> Conversation:
+    """``template`` ``none`` takes string prompt/completion rows as raw text; ``response_marker`` splits
+    ``text`` rows into context and what is learnt."""
     if not isinstance(row, dict):
         raise RowError(f"a row must be a JSON object, got {type(row).__name__}")
     if fmt == "auto":
         fmt = detect_format(row)
+    if fmt == "text":
+        return Conversation([], raw=_text_row(row.get("text"), response_marker))
+    if fmt == "prompt_completion" and template == "none" and isinstance(row.get("prompt"), str):
+        if not isinstance(row.get("completion"), str) or not row["completion"].strip():
+            raise RowError("'completion' must be a non-empty string (data.template: none)")
+        return Conversation([], raw=(row["prompt"], row["completion"]))
     if fmt == "messages":
         turns = _message_list(row.get("messages"), "messages")
     elif fmt == "sharegpt":
@@ -96,6 +111,19 @@ def to_conversation(row: Any, fmt: str = "auto") -> Conversation:
         raise RowError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
     _validate(turns)
     return Conversation(turns, _tools(row.get("tools")))
+
+
+def _text_row(text: Any, marker: str | None) -> tuple[str, str]:
+    if not isinstance(text, str) or not text.strip():
+        raise RowError(
+            f"'text' must be a non-empty string, got {type(text).__name__ if text is None else repr(text)[:40]}"
+        )
+    if marker is None:
+        return "", text
+    at = text.find(marker)
+    if at < 0:
+        raise RowError(f"data.response_marker {marker!r} is not in the text: nothing to learn")
+    return text[: at + len(marker)], text[at + len(marker) :]
 
 
 def _tools(value: Any) -> list[dict[str, Any]] | None:

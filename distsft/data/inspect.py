@@ -59,6 +59,9 @@ def describe_conversation(tokenizer: Any, chat: Any, cfg: Any, color: bool = Fal
     from distsft.data.tokenize import learnt, render, turn_spans
 
     open_, close = (GREEN, RESET) if color else ("⟦", "⟧")
+    if chat.raw is not None:  # raw text: no turns, no template
+        context, learnt_text = chat.raw
+        return [f"  {'text':<10}| context {_short(context)}", f"  {'':<10}| learnt: {open_}{learnt_text}{close} + EOS"]
     rendered = [{k: v for k, v in t.items() if k != "train"} for t in chat.turns]
     full = render(tokenizer, rendered, tools=chat.tools)
     spans = turn_spans(tokenizer, rendered, full, chat.tools, cfg.train_on_reasoning).by_turn
@@ -106,7 +109,8 @@ def show_conversations(rows: list[tuple[str, Any]], tokenizer: Any, cfg: Any, ou
     for where, raw in rows:
         print(f"=== {where} ===", file=out)
         try:
-            lines = describe_conversation(tokenizer, to_conversation(raw, cfg.format), cfg, color)
+            chat = to_conversation(raw, cfg.format, cfg.template, cfg.response_marker)
+            lines = describe_conversation(tokenizer, chat, cfg, color)
         except RowError as e:
             lines = [f"  refused: {e}"]
         print("\n".join(lines), file=out)

@@ -19,7 +19,7 @@ from distsft.data.chunks import Chunk, read_chunk
 from distsft.data.formats import RowError, to_conversation
 from distsft.data.packing import pack_columns, plan_rows
 from distsft.data.sources import LINE, RAW, Source
-from distsft.data.tokenize import IGNORE_INDEX, fit_length, tokenize_turns
+from distsft.data.tokenize import IGNORE_INDEX, fit_length, tokenize_text, tokenize_turns
 from distsft.host import peak_rss_mb
 
 KEPT, TOO_LONG, REJECTED, BLANK = 0, 1, 2, 3
@@ -198,8 +198,11 @@ def process_batch(batch: dict[str, list], tokenizer: Any, fmt: str, cfg: DataCon
                     raise RowError(f"invalid JSON: {e.msg} (column {e.colno})") from None
             else:
                 row = {k: batch[k][i] for k in keys}
-            chat = to_conversation(row, fmt)
-            ex = tokenize_turns(tokenizer, chat.turns, cfg.train_on, chat.tools, cfg.train_on_reasoning)
+            chat = to_conversation(row, fmt, cfg.template, cfg.response_marker)
+            if chat.raw is not None:
+                ex = tokenize_text(tokenizer, *chat.raw)
+            else:
+                ex = tokenize_turns(tokenizer, chat.turns, cfg.train_on, chat.tools, cfg.train_on_reasoning)
             dropped = ex.reasoning_dropped
             if not ex.num_supervised:
                 raise RowError("no supervised tokens after applying the chat template")

@@ -300,6 +300,24 @@ def tokenize_turns(
     return Example(input_ids=input_ids, labels=labels, reasoning_dropped=dropped)
 
 
+def tokenize_text(tokenizer: Any, context: str, learnt_text: str) -> Example:
+    """Raw text, no chat template: ``context + learnt_text`` as the tokenizer encodes a document (its BOS
+    where it adds one), the tokens of ``learnt_text`` and a closing EOS learnt (so the model learns to
+    stop), the context's not."""
+    full = context + learnt_text
+    enc = tokenizer(full, add_special_tokens=True, return_offsets_mapping=True)
+    ids: list[int] = list(enc["input_ids"])
+    offsets = [tuple(o) for o in enc["offset_mapping"]]
+    labels = [t if e > s and e > len(context) else IGNORE_INDEX for t, (s, e) in zip(ids, offsets, strict=True)]
+    eos = tokenizer.eos_token_id
+    if eos is not None and (not ids or ids[-1] != eos):
+        ids.append(eos)
+        labels.append(eos)
+    if labels:
+        labels[0] = IGNORE_INDEX
+    return Example(input_ids=ids, labels=labels)
+
+
 def _label(labels: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]], value: Any) -> None:
     """Set the labels of the tokens that overlap ``spans`` (sorted character ranges) to ``value``: one
     value, or a list of them (the input ids)."""
