@@ -104,7 +104,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     import time
 
     from distsft.config import load_config
-    from distsft.data.inspect import dump_rows, first_rows, show_conversations, show_rows
+    from distsft.data.inspect import describe_source, dump_rows, first_rows, show_conversations, show_rows
     from distsft.launcher.prepare import choose_data_runner, prepare_data
     from distsft.model.loading import load_tokenizer
 
@@ -114,9 +114,12 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     stats = data.stats.as_dict()
     stats["cache"] = "hit" if data.cache_hit else "built"
     stats["seconds"] = round(time.perf_counter() - t0, 3)
+    sources = stats.pop("sources", [])
     width = max(map(len, stats))
     for k, v in stats.items():
         print(f"{k:<{width}}  {v:.1%}" if k == "packing_efficiency" else f"{k:<{width}}  {v}")
+    for src in sources:
+        print(describe_source(src))
     if args.show:
         tokenizer, color = load_tokenizer(cfg.model), sys.stdout.isatty()
         show_conversations(first_rows(cfg.data, args.show), tokenizer, cfg.data, sys.stdout, color)

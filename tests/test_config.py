@@ -157,3 +157,15 @@ def test_a_chat_template_is_a_file_or_inline_jinja(tmp_path):
     assert load_config(None, ["model.chat_template={{ messages[0]['content'] }}"]).model.chat_template.startswith("{{")
     (tmp_path / "t.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
     assert load_config(None, [f"model.chat_template={tmp_path / 't.jinja'}"]).model.chat_template.endswith("t.jinja")
+
+
+def test_a_weighted_mixture_needs_every_weight_and_weighs_or_counts_an_entry(tmp_path):
+    base = "data.path=[{path: a.jsonl, weight: 0.7}, {path: b.jsonl}]"
+    with pytest.raises(ConfigError, match="give every entry one"):
+        load_config(None, [base])
+    with pytest.raises(ConfigError, match=r"weighed \(weight\) or counted \(epochs, max_examples\), not both"):
+        load_config(None, ["data.path=[{path: a.jsonl, weight: 0.7, epochs: 2}, {path: b.jsonl, weight: 1}]"])
+    with pytest.raises(ConfigError, match="weight"):
+        load_config(None, ["data.path=[{path: a.jsonl, weight: -1}, {path: b.jsonl, weight: 1}]"])
+    cfg = load_config(None, ["data.path=[{path: a.jsonl, weight: 0.7}, {path: b.jsonl, weight: 0.3}]"])
+    assert [e.weight for e in cfg.data.path] == [0.7, 0.3]

@@ -121,3 +121,37 @@ def test_a_launch_that_prepares_on_ray_data_trains_as_the_local_run(ray_instance
                        f"data.cache_dir={caches[1]}"), cluster(2), quiet=True)  # fmt: skip
     assert_same_run(ref, run)
     assert "on Ray Data]" in (run / "logs" / "driver.log").read_text()
+
+
+def test_a_weighted_mixture_is_the_same_on_every_engine_and_holds_the_shares_asked(
+    ray_instance, tmp_path, demo_tokenizer, monkeypatch
+):
+    """Two sources weighed 0.7 / 0.3 of the tokens (the small one repeated, the large one sampled down),
+    a third counted (epochs 1.5): a seeded choice, the same rows on Ray Data and locally, the shares
+    reported per source, and another seed another mixture."""
+    from distsft.launcher.ray_data import RayRunner
+
+    monkeypatch.setattr(chunks, "CHUNK_ROWS", 40)
+    demo = (REPO / "distsft/demo/data/support.jsonl").read_text().splitlines()
+    (tmp_path / "big.jsonl").write_text("\n".join(demo[:300]) + "\n")
+    (tmp_path / "small.jsonl").write_text("\n".join(demo[300:340]) + "\n")
+
+    def cfg(cache: str, spec) -> DataConfig:
+        return DataConfig(path=spec, cache_dir=str(tmp_path / cache), max_seq_len=256, eval_fraction=0.05)
+
+    weighed = [DataSource(path=str(tmp_path / "big.jsonl"), weight=0.7),
+               DataSource(path=str(tmp_path / "small.jsonl"), weight=0.3)]  # fmt: skip
+    local = prepare(cfg("local", weighed), demo_tokenizer, seed=3, runner=LocalRunner(1))
+    ray = prepare(cfg("ray", weighed), demo_tokenizer, seed=3, runner=RayRunner())
+    assert _table(ray) == _table(local) and ray.stats == local.stats
+    shares = [s["share"] for s in local.stats.sources]
+    assert abs(shares[0] - 0.7) < 0.03 and abs(shares[1] - 0.3) < 0.03, local.stats.sources
+    assert local.stats.sources[1]["examples"] > 40  # the small source repeated to reach its share
+    plain = prepare(cfg("plain", [str(tmp_path / "big.jsonl"), str(tmp_path / "small.jsonl")]), demo_tokenizer, 3)
+    assert plain.cache_dir.name != local.cache_dir.name  # the weights are part of the data's fingerprint
+    assert [s["examples"] for s in plain.stats.sources] == [285, 38]  # 5 % held out of 323 kept examples
+    other = prepare(cfg("other", weighed), demo_tokenizer, seed=4, runner=LocalRunner(1))
+    assert _table(other) != _table(local)
+    counted = [DataSource(path=str(tmp_path / "small.jsonl"), epochs=1.5), str(tmp_path / "big.jsonl")]
+    data = prepare(cfg("counted", counted), demo_tokenizer, seed=3)
+    assert [s["examples"] for s in data.stats.sources] == [57, 285]  # 38 x 1.5, and every other one once

@@ -75,6 +75,14 @@ class DataSource:
     format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"] = "auto"
     split: str = "train"
     """For hub datasets and saved ``DatasetDict`` directories: which split to read."""
+    weight: float | None = checked(None, lambda v: v is None or v > 0, "a number > 0 (a share of tokens)")
+    """This entry's share of the training tokens, against the other entries' weights (all entries then
+    need one): a source is sampled down, or repeated, until it holds that share of the mixture, whose
+    size is the sources' own total. Deterministic from ``train.seed``."""
+    epochs: float | None = checked(None, lambda v: v is None or v > 0, "a number > 0")
+    """Use every example this many times (1.5: each once, and half of them, chosen by the seed, twice)."""
+    max_examples: int | None = checked(None, lambda v: v is None or v >= 1, "an integer >= 1")
+    """Use at most this many of the entry's examples (a seeded choice)."""
 
 
 @dataclass(frozen=True)
@@ -300,6 +308,7 @@ def combination_problems(cfg: Config) -> list[tuple[str, str]]:
         problems.append(("train.sequence_parallel", "does not combine with train.compile yet: set train.compile=false"))
     if cfg.lora.modules_to_save and cfg.lora.r == 0:
         problems.append(("lora.modules_to_save", "only means something with adapters: set lora.r > 0"))
+    problems += mixture_problems(cfg.data.path)
     why = ds_config_problem(stage)
     if why:
         problems.append(("train.zero_stage", why))
@@ -314,6 +323,21 @@ def combination_problems(cfg: Config) -> list[tuple[str, str]]:
 def is_inline_template(text: str) -> bool:
     """``model.chat_template`` holds Jinja itself (rather than naming a file)."""
     return "{%" in text or "{{" in text
+
+
+def mixture_problems(path: Any) -> list[tuple[str, str]]:
+    """``weight`` is a share against the other entries' weights: every entry needs one, and an entry is
+    weighed or counted (``epochs``, ``max_examples``), not both."""
+    entries = path if isinstance(path, list) else [path]
+    sources = [e for e in entries if isinstance(e, DataSource)]
+    problems = []
+    if any(e.weight is not None for e in sources) and (
+        len(sources) < len(entries) or any(e.weight is None for e in sources)
+    ):
+        problems.append(("data.path", "weight is a share against the other entries' weights: give every entry one"))
+    if any(e.weight is not None and (e.epochs is not None or e.max_examples is not None) for e in sources):
+        problems.append(("data.path", "an entry is weighed (weight) or counted (epochs, max_examples), not both"))
+    return problems
 
 
 def ds_config_problem(zero_stage: int | str) -> str:

@@ -142,3 +142,12 @@ def first_rows(cfg: Any, n: int) -> list[tuple[str, Any]]:
                 if len(out) >= n:
                     return out
     return out
+
+
+def describe_source(src: dict[str, Any]) -> str:
+    """One ``data.path`` entry's part of the training rows, with what was asked of it."""
+    asked = ", ".join(f"{k} {src[k]:g}" for k in ("weight", "epochs", "max_examples") if k in src)
+    return (
+        f"source {src['path']}: {src['examples']} examples, {src['tokens']} tokens, {src['share']:.1%} of the "
+        f"tokens" + (f" ({asked})" if asked else "")
+    )

@@ -137,13 +137,13 @@ def tokenize_chunk(chunk: Chunk, work: Work) -> ChunkResult:
     return result
 
 
-def pack_chunk(job: tuple[int, bool, Any], work: Work) -> tuple[int, int, int, float]:
+def pack_chunk(job: tuple[int, bool, Any, Any], work: Work) -> tuple[int, int, int, float, int]:
     """Stage 2: a chunk's examples -> packed training rows (and eval rows), written as Arrow streams.
     Packing is within the chunk: ``CHUNK_ROWS`` examples is window enough for best-fit decreasing."""
     import numpy as np
     import pyarrow as pa
 
-    index, is_eval, mask = job
+    index, is_eval, mask, uses = job
     cfg = work.cfg
     path = Path(work.tmp) / "examples" / f"{index:06d}.arrow"
     with pa.memory_map(str(path)) as source:
@@ -152,7 +152,10 @@ def pack_chunk(job: tuple[int, bool, Any], work: Work) -> tuple[int, int, int, f
     lengths = np.diff(np.asarray(ids.offsets)).tolist()
     held = np.ones(len(ids), dtype=bool) if is_eval else np.asarray(mask, dtype=bool)
     counts = []
-    for name, members in (("train", np.flatnonzero(~held)), ("eval", np.flatnonzero(held))):
+    train = np.flatnonzero(~held)
+    if uses is not None:  # a weighted or counted mixture: each example as many times as it is used
+        train = np.repeat(np.arange(len(held)), np.asarray(uses, dtype=np.int64))
+    for name, members in (("train", train), ("eval", np.flatnonzero(held))):
         if not len(members):
             counts.append((0, 0))
             continue
@@ -162,7 +165,7 @@ def pack_chunk(job: tuple[int, bool, Any], work: Work) -> tuple[int, int, int, f
         rows = pack_columns(ids, labels, bins)
         _write_rows(Path(work.tmp) / name / f"{index:06d}.arrow", rows)
         counts.append((len(bins), int(np.asarray(rows["input_ids"].offsets)[-1])))
-    return counts[0][0], counts[0][1], counts[1][0], peak_rss_mb()
+    return counts[0][0], counts[0][1], counts[1][0], peak_rss_mb(), len(train)
 
 
 def _write_rows(path: Path, columns: dict[str, Any]) -> None:

@@ -51,6 +51,9 @@ class DataStats:
     packed_tokens: int = 0
     eval_rows: int = 0
     max_seq_len: int = 0
+    sources: list[dict[str, Any]] = field(default_factory=list)
+    """Per ``data.path`` entry: its examples and tokens in the training rows, and its share of the tokens
+    (with the weight, epochs or max_examples asked)."""
     reasoning_dropped: int = 0
     """Rows with reasoning on a turn where the chat template does not render it: left out, not learnt."""
 
@@ -94,7 +97,8 @@ def fingerprint(cfg: DataConfig, sources: list[Source], eval_sources: list[Sourc
     h.update(f"v{PIPELINE_VERSION}|seed={seed}|{json.dumps(relevant, sort_keys=True, default=str)}".encode())
     for tag, srcs in (("train", sources), ("eval", eval_sources)):
         for s in srcs:
-            h.update(f"{tag}:{source_fingerprint(s)}".encode())
+            mix = "" if s.mix.plain else f"|{s.mix}"  # how much of the entry the rows use
+            h.update(f"{tag}:{source_fingerprint(s)}{mix}".encode())
     h.update(tokenizer_fingerprint(tokenizer).encode())
     return h.hexdigest()
 
@@ -173,19 +177,28 @@ def _build(cfg: DataConfig, tokenizer: Any, seed: int, sources: list[Source], ev
                 f"data.max_seq_len={cfg.max_seq_len}, {stats.rejected} rejected)"
             )
         held = held_out(stats.kept, 0.0 if eval_sources else cfg.eval_fraction, seed)
+        train_results = [r for r in results if not r.eval]
+        mixes = {c.index: sources[c.source].mix for c in chunks if not c.eval}
+        uses = mixture_uses(train_results, [mixes[r.index] for r in train_results], held, seed)
         jobs, first = [], 0
         for r in results:
-            mask = None
+            mask, counts = None, None
             if not r.eval:
                 mask = held[first : first + r.kept]
+                counts = None if uses is None else uses[first : first + r.kept].tolist()
                 first += r.kept
-            jobs.append((r.index, r.eval, mask))
+            jobs.append((r.index, r.eval, mask, counts))
         peak = max(r.peak_rss_mb for r in results)
-        for rows, tokens, eval_rows, rss in runner.map(pack_chunk, jobs, work):
+        per_entry: dict[int, list[int]] = {}
+        for job, (rows, tokens, eval_rows, rss, examples) in zip(jobs, runner.map(pack_chunk, jobs, work), strict=True):
             stats.packed_rows += rows
             stats.packed_tokens += tokens
             stats.eval_rows += eval_rows
             peak = max(peak, rss)
+            if not job[1]:
+                totals = per_entry.setdefault(mixes[job[0]].entry, [0, 0])
+                totals[0], totals[1] = totals[0] + examples, totals[1] + tokens
+        stats.sources = _entry_stats(cfg, sources, per_entry)
         shutil.rmtree(tmp / "examples", ignore_errors=True)
         meta = {"stats": asdict(stats), "rejected": rejected}
         write_atomic(tmp / "meta.json", json.dumps(meta, ensure_ascii=False))  # last: the entry is complete
@@ -200,6 +213,54 @@ def _build(cfg: DataConfig, tokenizer: Any, seed: int, sources: list[Source], ev
     data.cache_hit = False
     data.work_peak_rss_mb = peak
     return data
+
+
+def mixture_uses(results: list[ChunkResult], mixes: list[Any], held: Any, seed: int) -> Any:
+    """How many times each training example (in chunk order) is used, or None when every ``data.path``
+    entry is used once as it is. An entry's target: ``epochs`` x its examples, at most ``max_examples``,
+    or for weights its share of the sources' total tokens (at the entry's mean example length); whole
+    passes first, the remainder a seeded choice, so the mixture is the same on every engine."""
+    import numpy as np
+
+    if all(m.plain for m in mixes):
+        return None
+    entry_of = np.concatenate([np.full(r.kept, m.entry, dtype=np.int64) for r, m in zip(results, mixes, strict=True)])
+    by_entry = {m.entry: m for m in mixes}
+    tokens = {e: 0 for e in by_entry}
+    for r, m in zip(results, mixes, strict=True):
+        tokens[m.entry] += r.tokens
+    weights = {e: m.weight for e, m in by_entry.items() if m.weight is not None}
+    total_tokens, total_weight = sum(tokens.values()), sum(weights.values())
+    uses = np.zeros(len(entry_of), dtype=np.int64)
+    for e, m in sorted(by_entry.items()):
+        members = np.flatnonzero((entry_of == e) & ~np.asarray(held, dtype=bool))
+        n = len(members)
+        if not n:
+            continue
+        if m.weight is not None:
+            mean = tokens[e] / max(1, int((entry_of == e).sum()))
+            target = round(m.weight / total_weight * total_tokens / max(mean, 1e-9))
+        elif m.epochs is not None:
+            target = round(m.epochs * n)
+        else:
+            target = min(n, m.max_examples) if m.max_examples is not None else n
+        uses[members] = target // n
+        extra = np.random.default_rng([seed, e]).permutation(n)[: target % n]
+        uses[members[extra]] += 1
+    return uses
+
+
+def _entry_stats(cfg: DataConfig, sources: list[Source], per_entry: dict[int, list[int]]) -> list[dict[str, Any]]:
+    entries = cfg.path if isinstance(cfg.path, list) else [cfg.path]
+    total = sum(t for _, t in per_entry.values()) or 1
+    out = []
+    for e, (examples, tokens) in sorted(per_entry.items()):
+        mix = next(s.mix for s in sources if s.mix.entry == e)
+        entry = entries[e]
+        asked = {k: getattr(mix, k) for k in ("weight", "epochs", "max_examples") if getattr(mix, k) is not None}
+        path = entry.path if hasattr(entry, "path") else str(entry)
+        out.append({"path": path, "examples": examples, "tokens": tokens, "share": round(tokens / total, 4), **asked})
+    return out
 
 
 def held_out(n: int, fraction: float, seed: int) -> Any:

@@ -24,11 +24,28 @@ LINE = "__line"
 
 
 @dataclass(frozen=True)
+class Mix:
+    """How much of one ``data.path`` entry the training rows use (``DataSource``'s weight, epochs or
+    max_examples); the default uses every example once."""
+
+    entry: int = 0
+    """Which ``data.path`` entry (a directory entry expands into several sources that share its mix)."""
+    weight: float | None = None
+    epochs: float | None = None
+    max_examples: int | None = None
+
+    @property
+    def plain(self) -> bool:
+        return self.weight is None and self.epochs is None and self.max_examples is None
+
+
+@dataclass(frozen=True)
 class Source:
     path: str
     kind: str  # jsonl | json | parquet | saved | hub
     format: str = "auto"
     split: str = "train"
+    mix: Mix = Mix()
 
     def where(self, line: int) -> str:
         """``file:line`` for text files, ``path row N`` for tables."""
@@ -37,15 +54,18 @@ class Source:
 
 def resolve_sources(spec: str | list[Any], default_format: str = "auto") -> list[Source]:
     """Expand ``data.path`` into concrete sources in a stable order; a missing path is an error here."""
+    import dataclasses
+
     entries = spec if isinstance(spec, list) else [spec]
     out: list[Source] = []
-    for entry in entries:
+    for i, entry in enumerate(entries):
         if isinstance(entry, DataSource):
             path, fmt, split = entry.path, entry.format, entry.split
+            mix = Mix(i, entry.weight, entry.epochs, entry.max_examples)
         else:
-            path, fmt, split = entry, "auto", "train"
+            path, fmt, split, mix = entry, "auto", "train", Mix(i)
         fmt = default_format if fmt == "auto" else fmt
-        out += _expand(path, fmt, split)
+        out += [dataclasses.replace(src, mix=mix) for src in _expand(path, fmt, split)]
     return out
 
 

@@ -144,6 +144,10 @@ def _start(
         f"{time.perf_counter() - t0:.1f}s{' on Ray Data' if runner == 'ray' and not data.cache_hit else ''}]",
         flush=True,
     )
+    if any(k in src for src in s["sources"] for k in ("weight", "epochs", "max_examples")):
+        from distsft.data.inspect import describe_source
+
+        print("\n".join(f"data: {describe_source(src)}" for src in s["sources"]), flush=True)
     if s["reasoning_dropped"]:
         print(
             f"data: {s['reasoning_dropped']} rows hold reasoning on turns where the chat template does not "
