@@ -237,3 +237,21 @@ def test_tool_results_system_and_user_text_are_never_learnt():
     assert '"get_weather"' in learnt and '"Lutetia"' in learnt and "It is 18 C in Paris." in learnt
     for text in ("Weather in Paris?", "temp_c", "Weather of a city"):
         assert text not in learnt and text in tok.decode(ex.input_ids)
+
+
+def test_a_source_can_offer_one_list_of_tools_to_its_rows(tmp_path, demo_tokenizer):
+    from distsft.config import DataConfig, DataSource
+    from distsft.data.prepare import prepare
+
+    rows = tmp_path / "agent.jsonl"
+    rows.write_text(
+        json.dumps({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]})
+    )
+    (tmp_path / "tools.json").write_text(json.dumps([WEATHER]))
+    tok = copy.copy(demo_tokenizer)
+    tok.chat_template = read("qwen2_5")
+    cfg = DataConfig(
+        path=[DataSource(path=str(rows), tools=str(tmp_path / "tools.json"))], cache_dir=str(tmp_path / "c")
+    )
+    text = tok.decode(prepare(cfg, tok, seed=0).train[0]["input_ids"])
+    assert "get_weather" in text and "Weather of a city" in text

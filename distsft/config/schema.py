@@ -83,6 +83,8 @@ class DataSource:
     """Use every example this many times (1.5: each once, and half of them, chosen by the seed, twice)."""
     max_examples: int | None = checked(None, lambda v: v is None or v >= 1, "an integer >= 1")
     """Use at most this many of the entry's examples (a seeded choice)."""
+    tools: str | None = None
+    """A JSON file holding one list of tool schemas for the entry's rows that offer none of their own."""
 
 
 @dataclass(frozen=True)
@@ -309,6 +311,9 @@ def combination_problems(cfg: Config) -> list[tuple[str, str]]:
     if cfg.lora.modules_to_save and cfg.lora.r == 0:
         problems.append(("lora.modules_to_save", "only means something with adapters: set lora.r > 0"))
     problems += mixture_problems(cfg.data.path)
+    for entry in cfg.data.path if isinstance(cfg.data.path, list) else []:
+        if isinstance(entry, DataSource) and entry.tools and not Path(entry.tools).expanduser().is_file():
+            problems.append(("data.path", f"{entry.path}: tools {entry.tools}: no such file"))
     why = ds_config_problem(stage)
     if why:
         problems.append(("train.zero_stage", why))

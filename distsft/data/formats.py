@@ -85,10 +85,14 @@ def to_turns(row: Any, fmt: str = "auto") -> list[Turn]:
 
 
 def to_conversation(
-    row: Any, fmt: str = "auto", template: str = "chat", response_marker: str | None = None
+    row: Any,
+    fmt: str = "auto",
+    template: str = "chat",
+    response_marker: str | None = None,
+    tools: list[dict[str, Any]] | None = None,
 ) -> Conversation:
     """``template`` ``none`` takes string prompt/completion rows as raw text; ``response_marker`` splits
-    ``text`` rows into context and what is learnt."""
+    ``text`` rows into context and what is learnt; ``tools``: the source's, for rows without their own."""
     if not isinstance(row, dict):
         raise RowError(f"a row must be a JSON object, got {type(row).__name__}")
     if fmt == "auto":
@@ -110,7 +114,7 @@ def to_conversation(
     else:
         raise RowError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
     _validate(turns)
-    return Conversation(turns, _tools(row.get("tools")))
+    return Conversation(turns, _tools(row.get("tools")) or tools)
 
 
 def _text_row(text: Any, marker: str | None) -> tuple[str, str]:

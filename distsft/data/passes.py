@@ -20,6 +20,7 @@ from distsft.data.formats import RowError, to_conversation
 from distsft.data.packing import pack_columns, plan_rows
 from distsft.data.sources import LINE, RAW, Source
 from distsft.data.tokenize import IGNORE_INDEX, fit_length, tokenize_text, tokenize_turns
+from distsft.errors import DataError
 from distsft.host import peak_rss_mb
 
 KEPT, TOO_LONG, REJECTED, BLANK = 0, 1, 2, 3
@@ -109,12 +110,13 @@ def tokenize_chunk(chunk: Chunk, work: Work) -> ChunkResult:
     import pyarrow as pa
 
     cfg, src = work.cfg, work.sources[chunk.source]
+    tools = _source_tools(src.tools) if src.tools else None
     result = ChunkResult(chunk.index, chunk.eval)
     schema = pa.schema({k: pa.list_(pa.int32()) for k in EXAMPLE_SCHEMA})
     path = Path(work.tmp) / "examples" / f"{chunk.index:06d}.arrow"
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
         for batch in read_chunk(chunk, src, work.opened.get(chunk.source)):
-            out = process_batch(batch, work.tokenizer, src.format, cfg)
+            out = process_batch(batch, work.tokenizer, src.format, cfg, tools)
             keep = []
             for i, (s, line, reason) in enumerate(zip(out["status"], out[LINE], out["reason"], strict=True)):
                 if s == BLANK:
@@ -135,6 +137,16 @@ def tokenize_chunk(chunk: Chunk, work: Work) -> ChunkResult:
                 writer.write_batch(pa.record_batch(cols, schema=schema))
     result.peak_rss_mb = peak_rss_mb()
     return result
+
+
+def _source_tools(path: str) -> list[dict[str, Any]]:
+    try:
+        tools = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise DataError(f"data.path tools {path}: cannot read a JSON list of tool schemas: {e}") from None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise DataError(f"data.path tools {path}: must hold a JSON list of tool schemas (objects)")
+    return tools
 
 
 def pack_chunk(job: tuple[int, bool, Any, Any], work: Work) -> tuple[int, int, int, float, int]:
@@ -177,7 +189,9 @@ def _write_rows(path: Path, columns: dict[str, Any]) -> None:
         writer.write_table(table, max_chunksize=1024)
 
 
-def process_batch(batch: dict[str, list], tokenizer: Any, fmt: str, cfg: DataConfig) -> dict[str, list]:
+def process_batch(
+    batch: dict[str, list], tokenizer: Any, fmt: str, cfg: DataConfig, tools: list | None = None
+) -> dict[str, list]:
     """Raw rows -> token ids + labels, or a status and reason per row (and whether the template left out
     a turn's reasoning)."""
     n = len(batch[LINE])
@@ -201,7 +215,7 @@ def process_batch(batch: dict[str, list], tokenizer: Any, fmt: str, cfg: DataCon
                     raise RowError(f"invalid JSON: {e.msg} (column {e.colno})") from None
             else:
                 row = {k: batch[k][i] for k in keys}
-            chat = to_conversation(row, fmt, cfg.template, cfg.response_marker)
+            chat = to_conversation(row, fmt, cfg.template, cfg.response_marker, tools)
             if chat.raw is not None:
                 ex = tokenize_text(tokenizer, *chat.raw)
             else:

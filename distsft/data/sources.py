@@ -46,6 +46,8 @@ class Source:
     format: str = "auto"
     split: str = "train"
     mix: Mix = Mix()
+    tools: str | None = None
+    """A JSON file of tool schemas for the rows that offer none of their own."""
 
     def where(self, line: int) -> str:
         """``file:line`` for text files, ``path row N`` for tables."""
@@ -61,11 +63,12 @@ def resolve_sources(spec: str | list[Any], default_format: str = "auto") -> list
     for i, entry in enumerate(entries):
         if isinstance(entry, DataSource):
             path, fmt, split = entry.path, entry.format, entry.split
-            mix = Mix(i, entry.weight, entry.epochs, entry.max_examples)
+            mix, tools = Mix(i, entry.weight, entry.epochs, entry.max_examples), entry.tools
         else:
-            path, fmt, split, mix = entry, "auto", "train", Mix(i)
+            path, fmt, split, mix, tools = entry, "auto", "train", Mix(i), None
         fmt = default_format if fmt == "auto" else fmt
-        out += [dataclasses.replace(src, mix=mix) for src in _expand(path, fmt, split)]
+        tools = str(Path(tools).expanduser().resolve()) if tools else None
+        out += [dataclasses.replace(src, mix=mix, tools=tools) for src in _expand(path, fmt, split)]
     return out
 
 
@@ -167,6 +170,8 @@ def source_fingerprint(src: Source) -> str:
     """Content hash for files and saved datasets; the id and split for hub datasets."""
     h = hashlib.blake2b(digest_size=16)
     h.update(f"{src.kind}|{src.format}|{src.split}|".encode())
+    if src.tools:  # the tools its rows are given
+        h.update(Path(src.tools).read_bytes())
     if src.kind == "hub":
         h.update(src.path.encode())
         return h.hexdigest()
