@@ -194,3 +194,37 @@ def test_moe_flops_count_the_routed_experts_a_token_uses():
     emb = model.get_input_embeddings().weight.numel()
     routed = sum(p.numel() for layer in model.model.layers for p in layer.mlp.experts.parameters())
     assert flops_model(model, total).dense_params == total - emb - routed // 2
+
+
+def test_gpt_oss_with_attention_sinks_and_alternating_windows_packs_exactly(tmp_path):
+    """gpt-oss builds its masks without the position ids (transformers 5), so packed examples attended to
+    one another (logits 0.2 apart, loss 1e-4): loaded through distsft its decoder gets the masks the
+    builders make from the position ids, and packed = unpacked (fp32, 1e-5) with sinks that bite, on
+    every attention implementation it runs on a CPU (eager; sdpa it refuses, flex needs CUDA for sinks)."""
+    import transformers
+    from families import SHAPE, WINDOW
+
+    from distsft.config import ModelConfig
+    from distsft.model.loading import load_model, traits_and_attention
+
+    layers = ["sliding_attention", "full_attention"]
+    experts = {"num_local_experts": 4, "num_experts_per_tok": 2}
+    cfg = transformers.GptOssConfig(
+        **{**SHAPE, **experts, "vocab_size": 211, "sliding_window": WINDOW, "layer_types": layers}
+    )
+    torch.manual_seed(0)
+    raw = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").float()
+    with torch.no_grad():
+        for module in raw.modules():
+            if hasattr(module, "sinks"):
+                module.sinks.normal_(0, 1.0)
+    raw.save_pretrained(tmp_path / "oss")
+    _, alone, logit_diff, _ = packed_vs_alone(raw, [40, 23, 50, 9], max_len=128)
+    assert logit_diff > 1e-2  # the model as transformers builds it mixes packed examples
+    model_cfg = ModelConfig(path=str(tmp_path / "oss"), tokenizer="demo")
+    traits, attn = traits_and_attention(model_cfg, "cpu", torch.float32)
+    assert traits.packs and attn == "eager"
+    model = load_model(model_cfg, torch.float32, attn, seed=0).train()
+    packed, alone, logit_diff, grad_diff = packed_vs_alone(model, [40, 23, 50, 9], max_len=128)
+    assert packed == pytest.approx(alone, rel=1e-5)
+    assert logit_diff < 1e-5 and grad_diff < 1e-5, (logit_diff, grad_diff)

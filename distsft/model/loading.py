@@ -202,6 +202,9 @@ def load_model(
         **({"quantization_config": quantization} if quantization is not None else {}),
         **src.kwargs(),
     )
+    from distsft.model import packed_masks
+
+    packed_masks.install(model)  # the few models that build masks without position ids (gpt-oss)
     grown = bool(vocab_size) and vocab_size > model.get_input_embeddings().weight.shape[0]
     if grown:
         model.resize_token_embeddings(vocab_size, mean_resizing=True)
