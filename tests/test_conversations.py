@@ -12,6 +12,7 @@ import re
 
 import pytest
 from conftest import REPO
+from test_masking import FLAGGED
 
 from distsft.data.formats import RowError, to_conversation
 from distsft.data.tokenize import IGNORE_INDEX, render, tokenize_turns
@@ -50,14 +51,7 @@ ROWS = {
             {"role": "assistant", "reasoning_content": "Two plus two makes four.", "content": "It is 4."},
         ]
     },
-    "not_trained": {
-        "messages": [
-            {"role": "user", "content": "Say OK."},
-            {"role": "assistant", "content": "Nope.", "train": False},
-            {"role": "user", "content": "Please say OK."},
-            {"role": "assistant", "content": "OK"},
-        ]
-    },
+    "not_trained": FLAGGED["messages"],  # a wrong first answer kept as context (tests/test_masking.py)
 }
 TEMPLATES = os.path.join(os.path.dirname(__import__("trl").__file__), "chat_templates")
 PAIRS = sorted(
