@@ -36,7 +36,7 @@ def test_bad_rows_are_all_reported_with_file_and_line(tmp_path, demo_tokenizer):
             {"messages": []},
             {"messages": [{"role": "user", "content": "only a question"}]},
             {"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]},
-            {"text": "no known format"},
+            {"question": "no known format"},  # a `text` row is raw text (issue 21), no longer a bad row
             {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "   "}]},
             GOOD,
         ],

@@ -1,4 +1,5 @@
-"""Show packed rows to a person: supervised spans highlighted, example boundaries marked."""
+"""Show data to a person: rows turn by turn (what each turn is and what is learnt), packed rows with supervised
+spans highlighted and example boundaries marked."""
 
 from __future__ import annotations
 
