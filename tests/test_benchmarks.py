@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -10,6 +11,12 @@ import pytest
 from conftest import REPO
 
 pytestmark = pytest.mark.slow
+
+
+def clean_env() -> dict[str, str]:
+    """This process's environment without what an in-process launch earlier in the session left in it
+    (``LOCAL_RANK`` for DeepSpeed): the benchmark's TRL run would take itself for a torchrun rank."""
+    return {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE")}
 
 
 def test_throughput_benchmark_runs_distsft_and_trl_on_the_same_supervised_tokens(tmp_path):
@@ -30,6 +37,7 @@ def test_throughput_benchmark_runs_distsft_and_trl_on_the_same_supervised_tokens
         capture_output=True,
         text=True,
         timeout=900,
+        env=clean_env(),
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
