@@ -40,6 +40,10 @@ class RaySession:
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop Ray if this session started (or connected) it; a no-op after that."""
         if self.started:
             self.shutdown()
 

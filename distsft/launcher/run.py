@@ -91,7 +91,10 @@ def launch_ray(cfg: Config, cluster: ClusterConfig, quiet: bool = False, verbose
         display = Display(cfg, steps, resume.step)
         try:
             with StopOnSignal() as stop:
-                ran = run_workers(cfg, cluster, session, data, root, resume, display, stop, runner)
+                try:
+                    ran = run_workers(cfg, cluster, session, data, root, resume, display, stop, runner)
+                finally:  # Ray down while our handlers still hold: its shutdown must not meet the default
+                    session.close()
         finally:
             display.close()
         summary: dict[str, Any] = {"steps": steps, "workers": cluster.num_workers, "start_step": resume.step, **ran}
