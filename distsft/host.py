@@ -56,3 +56,19 @@ _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 def strip_ansi(text: str) -> str:
     """Text without terminal escape sequences (colours that Ray puts into remote tracebacks)."""
     return _ANSI.sub("", text)
+
+
+def interface_of(ip: str) -> str | None:
+    """The network interface that carries ``ip`` on this machine (``eth0``, ``ens5``, ...), or None.
+
+    gloo and NCCL bind to the address the host name resolves to unless told an interface, and on most
+    distributions the host name resolves to loopback (``127.0.1.1`` on Debian and Ubuntu), which no other
+    node can reach; the interface of the node's Ray address is the one its peers can."""
+    import socket
+
+    import psutil
+
+    for name, addrs in psutil.net_if_addrs().items():
+        if any(a.family in (socket.AF_INET, socket.AF_INET6) and a.address.split("%")[0] == ip for a in addrs):
+            return name
+    return None

@@ -1,8 +1,8 @@
 """Whether and from where a run continues, decided once, on the driver, before any worker starts.
 
 The driver picks the checkpoint (``checkpoint.resume``: the latest, none, or a given one), checks that it
-continues this run (same world size and engine layout, no config change that alters the continuation
-unless allowed) and hands the decision to the workers as a ``ResumePlan``. A worker only ever departs from
+continues this run (no config change that alters the continuation unless allowed; another worker count
+is resharded, ``reshard.py``) and hands the decision to the workers as a ``ResumePlan``. A worker only ever departs from
 it for a checkpoint of its own run: a worker group that Ray restarts after a failure continues from the
 latest checkpoint the failed group completed.
 """
@@ -61,7 +61,7 @@ def decide_resume(
     if ckpt is None:
         return fresh, []
     manifest = read_manifest(ckpt) or {}
-    diffs = check_continuation(manifest, config, world_size, data_fingerprint, allow_changes, engine_stage)
+    diffs = check_continuation(manifest, config, world_size, data_fingerprint, allow_changes)
     step = int(manifest.get("step") or 0)
     return ResumePlan(fresh.run_id, str(ckpt), step, data_fingerprint, engine_stage), diffs
 
@@ -77,6 +77,7 @@ CONTINUATION_KEYS = [
     "train.epochs",
     "train.micro_batch_size",
     "train.grad_accum_steps",
+    "train.global_batch_size",
     "train.lr",
     "train.min_lr_ratio",
     "train.warmup_steps",
@@ -95,24 +96,18 @@ def check_continuation(
     world_size: int,
     data_fingerprint: str,
     allow: bool,
-    engine_stage: int | str | None = None,
 ) -> list[str]:
-    """Differences between the checkpoint's run and this one; raises unless ``allow`` (world size and the
-    engine's checkpoint layout always)."""
-    fresh = "export the checkpoint (`distsft export RUN_DIR`) and start a new run from it with a fresh optimizer"
-    if manifest.get("world_size") != world_size:
-        raise ConfigError(
-            f"the checkpoint was written by {manifest.get('world_size')} workers and this run has {world_size}; "
-            f"ZeRO shards are split per worker, so resume with the same number of workers, or {fresh}"
-        )
-    written = manifest.get("engine_stage", manifest.get("config", {}).get("train", {}).get("zero_stage"))
-    if engine_stage is not None and written is not None and written != engine_stage:
-        raise ConfigError(
-            f"the checkpoint was written by a ZeRO stage {written} engine and this run's is stage {engine_stage} "
-            f"(one worker runs without ZeRO); its optimizer state does not load across layouts: {fresh}"
-        )
+    """Differences between the checkpoint's run and this one; raises unless ``allow``. Another worker count
+    or engine layout is no difference by itself (the checkpoint is resharded, ``reshard.py``); the rows
+    per step they imply are."""
     old = manifest.get("config", {})
     diffs = []
+    was, now = rows_per_step(old, manifest.get("world_size")), rows_per_step(config, world_size)
+    if was is not None and was != now:
+        diffs.append(
+            f"rows per step: {was} ({manifest.get('world_size')} workers) -> {now} ({world_size} workers); set "
+            "train.global_batch_size so the batch does not depend on the worker count"
+        )
     for key in CONTINUATION_KEYS:
         a, b = _get(old, key), _get(config, key)
         if key == "data" and isinstance(a, dict) and isinstance(b, dict):
@@ -130,6 +125,17 @@ def check_continuation(
             + "\nset checkpoint.allow_changes=true to resume anyway, or checkpoint.resume=never to start over"
         )
     return diffs
+
+
+def rows_per_step(config: dict[str, Any], world_size: int | None) -> int | None:
+    """Rows per optimizer step of a run config (as a dict) on ``world_size`` workers."""
+    train = config.get("train") or {}
+    if train.get("global_batch_size"):
+        return int(train["global_batch_size"])
+    if not world_size or "micro_batch_size" not in train:
+        return None
+    dp = world_size // int(train.get("sequence_parallel") or 1)
+    return int(train["micro_batch_size"]) * int(train.get("grad_accum_steps") or 1) * dp
 
 
 def _get(d: dict[str, Any], dotted: str) -> Any:

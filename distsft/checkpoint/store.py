@@ -137,7 +137,11 @@ def save(
             tmp.mkdir(parents=True)
     dist.barrier()
     engine.save_checkpoint(
-        str(tmp), tag=DS_TAG, client_state={"step": step}, save_latest=False, exclude_frozen_parameters=frozen_base
+        str(tmp),
+        tag=DS_TAG,
+        client_state={"step": step, "distsft_param_names": trainable_names(engine.module)},
+        save_latest=False,
+        exclude_frozen_parameters=frozen_base,
     )
     (tmp / f"rng-rank{rank}.json").write_text(json.dumps(_rng_state()))
     if rank == 0:
@@ -175,6 +179,11 @@ def save(
         _purge(root, keep_last, keep=final)
     dist.barrier()
     return final
+
+
+def trainable_names(module: Any) -> list[str]:
+    """The names of what the optimizer holds, in its order (what resharding a one-worker checkpoint needs)."""
+    return [n for n, p in module.named_parameters() if p.requires_grad]
 
 
 def _maybe_die_in_save(step: int, moment: str = "shards") -> None:
@@ -240,6 +249,14 @@ def load(engine: Any, ckpt: Location, frozen_base: bool = False) -> int:
         if storage.is_remote(ckpt):
             storage.remove(local)
     return int(client["step"])
+
+
+def set_rng_state_of(ckpt: Location, rank: int) -> None:
+    """This rank's random state from ``ckpt`` when the rank wrote one there (a resharded resume may have
+    more ranks than the checkpoint: those keep their seeded state)."""
+    text = _read(storage.join(ckpt, f"rng-rank{rank}.json"))
+    if text:
+        _set_rng_state(json.loads(text))
 
 
 def fetch(ckpt: Location, rank: int | None = None) -> Path:

@@ -46,6 +46,18 @@ class ClusterConfig:
     """Worker-group restarts after a worker or node dies (Ray Train FailureConfig)."""
     placement_timeout_s: float = checked(120.0, lambda v: v > 0, "a number of seconds > 0")
     """How long to wait for the cluster to offer every worker's resources before failing."""
+    min_workers: int | None = checked(None, lambda v: v is None or v >= 1, "an integer >= 1, or null")
+    """Elastic restarts: when a node is lost and no replacement joins within ``replacement_timeout_s``, the
+    run goes on from its last checkpoint on the workers that remain (whole nodes, at least this many),
+    resharded; a later restart uses returned nodes again. Needs ``train.global_batch_size``. null: always
+    ``num_nodes x workers_per_node``."""
+    replacement_timeout_s: float = checked(120.0, lambda v: v > 0, "a number of seconds > 0")
+    """How long a restart waits for every worker's resources before it shrinks (``min_workers``) or fails."""
+    rendezvous_timeout_s: float = checked(60.0, lambda v: v > 0, "a number of seconds > 0")
+    """How long a worker may take to join the process group (reach rank 0's address) before it fails."""
+    collective_timeout_s: float = checked(600.0, lambda v: v > 0, "a number of seconds > 0")
+    """A collective that waits longer (a rank stopped, a link down) fails the step: every rank's Python
+    stacks go to its log, and the failure is handled like a crash (restart, or a clear end)."""
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     dashboard_host: str = "127.0.0.1"
     """For a Ray instance distsft starts: where its dashboard listens (loopback unless you open it)."""
@@ -55,6 +67,16 @@ class ClusterConfig:
     @property
     def num_workers(self) -> int:
         return self.num_nodes * self.workers_per_node
+
+    @property
+    def elastic(self) -> bool:
+        return self.min_workers is not None and self.min_workers < self.num_workers
+
+    def with_nodes(self, num_nodes: int) -> ClusterConfig:
+        """The same cluster on ``num_nodes`` nodes (an elastic restart's size)."""
+        import dataclasses
+
+        return dataclasses.replace(self, num_nodes=num_nodes)
 
     @property
     def use_gpu(self) -> bool:
@@ -102,6 +124,11 @@ def load_cluster(path: str | Path | None, overrides: list[str] | tuple[str, ...]
     cluster = load_typed(ClusterConfig, path, overrides)
     if cluster.address not in (None, "local") and cluster.workers_per_node == 0:
         raise ConfigError(f"{path}: workers_per_node must be set for a remote cluster (address {cluster.address})")
+    if cluster.min_workers is not None and cluster.workers_per_node and cluster.min_workers > cluster.num_workers:
+        raise ConfigError(
+            f"{path}: min_workers = {cluster.min_workers} is more than the {cluster.num_workers} workers "
+            f"(num_nodes {cluster.num_nodes} x workers_per_node {cluster.workers_per_node})"
+        )
     return resolve_local_workers(cluster)
 
 

@@ -130,6 +130,11 @@ class TrainConfig:
     micro_batch_size: int = checked(1, lambda v: v >= 1, "an integer >= 1")
     """Rows per worker per forward pass (a row is one packed sequence of up to ``max_seq_len`` tokens)."""
     grad_accum_steps: int = checked(1, lambda v: v >= 1, "an integer >= 1")
+    global_batch_size: int | None = checked(None, lambda v: v is None or v >= 1, "an integer >= 1, or null")
+    """Rows per optimizer step whatever the worker count: gradient accumulation is derived from the workers
+    present (``global_batch_size / (micro_batch_size x data-parallel workers)``), so a run resumed or
+    restarted on another number of workers goes on as the same run. ``null``: ``micro_batch_size x
+    grad_accum_steps x data-parallel workers``."""
     lr: float = checked(2e-5, lambda v: v > 0, "a number > 0")
     min_lr_ratio: float = checked(0.1, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")
     """The cosine schedule decays to ``lr * min_lr_ratio``."""
@@ -234,9 +239,27 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def batch_plan(self, world_size: int) -> BatchPlan:
-        return BatchPlan(
-            self.train.micro_batch_size, self.train.grad_accum_steps, world_size, self.train.sequence_parallel
-        )
+        t = self.train
+        accum = t.grad_accum_steps
+        if t.global_batch_size is not None:
+            dp = max(1, world_size // t.sequence_parallel)
+            per = t.micro_batch_size * dp
+            if t.global_batch_size % per:
+                raise ConfigError(
+                    f"train.global_batch_size = {t.global_batch_size} is not a multiple of micro_batch_size "
+                    f"{t.micro_batch_size} x {dp} data-parallel worker(s) = {per}: choose a multiple of {per}, "
+                    "or another worker count"
+                )
+            accum = t.global_batch_size // per
+        return BatchPlan(t.micro_batch_size, accum, world_size, t.sequence_parallel)
+
+    def fits_workers(self, world_size: int) -> bool:
+        """Whether this many workers can run the configured batch (elastic restarts pick such a count)."""
+        try:
+            self.batch_plan(world_size)
+        except ConfigError:
+            return False
+        return True
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -296,6 +319,14 @@ def combination_problems(cfg: Config) -> list[tuple[str, str]]:
     if q != "none" and stage == "3_offload":
         problems.append(
             ("model.quantization", "quantised weights cannot be offloaded to CPU: use zero_stage 3 without offload")
+        )
+    if cfg.train.global_batch_size is not None and cfg.train.grad_accum_steps != 1:
+        problems.append(
+            (
+                "train.grad_accum_steps",
+                "is derived from train.global_batch_size (rows per step / (micro_batch_size x workers)): leave "
+                "it at 1, or unset global_batch_size",
+            )
         )
     sp = cfg.train.sequence_parallel
     if sp > 1 and cfg.data.max_seq_len % sp:

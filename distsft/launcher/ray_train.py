@@ -34,15 +34,17 @@ def run_workers(
     display: Display,
     stop: StopOnSignal,
     runner: str = "local",
+    elastic: bool = False,
 ) -> dict[str, Any]:
     """Train on the cluster's workers; returns rank 0's summary of the run when they are done (or raises
-    with the first failure)."""
+    ``WorkersFailed`` with the first failure)."""
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
     from ray.train.v2.api.config import LoggingConfig
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    from distsft.launcher.rendezvous import RendezvousConfig
     from distsft.launcher.worker import ray_worker_loop
     from distsft.metrics.display import Follower
     from distsft.metrics.records import WORKERS_FILE, RecordSink
@@ -78,7 +80,12 @@ def run_workers(
             "sink": sink,
             "logs": None if session.verbose else str((out / "logs").resolve()),
         },
-        torch_config=TorchConfig(backend=cluster.process_group_backend),
+        torch_config=RendezvousConfig(
+            backend=cluster.process_group_backend,
+            timeout_s=int(cluster.collective_timeout_s),
+            rendezvous_timeout_s=cluster.rendezvous_timeout_s,
+            collective_timeout_s=cluster.collective_timeout_s,
+        ),
         scaling_config=ScalingConfig(
             num_workers=cluster.num_workers,
             use_gpu=cluster.use_gpu,
@@ -89,7 +96,10 @@ def run_workers(
         run_config=RunConfig(
             name=f"distsft-{int(time.time())}",
             storage_path=str((out / "ray").resolve()),  # Ray Train's own state; checkpoints are ours
-            failure_config=FailureConfig(max_failures=cluster.max_failures),
+            # An elastic run restarts itself (``run_elastic``): every failure comes back here, counted there.
+            failure_config=FailureConfig(max_failures=0, controller_failure_limit=0)
+            if elastic
+            else FailureConfig(max_failures=cluster.max_failures),
             worker_runtime_env=runtime_env,
             logging_config=LoggingConfig(log_level="INFO" if session.verbose else "ERROR"),
         ),
@@ -98,8 +108,80 @@ def run_workers(
     with Follower(out / "metrics.jsonl", display, workers=out / WORKERS_FILE):
         error = _fit_in_thread(trainer, on_tick=session.note_processes)
     if error is not None:
-        raise DistsftError(describe_failure(error))
+        raise WorkersFailed(describe_failure(error))
     return ray.get(sink.run_summary.remote())
+
+
+class WorkersFailed(DistsftError):
+    """The worker group failed (after Ray Train's own restarts, if any)."""
+
+
+def run_elastic(
+    cfg: Config,
+    cluster: ClusterConfig,
+    session: RaySession,
+    data: PreparedData,
+    root: Location,
+    resume: ResumePlan,
+    display: Display,
+    stop: StopOnSignal,
+    runner: str = "local",
+) -> tuple[dict[str, Any], int]:
+    """``run_workers`` again after every failure, ``max_failures`` in all, each time on as many workers as
+    the cluster offers: all of them if they can be placed within ``replacement_timeout_s`` (a replacement
+    node joined, or the failure lost none), else the most whole nodes that can, down to ``min_workers``.
+    Each restart continues from the run's latest checkpoint, resharded to its size. Returns rank 0's
+    summary and the workers of the last group."""
+    import os
+
+    from distsft.checkpoint import find_latest, read_manifest
+    from distsft.launcher.run import reshard_if_needed
+    from distsft.training.engine import deepspeed_plan
+
+    # A group that cannot be placed in this time fails back to us (Ray Train retries it forever otherwise).
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(cluster.replacement_timeout_s)
+    size, failures = cluster, 0
+    while True:
+        try:
+            return run_workers(cfg, size, session, data, root, resume, display, stop, runner, elastic=True), (
+                size.num_workers
+            )
+        except WorkersFailed as e:
+            failures += 1
+            if stop.is_set() or (cluster.max_failures != -1 and failures > cluster.max_failures):
+                used = f"restarts used: {failures - 1} of max_failures {cluster.max_failures}"
+                raise WorkersFailed(f"{e} ({used})") from None
+            first = str(e).splitlines()[0][:300]
+            t0 = time.monotonic()
+            size = restart_size(cfg, cluster)
+            latest = find_latest(root)
+            step = 0
+            if latest is not None and (read_manifest(latest) or {}).get("run_id") == resume.run_id:
+                step = int((read_manifest(latest) or {}).get("step") or 0)
+                reshard_if_needed(latest, size.num_workers, deepspeed_plan(cfg, size.num_workers).layout)
+                resume = ResumePlan(resume.run_id, str(latest), step, resume.data_fingerprint, resume.engine_stage)
+            print(
+                f"restart {failures}/{cluster.max_failures}: {first}; going on with {size.num_workers} of "
+                f"{cluster.num_workers} workers from step {step} (placed in {time.monotonic() - t0:.0f}s)",
+                flush=True,
+            )
+
+
+def restart_size(cfg: Config, cluster: ClusterConfig) -> ClusterConfig:
+    """The full cluster if it can be placed within ``replacement_timeout_s``, else the most whole nodes
+    that can be at once, with at least ``min_workers`` workers and a count the global batch divides."""
+    if placeable(cluster, cluster.replacement_timeout_s):
+        return cluster
+    for nodes in range(cluster.num_nodes - 1, 0, -1):
+        smaller = cluster.with_nodes(nodes)
+        if smaller.num_workers < (cluster.min_workers or cluster.num_workers):
+            break
+        if cfg.fits_workers(smaller.num_workers) and placeable(smaller, 10.0):
+            return smaller
+    raise WorkersFailed(
+        f"no replacement within replacement_timeout_s = {cluster.replacement_timeout_s:g}s and fewer than "
+        f"min_workers = {cluster.min_workers} workers can be placed: {describe_nodes()}"
+    )
 
 
 def _fit_in_thread(trainer: Any, on_tick: Any = None) -> BaseException | None:
@@ -161,18 +243,33 @@ def _arrow(ds: Any) -> Any:
 def check_placement(cluster: ClusterConfig) -> None:
     """Reserve the workers' bundles once with a bounded wait, so an impossible plan fails with a reason
     instead of waiting forever; the reservation is released before Ray Train makes its own."""
+    if placeable(cluster, cluster.placement_timeout_s):
+        return
+    need = ", ".join(f"{k}={v:g}" for k, v in cluster.bundle().items())
+    raise DistsftError(
+        f"the cluster cannot place {cluster.num_workers} workers ({cluster.num_nodes} nodes x "
+        f"{cluster.workers_per_node}) of {{{need}}} each with strategy {cluster.placement_strategy} within "
+        f"{cluster.placement_timeout_s:g}s; {describe_nodes()}"
+    )
+
+
+def placeable(cluster: ClusterConfig, timeout_s: float) -> bool:
+    """Whether the cluster's workers can all be placed within ``timeout_s`` (the reservation is released)."""
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
-    bundle = cluster.bundle()
-    pg = placement_group([bundle] * cluster.num_workers, strategy=cluster.placement_strategy)
+    pg = placement_group([cluster.bundle()] * cluster.num_workers, strategy=cluster.placement_strategy)
     try:
-        if ray.get(pg.ready(), timeout=cluster.placement_timeout_s) is not None:
-            return
+        return ray.get(pg.ready(), timeout=timeout_s) is not None
     except ray.exceptions.GetTimeoutError:
-        pass
+        return False
     finally:
         remove_placement_group(pg)
+
+
+def describe_nodes() -> str:
+    import ray
+
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     have = "; ".join(
         f"node {n['NodeManagerAddress']}: "
@@ -183,12 +280,7 @@ def check_placement(cluster: ClusterConfig) -> None:
         )
         for n in nodes
     )
-    need = ", ".join(f"{k}={v:g}" for k, v in bundle.items())
-    raise DistsftError(
-        f"the cluster cannot place {cluster.num_workers} workers ({cluster.num_nodes} nodes x "
-        f"{cluster.workers_per_node}) of {{{need}}} each with strategy {cluster.placement_strategy} within "
-        f"{cluster.placement_timeout_s:g}s; it has {len(nodes)} node(s): {have}"
-    )
+    return f"it has {len(nodes)} node(s): {have}"
 
 
 def describe_failure(e: BaseException) -> str:

@@ -29,6 +29,7 @@ from distsft.config.cluster import ClusterConfig
 from distsft.config.schema import is_inline_template
 from distsft.data.prepare import PreparedData
 from distsft.data.sampler import total_steps
+from distsft.errors import ConfigError
 from distsft.host import write_atomic
 from distsft.launcher.prepare import choose_data_runner, prepare_data
 from distsft.launcher.ray_session import RaySession
@@ -73,10 +74,15 @@ def launch_local(cfg: Config, quiet: bool = False, verbose: bool = False) -> dic
 
 
 def launch_ray(cfg: Config, cluster: ClusterConfig, quiet: bool = False, verbose: bool = False) -> dict[str, Any]:
-    from distsft.launcher.ray_train import check_storage, run_workers
+    from distsft.launcher.ray_train import check_storage, run_elastic, run_workers
 
     cfg = absolute_paths(cfg)  # workers run in their own directories
     check_storage(cluster)
+    if cluster.elastic and cfg.train.global_batch_size is None:
+        raise ConfigError(
+            f"the cluster's min_workers = {cluster.min_workers} lets the run go on with fewer workers: set "
+            "train.global_batch_size (rows per step) so that the batch, and the run, stay the same"
+        )
     runner = choose_data_runner(cfg, cluster)
     out_dir = Path(cfg.output_dir)
     with driver_log(out_dir, verbose), RaySession(cluster, out_dir, verbose) as session:
@@ -92,12 +98,16 @@ def launch_ray(cfg: Config, cluster: ClusterConfig, quiet: bool = False, verbose
         try:
             with StopOnSignal() as stop:
                 try:
-                    ran = run_workers(cfg, cluster, session, data, root, resume, display, stop, runner)
+                    workers = cluster.num_workers
+                    if cluster.elastic:
+                        ran, workers = run_elastic(cfg, cluster, session, data, root, resume, display, stop, runner)
+                    else:
+                        ran = run_workers(cfg, cluster, session, data, root, resume, display, stop, runner)
                 finally:  # Ray down while our handlers still hold: its shutdown must not meet the default
                     session.close()
         finally:
             display.close()
-        summary: dict[str, Any] = {"steps": steps, "workers": cluster.num_workers, "start_step": resume.step, **ran}
+        summary: dict[str, Any] = {"steps": steps, "workers": workers, "start_step": resume.step, **ran}
         if "last" not in summary:
             rows = read_metrics(out)
             summary["last"] = rows[-1] if rows else {}
@@ -118,7 +128,22 @@ def decide_resume(cfg: Config, root: Location, world_size: int, data: PreparedDa
     if plan.checkpoint is not None:
         note = f" (allowed changes: {'; '.join(diffs)})" if diffs else ""
         print(f"resuming from {plan.checkpoint} (step {plan.step}){note}", flush=True)
+        reshard_if_needed(plan.checkpoint, world_size, deepspeed_plan(cfg, world_size).layout)
     return plan
+
+
+def reshard_if_needed(ckpt: Location, world_size: int, layout: int | str) -> None:
+    """A checkpoint of another worker count or layout is converted once here, where the whole checkpoint
+    is in reach, before any worker waits for it (``checkpoint/reshard.py``)."""
+    manifest = checkpoint.read_manifest(ckpt) or {}
+    if checkpoint.needs_reshard(manifest, world_size, layout):
+        t0 = time.monotonic()
+        checkpoint.make_portable(ckpt)
+        print(
+            f"resharding: the checkpoint was written by {manifest.get('world_size')} worker(s), this run has "
+            f"{world_size} [converted in {time.monotonic() - t0:.1f}s]",
+            flush=True,
+        )
 
 
 def _start(

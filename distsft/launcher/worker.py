@@ -73,6 +73,8 @@ def ray_worker_loop(config: dict[str, Any]) -> None:
         summary = train(cfg, train_rows, eval_rows, wctx)
         if rank == 0:  # what the run was (parameters, device, attention, loss): the driver's summary.json
             ray.get(sink.finish.remote(summary))
+    except DistsftError as e:  # says what to change: one line, no traceback
+        raise WorkerFailure(f"rank {rank} on node {node}: {e}") from None
     except Exception as e:
         raise WorkerFailure(f"rank {rank} on node {node} failed:\n{traceback.format_exc()}") from e
 

@@ -3,16 +3,21 @@ stop decision). DeepSpeed's own collectives are DeepSpeed's."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import random
 import socket
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from distsft.config.cluster import backend_for
+from distsft.errors import DistsftError
 
 
 def pick_device(local_rank: int) -> torch.device:
@@ -29,7 +34,8 @@ def seed_everything(seed: int) -> None:
 
 
 def init_distributed(device: torch.device) -> None:
-    """Join the process group: Ray Train has already made one on workers; ``--local`` makes a 1-rank group.
+    """Join the process group: the rendezvous the launcher's Ray backend announced (``join_group``), or, for
+    ``--local``, a 1-rank group.
 
     The local group is made with an explicit loopback address instead of ``MASTER_*`` environment
     variables, so nothing leaks into child processes (which would then fight over the same port).
@@ -42,11 +48,108 @@ def init_distributed(device: torch.device) -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     backend = backend_for(device.type == "cuda")
     if not torch.distributed.is_initialized():
-        os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed reads it; harmless to inherit
-        torch.distributed.init_process_group(
-            backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1
-        )
+        if RENDEZVOUS_ENV in os.environ:
+            join_group(Rendezvous.from_env())
+        else:
+            os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed reads it; harmless to inherit
+            torch.distributed.init_process_group(
+                backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1
+            )
     deepspeed.init_distributed(dist_backend=backend, verbose=False)
+
+
+RENDEZVOUS_ENV = "DISTSFT_RENDEZVOUS"
+IFNAME_VARS = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
+
+
+@dataclass(frozen=True)
+class Rendezvous:
+    """Where and how a worker joins its group: set by the launcher's Ray backend on every worker, before
+    the training function runs, so that joining is part of the worker's run (a failure there is a
+    worker failure, restarted like any other)."""
+
+    backend: str
+    rank: int
+    world_size: int
+    address: str
+    """Rank 0's node IP (its Ray address)."""
+    port: int
+    node_ip: str
+    """This worker's node IP: its interface is the one gloo and NCCL use."""
+    rendezvous_timeout_s: float
+    collective_timeout_s: float
+
+    def to_env(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_env(cls) -> Rendezvous:
+        return cls(**json.loads(os.environ[RENDEZVOUS_ENV]))
+
+
+def join_group(rv: Rendezvous) -> None:
+    """Form the process group with bounds: the interface of this node's IP for gloo and NCCL (unless the
+    cluster file's ``env`` names one), rank 0's address reached within ``rendezvous_timeout_s`` or one line
+    that says what to change, and every collective bounded by ``collective_timeout_s``."""
+    from datetime import timedelta
+
+    from distsft.host import interface_of
+
+    iface = interface_of(rv.node_ip)
+    for var in IFNAME_VARS:
+        if iface and not os.environ.get(var):
+            os.environ[var] = iface
+    named = os.environ.get(IFNAME_VARS[0]) or iface or "?"
+    fix = (
+        "check that the nodes reach each other on that address and port (firewall, security group), or name "
+        "the interface that does in the cluster file's env (GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME); the "
+        "cluster file's rendezvous_timeout_s bounds the wait"
+    )
+    if rv.rank != 0:
+        _wait_for(
+            rv.address,
+            rv.port,
+            rv.rendezvous_timeout_s,
+            f"rank 0's rendezvous at {rv.address}:{rv.port} is not reachable over interface {named} within "
+            f"{rv.rendezvous_timeout_s:g}s; {fix}",
+        )
+    try:
+        dist.init_process_group(
+            rv.backend,
+            init_method=f"tcp://{rv.address}:{rv.port}",
+            rank=rv.rank,
+            world_size=rv.world_size,
+            timeout=timedelta(seconds=rv.rendezvous_timeout_s),
+        )
+    except Exception as e:  # noqa: BLE001 - one line instead of gloo's or the store's traceback
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DistsftError(
+            f"the process group at {rv.address}:{rv.port} could not be formed over interface {named}: {first}; {fix}"
+        ) from None
+    # Joining is bounded by the rendezvous timeout; from here every collective by the collective one.
+    from torch.distributed.distributed_c10d import _set_pg_timeout
+
+    _set_pg_timeout(timedelta(seconds=rv.collective_timeout_s))
+    os.environ.setdefault("LOCAL_RANK", "0")
+
+
+def collective_timeout_s() -> float | None:
+    """This worker's collective timeout (a launch on Ray), or None (``--local``: nothing to wait for)."""
+    return Rendezvous.from_env().collective_timeout_s if RENDEZVOUS_ENV in os.environ else None
+
+
+def _wait_for(address: str, port: int, timeout_s: float, message: str) -> None:
+    """Until ``address:port`` accepts a TCP connection (rank 0 starts listening when it reaches the group),
+    or raise ``message`` once ``timeout_s`` has passed."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((address, port), timeout=min(5.0, timeout_s)):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise DistsftError(message) from None
+            time.sleep(0.5)
 
 
 def _free_port() -> int:

@@ -49,7 +49,7 @@ from distsft.model.loading import (
 from distsft.model.traits import ModelTraits, varlen
 from distsft.training import sequence_parallel
 from distsft.training.batches import Prefetcher, RowTable
-from distsft.training.distributed import agree, init_distributed, pick_device, seed_everything
+from distsft.training.distributed import agree, collective_timeout_s, init_distributed, pick_device, seed_everything
 from distsft.training.engine import (
     DeepSpeedPlan,
     Precision,
@@ -61,7 +61,15 @@ from distsft.training.engine import (
 from distsft.training.evaluate import evaluate
 from distsft.training.loss import LossChoice, choose_loss_kernel, head_fusable
 from distsft.training.profiling import StepProfiler, phase
-from distsft.training.step import PendingStep, StepClock, inject_fault, peak_memory_mb, read_pending, train_step
+from distsft.training.step import (
+    HangWatch,
+    PendingStep,
+    StepClock,
+    inject_fault,
+    peak_memory_mb,
+    read_pending,
+    train_step,
+)
 from distsft.training.tiling import tile_mlps
 
 
@@ -140,7 +148,11 @@ class Run:
 
         self.to_device = to_device
         resume_from = ctx.resume.for_worker(ctx.checkpoint_dir)
-        self.start_step = checkpoint.load(self.engine, resume_from, cfg.lora.r > 0) if resume_from else 0
+        self.start_step = 0
+        if resume_from is not None:
+            self.start_step = checkpoint.resume_engine(
+                self.engine, resume_from, cfg.lora.r > 0, ctx.world_size, ds.layout, ds.stage
+            )
         if resume_from is not None and ctx.rank == 0:
             print(f"resumed from {resume_from} at step {self.start_step}", flush=True)
         self.loss = choose_loss_kernel(
@@ -174,12 +186,20 @@ class Run:
 
     def run_steps(self) -> dict[str, Any]:
         """The optimizer steps from ``start_step``; returns the summary (``stopped_at`` on a stop request)."""
-        cfg, ctx, engine, plan, summary = self.cfg, self.ctx, self.engine, self.plan, self.summary
         clock = StepClock(self.device)
         pending: list[PendingStep] = []
         start = time.perf_counter()
+        watch = HangWatch(collective_timeout_s())
+        try:
+            return self._steps(clock, pending, start, watch)
+        finally:
+            watch.disarm()
+
+    def _steps(self, clock: StepClock, pending: list[PendingStep], start: float, watch: HangWatch) -> dict[str, Any]:
+        cfg, ctx, engine, plan, summary = self.cfg, self.ctx, self.engine, self.plan, self.summary
         for step in range(self.start_step, self.steps):
             done = step + 1
+            watch.arm()
             engine.train()
             self.profiler.step_begins(done)
             clock.mark("start")

@@ -28,19 +28,52 @@ def peak_memory_mb(device: torch.device) -> float:
 
 def inject_fault(rank: int, step: int) -> None:
     """Failure injection for tests: ``DISTSFT_FAIL_AT=RANK:STEP[:MARKER]`` makes that rank raise at that
-    step; with a marker file it fails only once (the marker is created), so a restarted run can finish."""
-    spec = os.environ.get("DISTSFT_FAIL_AT")
-    if not spec:
-        return
-    parts = spec.split(":", 2)
-    if parts[:2] != [str(rank), str(step)]:
-        return
-    if len(parts) == 3:
-        marker = Path(parts[2])
-        if marker.exists():
-            return
-        marker.touch()
-    raise RuntimeError(f"injected failure (DISTSFT_FAIL_AT={spec})")
+    step, ``DISTSFT_STALL_AT=...`` stops it there (SIGSTOP: alive, silent, in the middle of the group);
+    with a marker file either happens once (the marker is created), so a restarted run can finish. Several
+    specs are separated by commas."""
+    specs = [
+        (var, spec) for var in ("DISTSFT_FAIL_AT", "DISTSFT_STALL_AT") for spec in os.environ.get(var, "").split(",")
+    ]
+    for var, spec in specs:
+        if not spec:
+            continue
+        parts = spec.split(":", 2)
+        if parts[:2] != [str(rank), str(step)]:
+            continue
+        if len(parts) == 3:
+            marker = Path(parts[2])
+            if marker.exists():
+                continue
+            marker.touch()
+        if var == "DISTSFT_STALL_AT":
+            import signal
+
+            os.kill(os.getpid(), signal.SIGSTOP)
+            continue
+        raise RuntimeError(f"injected failure ({var}={spec})")
+
+
+class HangWatch:
+    """Every thread's Python stack into this rank's log when an optimizer step (with its save) runs longer
+    than the collective timeout allows: a rank waiting in a collective on a stopped peer then says where it
+    waits before the collective's own timeout ends it. faulthandler's watchdog is a C thread, so it writes
+    even while this one is blocked inside gloo or NCCL without the GIL."""
+
+    def __init__(self, timeout_s: float | None) -> None:
+        # Just before the collective times out: the stacks must land before the process is torn down.
+        self.after = None if timeout_s is None else max(1.0, timeout_s - min(5.0, timeout_s * 0.2))
+
+    def arm(self) -> None:
+        if self.after is not None:
+            import faulthandler
+
+            faulthandler.dump_traceback_later(self.after, repeat=False)
+
+    def disarm(self) -> None:
+        if self.after is not None:
+            import faulthandler
+
+            faulthandler.cancel_dump_traceback_later()
 
 
 class StepClock:

@@ -1,0 +1,148 @@
+"""Hosts as network namespaces on one machine: each with its own address on one switch (198.51.100.0/24,
+a bridge in a namespace of its own, one veth pair per host), its own Ray node and its own private
+directories (home, temp, cache), so that only what a test shares on purpose (``storage_path``) is shared.
+
+The host name resolves to loopback here as on most distributions, so anything that binds to "this host"
+instead of the node's address fails as it would on a real cluster. Needs root (CI runs as root); tests
+skip without it. Every namespace and process made here is removed by name and pid when the test ends.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+RAY = os.path.join(os.path.dirname(sys.executable), "ray")
+SUBNET = "198.51.100"
+PORT = 6379
+
+
+def can_make_hosts() -> bool:
+    return os.geteuid() == 0 and shutil.which("ip") is not None
+
+
+needs_root = pytest.mark.skipif(not can_make_hosts(), reason="network namespaces need root and iproute2")
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
+
+
+class Hosts:
+    """``n`` hosts ``h0..h{n-1}`` at 198.51.100.10, .11, ...; ``h0`` runs the Ray head."""
+
+    def __init__(self, n: int, root: Path) -> None:
+        self.tag = f"ds{uuid.uuid4().hex[:6]}"
+        self.n, self.root = n, root
+        self.token = secrets.token_hex(16)
+        self.made: list[str] = []
+        self.procs: list[subprocess.Popen] = []
+        switch = f"{self.tag}-sw"
+        self._netns(switch)
+        _ip("-n", switch, "link", "add", "br0", "type", "bridge")
+        _ip("-n", switch, "link", "set", "br0", "up")
+        for i in range(n):
+            ns = self.ns(i)
+            self._netns(ns)
+            host_end, switch_end = f"{self.tag}h{i}", f"{self.tag}s{i}"
+            _ip("link", "add", host_end, "type", "veth", "peer", "name", switch_end)
+            _ip("link", "set", host_end, "netns", ns)
+            _ip("link", "set", switch_end, "netns", switch)
+            _ip("-n", switch, "link", "set", switch_end, "master", "br0")
+            _ip("-n", switch, "link", "set", switch_end, "up")
+            _ip("-n", ns, "addr", "add", f"{self.ip(i)}/24", "dev", host_end)
+            _ip("-n", ns, "link", "set", host_end, "up")
+            _ip("-n", ns, "link", "set", "lo", "up")
+            for d in ("home", "tmp", "cache", "ray"):
+                (self.dir(i) / d).mkdir(parents=True, exist_ok=True)
+
+    def _netns(self, name: str) -> None:
+        _ip("netns", "add", name)
+        self.made.append(name)
+
+    def ns(self, i: int) -> str:
+        return f"{self.tag}-h{i}"
+
+    def ip(self, i: int) -> str:
+        return f"{SUBNET}.{10 + i}"
+
+    def dir(self, i: int) -> Path:
+        return self.root / f"h{i}"
+
+    @property
+    def address(self) -> str:
+        return f"{self.ip(0)}:{PORT}"
+
+    def env(self, i: int, **extra: str) -> dict[str, str]:
+        """The host's environment: its own home, temp and cache; the cluster's token."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "DISTSFT_"))}
+        env.update(
+            HOME=str(self.dir(i) / "home"),
+            TMPDIR=str(self.dir(i) / "tmp"),
+            DISTSFT_CACHE=str(self.dir(i) / "cache"),
+            RAY_AUTH_MODE="token",
+            RAY_AUTH_TOKEN=self.token,
+            # a lost node is noticed in seconds, not Ray's default half minute
+            RAY_health_check_period_ms="1000",
+            RAY_health_check_timeout_ms="1000",
+            RAY_health_check_failure_threshold="3",
+        )
+        env.update(extra)
+        return env
+
+    def run(self, i: int, cmd: list[str], **kw) -> subprocess.CompletedProcess:
+        return subprocess.run(["ip", "netns", "exec", self.ns(i), *cmd], **kw)
+
+    def popen(self, i: int, cmd: list[str], **kw) -> subprocess.Popen:
+        p = subprocess.Popen(["ip", "netns", "exec", self.ns(i), *cmd], start_new_session=True, **kw)
+        self.procs.append(p)
+        return p
+
+    def start_ray(self, i: int, cpus: int = 1) -> None:
+        """``ray start`` on host ``i``: the head on h0, a node joining it elsewhere."""
+        head = ["--head", f"--port={PORT}", "--dashboard-host=127.0.0.1"]
+        where = head if i == 0 else [f"--address={self.address}"]
+        cmd = [RAY, "start", *where, f"--node-ip-address={self.ip(i)}", f"--num-cpus={cpus}",
+               f"--temp-dir={self.dir(i) / 'ray'}", "--object-store-memory=300000000",
+               "--disable-usage-stats"]  # fmt: skip
+        run = self.run(i, cmd, env=self.env(i), capture_output=True, text=True, timeout=180)
+        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+
+    def pids(self, i: int) -> list[int]:
+        out = subprocess.run(["ip", "netns", "pids", self.ns(i)], capture_output=True, text=True, timeout=30)
+        return [int(p) for p in out.stdout.split()]
+
+    def kill(self, i: int) -> float:
+        """SIGKILL every process of host ``i`` (its raylet and workers included): the host is gone."""
+        for _ in range(5):
+            pids = self.pids(i)
+            if not pids:
+                break
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.2)
+        return time.monotonic()
+
+    def close(self) -> None:
+        for i in range(self.n):
+            self.kill(i)
+        for p in self.procs:
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        for name in reversed(self.made):
+            subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
