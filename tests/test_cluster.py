@@ -135,3 +135,33 @@ def test_a_worker_failure_reaches_the_console_without_terminal_colours():
         "ray::execute._setup_torch_process_group()"
     )
     assert "\x1b" not in describe_failure(RuntimeError("\x1b[31mboom\x1b[0m"))
+
+
+def test_elastic_keys_are_checked_and_the_global_batch_picks_the_worker_counts(tmp_path):
+    from distsft.config import load_config
+
+    with pytest.raises(ConfigError, match="min_workers = 5 is more than the 4 workers"):
+        load_cluster(write(tmp_path, "num_nodes: 2\nworkers_per_node: 2\nmin_workers: 5\n"))
+    elastic = load_cluster(write(tmp_path, "num_nodes: 4\nworkers_per_node: 2\nmin_workers: 2\n"))
+    assert elastic.elastic and elastic.with_nodes(3).num_workers == 6
+    cfg = load_config(None, ["train.global_batch_size=8", "train.micro_batch_size=2"])
+    assert [cfg.batch_plan(w).grad_accum_steps for w in (1, 2, 4)] == [4, 2, 1]
+    assert [w for w in range(1, 9) if cfg.fits_workers(w)] == [1, 2, 4]
+    with pytest.raises(ConfigError, match=r"global_batch_size = 8 is not a multiple of .* 3 data-parallel"):
+        cfg.batch_plan(3)
+    with pytest.raises(ConfigError, match="train.grad_accum_steps.*derived from train.global_batch_size"):
+        load_config(None, ["train.global_batch_size=8", "train.grad_accum_steps=2"])
+
+
+def test_a_restart_line_names_who_failed_and_the_exception():
+    from distsft.host import interface_of
+    from distsft.launcher.ray_train import summary_line
+
+    failure = (
+        "training failed on 1 worker(s); first: rank 0 on node 10.0.0.2 failed:\nTraceback:\n  ...\nRuntimeError: x"
+    )
+    assert (
+        summary_line(failure)
+        == "training failed on 1 worker(s); first: rank 0 on node 10.0.0.2 failed: RuntimeError: x"
+    )
+    assert interface_of("127.0.0.1") == "lo" and interface_of("203.0.113.77") is None

@@ -196,6 +196,9 @@ def test_hosts_killed_mid_run_one_replaced_one_not_every_step_once_and_the_unint
     assert "with 2 of 2 workers from step 2" in restarts[0]
     assert "with 1 of 2 workers from step 4" in restarts[1]
     assert "resharding" in run.stdout
+    # the console says what happened in lines of ours: no Ray notices, converter chatter or colour codes
+    assert "(raylet)" not in run.stdout + run.stderr and "\x1b[" not in run.stdout + run.stderr
+    assert "Universal" not in run.stdout + run.stderr
     assert loss < 1e-5 and weights < 1e-5
 
 

@@ -1,5 +1,6 @@
-"""A cluster as Ray runs them today: two nodes started with `ray start` (two raylets on this machine),
-token authentication on, a launch on it; a wrong token; and a launch without --cluster beside it."""
+"""A cluster started with `ray start` (two raylets on this machine), token authentication on: a wrong
+token, and a launch without --cluster beside it. A launch across hosts with their own addresses:
+tests/test_multihost.py."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import time
 import pytest
 import yaml
 from conftest import REPO
-from raytest import SMALL, metrics
+from raytest import SMALL
 
 pytestmark = pytest.mark.slow
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
@@ -61,20 +62,6 @@ def launch(out, *extra: str) -> list[str]:
     sets = [f"output_dir={out}", f"data.path={SMALL}", "data.max_seq_len=256", "data.eval_fraction=0",
             "train.max_steps=2", "train.micro_batch_size=1", "logging.plot=false"]  # fmt: skip
     return [sys.executable, "-m", "distsft", "launch", *extra] + [a for s in sets for a in ("--set", s)]
-
-
-def test_a_launch_on_a_two_node_ray_start_cluster_with_token_auth(two_nodes, tmp_path):
-    address, env = two_nodes
-    out = tmp_path / "run"
-    run = subprocess.run(
-        launch(out, "--cluster", cluster_file(tmp_path, address)), cwd=REPO, env=env, capture_output=True,
-        text=True, timeout=600,
-    )  # fmt: skip
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
-    placed = json.loads((out / "workers.json").read_text())
-    assert len({w["node_id"] for w in placed.values()}) == 2  # one rank on each node
-    assert [r["step"] for r in metrics(out)] == [1, 2]
-    assert (out / "final" / "model.safetensors").is_file()
 
 
 def test_a_wrong_token_is_one_line_that_says_what_to_set(two_nodes, tmp_path):

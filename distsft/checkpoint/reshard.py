@@ -16,6 +16,8 @@ leaves no half tree that counts. Later resumes of the same checkpoint reuse it.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import shutil
 import uuid
@@ -104,7 +106,8 @@ def _convert(ds_dir: Path, out: Path) -> None:
             input_folder=str(ds_dir), output_folder=str(out), num_extract_workers=1, num_merge_workers=1,
             keep_temp_folder=False, strict=True, inject_missing_state=True,
         )  # fmt: skip
-        ds_to_universal.main(args)
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            ds_to_universal.main(args)  # its progress prints and bars are not the console's business
         return
     # One worker without ZeRO: the module's weights and torch's AdamW state, whole, in one file.
     (states,) = ds_dir.glob("mp_rank_*_model_states.pt")

@@ -151,7 +151,7 @@ def run_elastic(
             if stop.is_set() or (cluster.max_failures != -1 and failures > cluster.max_failures):
                 used = f"restarts used: {failures - 1} of max_failures {cluster.max_failures}"
                 raise WorkersFailed(f"{e} ({used})") from None
-            first = str(e).splitlines()[0][:300]
+            first = summary_line(str(e))
             t0 = time.monotonic()
             size = restart_size(cfg, cluster)
             latest = find_latest(root)
@@ -165,6 +165,15 @@ def run_elastic(
                 f"{cluster.num_workers} workers from step {step} (placed in {time.monotonic() - t0:.0f}s)",
                 flush=True,
             )
+
+
+def summary_line(message: str) -> str:
+    """A failure in one line: who failed, and the exception that ended it (a traceback's last line)."""
+    lines = [x.strip() for x in message.splitlines() if x.strip()]
+    if not lines:
+        return "unknown failure"
+    head, last = lines[0].rstrip(":"), lines[-1]
+    return (head if last == lines[0] else f"{head}: {last}")[:300]
 
 
 def restart_size(cfg: Config, cluster: ClusterConfig) -> ClusterConfig:

@@ -214,9 +214,10 @@ def describe_cluster(cluster: ClusterConfig) -> str:
     r = cluster.resources_per_worker
     gpus = f", {r.gpus:g} GPU" if r.gpus else ""
     env = f"; env for workers: {', '.join(sorted(cluster.env))} (values not shown)" if cluster.env else ""
+    elastic = f", elastic down to {cluster.min_workers}" if cluster.elastic else ""
     return (
-        f"{where}; {cluster.num_workers} workers ({cluster.num_nodes} node(s) x {cluster.workers_per_node}), "
-        f"{r.cpus:g} CPU{gpus} each, placement {cluster.placement_strategy}{env}"
+        f"{where}; {cluster.num_workers} workers ({cluster.num_nodes} node(s) x {cluster.workers_per_node}"
+        f"{elastic}), {r.cpus:g} CPU{gpus} each, placement {cluster.placement_strategy}{env}"
     )
 
 

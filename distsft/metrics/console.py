@@ -17,6 +17,8 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
+from distsft.host import strip_ansi
+
 
 def quiet_libraries(verbose: bool = False) -> None:
     """Before the libraries are imported where possible: their chatter off the console."""
@@ -43,10 +45,18 @@ def quiet_libraries(verbose: bool = False) -> None:
 class _Tee(io.TextIOBase):
     """Writes to the console stream and, line by line, to the log file (progress-bar redraws excepted)."""
 
-    def __init__(self, stream, log) -> None:
-        self.stream, self.log = stream, log
+    def __init__(self, stream, log, quiet: bool = False) -> None:
+        self.stream, self.log, self.quiet = stream, log, quiet
+        self._held = False
 
     def write(self, text: str) -> int:
+        # Ray's notices from the raylet (a node marked dead, ...) go to the log only unless --verbose: the
+        # console says what the run does about them, in one line of ours (``restart 1/2: ...``).
+        if self.quiet and (RAY_NOTICE in text or (self._held and text == "\n")):
+            self._held = text != "\n"
+            self.log.write(strip_ansi(text))
+            return len(text)
+        self._held = False
         self.stream.write(text)
         if "\r" not in text:
             self.log.write(text)
@@ -63,6 +73,7 @@ class _Tee(io.TextIOBase):
         return self.stream.fileno()
 
 
+RAY_NOTICE = "(raylet)"
 LIBRARIES = ("DeepSpeed", "ray", "transformers", "datasets", "huggingface_hub", "bitsandbytes", "torch", "py.warnings")
 
 
@@ -78,7 +89,7 @@ def driver_log(output_dir: Path, verbose: bool = False) -> Iterator[Path]:
         return
     with open(path, "a", encoding="utf-8") as log:
         old = sys.stdout, sys.stderr
-        sys.stdout, sys.stderr = _Tee(old[0], log), _Tee(old[1], log)
+        sys.stdout, sys.stderr = _Tee(old[0], log, not verbose), _Tee(old[1], log, not verbose)
         to_file = logging.StreamHandler(log)
         to_file.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         saved = {}

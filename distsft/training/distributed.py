@@ -126,10 +126,15 @@ def join_group(rv: Rendezvous) -> None:
         raise DistsftError(
             f"the process group at {rv.address}:{rv.port} could not be formed over interface {named}: {first}; {fix}"
         ) from None
-    # Joining is bounded by the rendezvous timeout; from here every collective by the collective one.
-    from torch.distributed.distributed_c10d import _set_pg_timeout
+    # Joining is bounded by the rendezvous timeout; from here every collective by the collective one: the
+    # world group's, and that of every group made later (DeepSpeed clones the world group for ZeRO, and
+    # new_group() takes torch's module default of 30 minutes, not the world group's timeout).
+    from torch.distributed import distributed_c10d as c10d
 
-    _set_pg_timeout(timedelta(seconds=rv.collective_timeout_s))
+    bound = timedelta(seconds=rv.collective_timeout_s)
+    c10d._set_pg_timeout(bound)
+    c10d.default_pg_timeout = bound
+    c10d.default_pg_nccl_timeout = bound
     os.environ.setdefault("LOCAL_RANK", "0")
 
 
