@@ -96,7 +96,10 @@ def test_kill_9_during_a_save_falls_back_to_the_previous_checkpoint(tmp_path):
 def test_kill_9_of_the_ray_launcher_leaves_nothing_behind_and_the_rerun_matches(tmp_path):
     clean, killed = tmp_path / "clean", tmp_path / "killed"
     before = ray_processes()
-    run = subprocess.run(launch_cmd(clean, local=False), cwd=REPO, capture_output=True, text=True, timeout=600)
+    # the uninterrupted run in one process: the same 2 rows per step as 2 Ray workers x 1
+    run = subprocess.run(
+        launch_cmd(clean, "train.grad_accum_steps=2"), cwd=REPO, capture_output=True, text=True, timeout=600
+    )
     assert run.returncode == 0, run.stderr[-3000:]
 
     proc = subprocess.Popen(

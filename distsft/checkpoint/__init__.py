@@ -4,7 +4,7 @@ decision (``resume``), and consolidation into a Hugging Face directory (``export
 Imports ``config``, ``host`` and ``model.lora`` (export writes adapters); never the launcher or Ray.
 """
 
-from distsft.checkpoint.reshard import make_portable, needs_reshard, resume_engine
+from distsft.checkpoint.reshard import convert_for, make_portable, needs_reshard, resume_engine
 from distsft.checkpoint.resume import CONTINUATION_KEYS, ResumePlan, check_continuation, decide_resume
 from distsft.checkpoint.store import (
     MANIFEST,
@@ -19,7 +19,8 @@ from distsft.checkpoint.store import (
 )
 
 __all__ = [
-    "CONTINUATION_KEYS", "MANIFEST", "Location", "ResumePlan", "check_continuation", "decide_resume", "fetch",
+    "CONTINUATION_KEYS", "MANIFEST", "Location", "ResumePlan", "check_continuation", "convert_for", "decide_resume",
+    "fetch",
     "find_latest", "load", "make_portable", "needs_reshard", "read_manifest", "resolve", "resume_engine", "save",
     "step_dir",
 ]  # fmt: skip

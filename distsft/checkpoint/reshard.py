@@ -90,6 +90,23 @@ def make_portable(ckpt: Location) -> Location:
     return target
 
 
+def convert_for(ckpt: Location, world_size: int, layout: int | str) -> str | None:
+    """Convert ``ckpt`` where this many workers under this layout cannot load its shards as they are; run
+    on the driver, where the whole checkpoint is in reach, before any worker waits for it. Returns the line
+    to show, or None when nothing was needed."""
+    import time
+
+    manifest = read_manifest(ckpt) or {}
+    if not needs_reshard(manifest, world_size, layout):
+        return None
+    t0 = time.monotonic()
+    make_portable(ckpt)
+    return (
+        f"resharding: the checkpoint was written by {manifest.get('world_size')} worker(s), this run has "
+        f"{world_size} [converted in {time.monotonic() - t0:.1f}s]"
+    )
+
+
 def _convert(ds_dir: Path, out: Path) -> None:
     """DeepSpeed's files of one checkpoint -> ``out/zero/<name>/{fp32,exp_avg,exp_avg_sq}.pt``. The shards
     are DeepSpeed's pickles (``weights_only=False`` inside its converter, as in ``store.load``), read only

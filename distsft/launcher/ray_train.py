@@ -134,8 +134,7 @@ def run_elastic(
     summary and the workers of the last group."""
     import os
 
-    from distsft.checkpoint import find_latest, read_manifest
-    from distsft.launcher.run import reshard_if_needed
+    from distsft.checkpoint import convert_for, find_latest, read_manifest
     from distsft.training.engine import deepspeed_plan
 
     # A group that cannot be placed in this time fails back to us (Ray Train retries it forever otherwise).
@@ -155,16 +154,20 @@ def run_elastic(
             t0 = time.monotonic()
             size = restart_size(cfg, cluster)
             latest = find_latest(root)
-            step = 0
-            if latest is not None and (read_manifest(latest) or {}).get("run_id") == resume.run_id:
-                step = int((read_manifest(latest) or {}).get("step") or 0)
-                reshard_if_needed(latest, size.num_workers, deepspeed_plan(cfg, size.num_workers).layout)
+            manifest = read_manifest(latest) if latest is not None else None
+            if manifest and manifest.get("run_id") == resume.run_id:  # this launch's own latest checkpoint
+                step = int(manifest.get("step") or 0)
                 resume = ResumePlan(resume.run_id, str(latest), step, resume.data_fingerprint, resume.engine_stage)
+            budget = "unlimited" if cluster.max_failures == -1 else cluster.max_failures
             print(
-                f"restart {failures}/{cluster.max_failures}: {first}; going on with {size.num_workers} of "
-                f"{cluster.num_workers} workers from step {step} (placed in {time.monotonic() - t0:.0f}s)",
+                f"restart {failures}/{budget}: {first}; going on with {size.num_workers} of "
+                f"{cluster.num_workers} workers from step {resume.step} (placed in {time.monotonic() - t0:.0f}s)",
                 flush=True,
             )
+            if resume.checkpoint is not None:  # this launch's, or the one it started from
+                said = convert_for(resume.checkpoint, size.num_workers, deepspeed_plan(cfg, size.num_workers).layout)
+                if said:
+                    print(said, flush=True)
 
 
 def summary_line(message: str) -> str:

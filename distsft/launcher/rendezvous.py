@@ -50,6 +50,21 @@ class _AnnouncingBackend(_TorchBackend):
             }
             worker_group.execute_single(rank, _announce, fields)
 
+    def on_shutdown(self, worker_group: Any, backend_config: RendezvousConfig) -> None:
+        """Leave the group, waiting a few seconds at most: after a failure a stopped or hung rank never
+        answers, and Ray's own wait (30s) would only delay the restart; the workers are killed next."""
+        import ray
+        from ray.train.torch.config import _shutdown_torch
+
+        futures = worker_group.execute_async(_shutdown_torch, destroy_process_group=len(worker_group) > 1)
+        try:
+            ray.get(futures, timeout=SHUTDOWN_TIMEOUT_S)
+        except ray.exceptions.RayError:  # a timeout, or a worker already gone with its node
+            pass
+
+
+SHUTDOWN_TIMEOUT_S = 5.0
+
 
 def _announce(fields: dict[str, Any]) -> None:
     import os

@@ -128,22 +128,10 @@ def decide_resume(cfg: Config, root: Location, world_size: int, data: PreparedDa
     if plan.checkpoint is not None:
         note = f" (allowed changes: {'; '.join(diffs)})" if diffs else ""
         print(f"resuming from {plan.checkpoint} (step {plan.step}){note}", flush=True)
-        reshard_if_needed(plan.checkpoint, world_size, deepspeed_plan(cfg, world_size).layout)
+        said = checkpoint.convert_for(plan.checkpoint, world_size, deepspeed_plan(cfg, world_size).layout)
+        if said:
+            print(said, flush=True)
     return plan
-
-
-def reshard_if_needed(ckpt: Location, world_size: int, layout: int | str) -> None:
-    """A checkpoint of another worker count or layout is converted once here, where the whole checkpoint
-    is in reach, before any worker waits for it (``checkpoint/reshard.py``)."""
-    manifest = checkpoint.read_manifest(ckpt) or {}
-    if checkpoint.needs_reshard(manifest, world_size, layout):
-        t0 = time.monotonic()
-        checkpoint.make_portable(ckpt)
-        print(
-            f"resharding: the checkpoint was written by {manifest.get('world_size')} worker(s), this run has "
-            f"{world_size} [converted in {time.monotonic() - t0:.1f}s]",
-            flush=True,
-        )
 
 
 def _start(
