@@ -8,6 +8,7 @@ demo: setup
 	.venv/bin/distsft launch
 
 test: setup
+	@scripts/test-hosts.sh
 	.venv/bin/ruff check --no-cache distsft tests benchmarks scripts
 	.venv/bin/ruff format --no-cache --check distsft tests benchmarks scripts
 	.venv/bin/python -m pytest -q -W ignore::FutureWarning -W ignore::DeprecationWarning --durations=25

@@ -35,6 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the resolved plan and exit; needs no cluster")
     p.add_argument("--verbose", action="store_true", help="show every library's and worker's output live")
 
+    p = sub.add_parser("doctor", help="check a cluster before a run: Ray, nodes, versions, storage, network, disk")
+    _add_config_args(p)
+    p.add_argument("--cluster", help="cluster file to check (default: a local Ray instance)")
+
     p = sub.add_parser("prepare", help="prepare (or reuse the cached) training data and print its statistics")
     _add_config_args(p)
     p.add_argument(
@@ -98,6 +102,22 @@ def cmd_launch(args: argparse.Namespace) -> int:
     else:
         launch_ray(cfg, cluster, verbose=args.verbose)
     return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """Exit 0 only when every check passes; each check's line is printed as soon as it is known."""
+    import time
+
+    from distsft.config import load_config
+    from distsft.config.cluster import load_cluster
+    from distsft.launcher.doctor import examine, report
+
+    t0 = time.perf_counter()
+    cfg = load_config(args.config, args.overrides)
+    cluster = load_cluster(args.cluster)
+    found = examine(cluster, cfg, say=lambda f: print(f.line(), flush=True))
+    print(report(found, time.perf_counter() - t0))
+    return 0 if all(f.ok for f in found) else 1
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
@@ -203,6 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {
         "launch": cmd_launch,
+        "doctor": cmd_doctor,
         "prepare": cmd_prepare,
         "eval": cmd_eval,
         "export": cmd_export,

@@ -55,3 +55,16 @@ def ray_instance():
 
 def python_exe() -> str:
     return sys.executable
+
+
+@pytest.fixture(scope="session")
+def host_reference(tmp_path_factory):
+    """The multi-host tests' config (``hosts.SETS``) in one process: one worker, accumulation 4."""
+    from hosts import SETS
+
+    from distsft.config import load_config
+    from distsft.launcher.run import launch_local
+
+    out = tmp_path_factory.mktemp("one-process")
+    launch_local(load_config(None, [f"output_dir={out}", *SETS]), quiet=True)
+    return out

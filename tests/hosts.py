@@ -20,10 +20,17 @@ import uuid
 from pathlib import Path
 
 import pytest
+import yaml
+from raytest import SMALL, final_weights, metrics
 
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
 SUBNET = "198.51.100"
 PORT = 6379
+
+SETS = [f"data.path={SMALL}", "data.max_seq_len=256", "data.eval_fraction=0", "train.max_steps=6",
+        "train.micro_batch_size=1", "train.global_batch_size=4", "train.lr=1e-4", "train.warmup_steps=0",
+        "train.zero_stage=2", "checkpoint.every_steps=2", "logging.plot=false",
+        "logging.tensorboard=false"]  # fmt: skip
 
 
 def can_make_hosts() -> bool:
@@ -46,11 +53,22 @@ class Hosts:
         self.token = secrets.token_hex(16)
         self.made: list[str] = []
         self.procs: list[subprocess.Popen] = []
+        # A directory at the same path on every host but private to each (``ip netns exec`` binds
+        # /etc/netns/NS/* over /etc/*): a storage path that is not shared.
+        self.private = Path("/etc") / f"{self.tag}-private"
+        try:
+            self._make()
+        except BaseException:
+            self.close()
+            raise
+
+    def _make(self) -> None:
+        self.private.mkdir()
         switch = f"{self.tag}-sw"
         self._netns(switch)
         _ip("-n", switch, "link", "add", "br0", "type", "bridge")
         _ip("-n", switch, "link", "set", "br0", "up")
-        for i in range(n):
+        for i in range(self.n):
             ns = self.ns(i)
             self._netns(ns)
             host_end, switch_end = f"{self.tag}h{i}", f"{self.tag}s{i}"
@@ -62,6 +80,7 @@ class Hosts:
             _ip("-n", ns, "addr", "add", f"{self.ip(i)}/24", "dev", host_end)
             _ip("-n", ns, "link", "set", host_end, "up")
             _ip("-n", ns, "link", "set", "lo", "up")
+            (Path("/etc/netns") / ns / self.private.name).mkdir(parents=True)
             for d in ("home", "tmp", "cache", "ray"):
                 (self.dir(i) / d).mkdir(parents=True, exist_ok=True)
 
@@ -107,14 +126,14 @@ class Hosts:
         self.procs.append(p)
         return p
 
-    def start_ray(self, i: int, cpus: int = 1) -> None:
+    def start_ray(self, i: int, cpus: int = 1, **env: str) -> None:
         """``ray start`` on host ``i``: the head on h0, a node joining it elsewhere."""
         head = ["--head", f"--port={PORT}", "--dashboard-host=127.0.0.1"]
         where = head if i == 0 else [f"--address={self.address}"]
         cmd = [RAY, "start", *where, f"--node-ip-address={self.ip(i)}", f"--num-cpus={cpus}",
                f"--temp-dir={self.dir(i) / 'ray'}", "--object-store-memory=300000000",
                "--disable-usage-stats"]  # fmt: skip
-        run = self.run(i, cmd, env=self.env(i), capture_output=True, text=True, timeout=180)
+        run = self.run(i, cmd, env=self.env(i, **env), capture_output=True, text=True, timeout=180)
         assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
 
     def pids(self, i: int) -> list[int]:
@@ -146,3 +165,33 @@ class Hosts:
                     pass
         for name in reversed(self.made):
             subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
+            shutil.rmtree(Path("/etc/netns") / name, ignore_errors=True)
+        shutil.rmtree(self.private, ignore_errors=True)
+
+
+def cluster_file(tmp_path: Path, hosts: Hosts, **extra) -> str:
+    spec = {
+        "address": hosts.address,
+        "num_nodes": 2,
+        "workers_per_node": 1,
+        "resources_per_worker": {"cpus": 1},
+        "placement_strategy": "STRICT_SPREAD",
+        "storage_path": str(tmp_path / "shared"),
+        "placement_timeout_s": 60,
+        "max_failures": 1,
+        **extra,
+    }
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return str(path)
+
+
+def differences(a: Path, b: Path) -> tuple[float, float]:
+    """Largest relative loss difference per step, and largest absolute final-weight difference."""
+    ma, mb = metrics(a), metrics(b)
+    assert [r["step"] for r in ma] == [r["step"] for r in mb] == [1, 2, 3, 4, 5, 6]
+    assert [r["tokens"] for r in ma] == [r["tokens"] for r in mb]
+    loss = max(abs(x["loss"] - y["loss"]) / abs(x["loss"]) for x, y in zip(ma, mb, strict=True))
+    wa, wb = final_weights(a), final_weights(b)
+    assert wa.keys() == wb.keys()
+    return loss, max((wa[k] - wb[k]).abs().max().item() for k in wa)

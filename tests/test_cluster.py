@@ -165,3 +165,47 @@ def test_a_restart_line_names_who_failed_and_the_exception():
         == "training failed on 1 worker(s); first: rank 0 on node 10.0.0.2 failed: RuntimeError: x"
     )
     assert interface_of("127.0.0.1") == "lo" and interface_of("203.0.113.77") is None
+
+
+def _node(ip: str, cpus: float, gpus: float = 0) -> dict:
+    return {"NodeManagerAddress": ip, "Resources": {"CPU": cpus, "GPU": gpus, "memory": 8 * 1024**3}}
+
+
+def test_doctor_counts_workers_by_placement_strategy_and_elastic_minimum():
+    from distsft.config.cluster import ClusterConfig, WorkerResources
+    from distsft.launcher.doctor import nodes_finding
+
+    nodes = [_node("10.0.0.1", 4), _node("10.0.0.2", 1)]
+    spread = ClusterConfig(num_nodes=3, workers_per_node=1, placement_strategy="STRICT_SPREAD")
+    assert not nodes_finding(spread, nodes).ok and "only 2 fit" in nodes_finding(spread, nodes).text
+    assert nodes_finding(ClusterConfig(num_nodes=1, workers_per_node=5, placement_strategy="PACK"), nodes).ok
+    assert not nodes_finding(ClusterConfig(num_nodes=1, workers_per_node=5, placement_strategy="STRICT_PACK"), nodes).ok
+    assert nodes_finding(ClusterConfig(num_nodes=3, workers_per_node=1, placement_strategy="STRICT_SPREAD",
+                                       min_workers=2), nodes).ok  # fmt: skip
+    gpus = ClusterConfig(num_nodes=2, workers_per_node=1, resources_per_worker=WorkerResources(gpus=1))
+    finding = nodes_finding(gpus, nodes)
+    assert not finding.ok and "only 0 fit" in finding.text and "GPU 1" in finding.text
+
+
+def test_doctor_versions_name_the_node_and_the_package_that_differ():
+    from distsft.launcher import probe
+    from distsft.launcher.doctor import versions_finding
+
+    mine = probe.versions()
+    assert versions_finding({"10.0.0.1": {"versions": mine}, "10.0.0.2": mine}).ok
+    other = {**mine, "transformers": "4.0.0"}
+    finding = versions_finding({"10.0.0.1": {"versions": mine}, "10.0.0.2": {"versions": other}})
+    assert not finding.ok and finding.text.startswith(f"transformers 4.0.0 on 10.0.0.2 but {mine['transformers']}")
+    assert not versions_finding({"10.0.0.3": TimeoutError("no answer within 120s")}).ok
+
+
+def test_checkpoint_size_counts_weights_in_their_dtype_and_adam_state_for_what_trains():
+    from distsft.config import load_config
+    from distsft.launcher.dry_run import ModelSize, checkpoint_bytes
+
+    sizes = ModelSize(total=1000, largest=100, family="", trainable=1000, quantizable=0)
+    one, most = checkpoint_bytes(load_config(None, ["model.dtype=bfloat16", "checkpoint.keep_last=2"]), sizes, True)
+    assert one == 1000 * 2 + 1000 * 12 and most == 3 * one
+    lora = sizes._replace(trainable=10)
+    one, _ = checkpoint_bytes(load_config(None, ["model.dtype=float32", "lora.r=8"]), lora, False)
+    assert one == 10 * 4 + 10 * 12  # only the adapters are saved

@@ -1,34 +1,25 @@
 """Many hosts for real: Ray nodes in network namespaces, each with its own address (``tests/hosts.py``),
-token authentication on, checkpoints on a directory they share. Against one process's run of the same
-config: two hosts; a host whose interface is named wrong; a rank that stops mid-collective; and hosts
-killed mid-run, one replaced and one not (the run shrinks to one worker, resharded).
+token authentication on, checkpoints on a directory they share. ``distsft doctor`` on healthy hosts and
+on broken ones (no token; another version, an unshared storage path and an unreachable interface); a
+host whose interface is named wrong; then against one process's run of the same config: a rank that
+stops mid-collective; and hosts killed mid-run, one replaced and one not (the run shrinks to one worker,
+resharded). Two hosts against one process, with a stop and a resume, is ``test_slurm.py``.
 
-The tests share one set of hosts and run in file order: the kill test ends with one host left.
-"""
+The tests share one set of hosts and run in file order: the kill test ends with one host left."""
 
 from __future__ import annotations
 
-import json
 import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
-import yaml
 from conftest import REPO
-from hosts import Hosts, needs_root
-from raytest import SMALL, final_weights, metrics
-
-from distsft.config import load_config
-from distsft.launcher.run import launch_local
+from hosts import RAY, SETS, Hosts, cluster_file, differences, needs_root
+from raytest import metrics
 
 pytestmark = [pytest.mark.slow, needs_root]
-
-SETS = [f"data.path={SMALL}", "data.max_seq_len=256", "data.eval_fraction=0", "train.max_steps=6",
-        "train.micro_batch_size=1", "train.global_batch_size=4", "train.lr=1e-4", "train.warmup_steps=0",
-        "train.zero_stage=2", "checkpoint.every_steps=2", "logging.plot=false",
-        "logging.tensorboard=false"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -42,61 +33,69 @@ def hosts(tmp_path_factory):
         h.close()
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """The same config in one process (one worker, accumulation 4)."""
-    out = tmp_path_factory.mktemp("one-process")
-    launch_local(load_config(None, [f"output_dir={out}", *SETS]), quiet=True)
-    return out
-
-
-def cluster_file(tmp_path: Path, hosts: Hosts, **extra) -> str:
-    spec = {
-        "address": hosts.address,
-        "num_nodes": 2,
-        "workers_per_node": 1,
-        "resources_per_worker": {"cpus": 1},
-        "placement_strategy": "STRICT_SPREAD",
-        "storage_path": str(tmp_path / "shared"),
-        "placement_timeout_s": 60,
-        "max_failures": 1,
-        **extra,
-    }
-    path = tmp_path / "cluster.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return str(path)
-
-
 def launch(hosts: Hosts, out: Path, cluster: str, timeout: float = 600):
     cmd = [sys.executable, "-m", "distsft", "launch", "--cluster", cluster, "--set", f"output_dir={out}"]
     cmd += [a for s in SETS for a in ("--set", s)]
     return hosts.run(0, cmd, cwd=REPO, env=hosts.env(0), capture_output=True, text=True, timeout=timeout)
 
 
-def differences(a: Path, b: Path) -> tuple[float, float]:
-    """Largest relative loss difference per step, and largest absolute final-weight difference."""
-    ma, mb = metrics(a), metrics(b)
-    assert [r["step"] for r in ma] == [r["step"] for r in mb] == [1, 2, 3, 4, 5, 6]
-    assert [r["tokens"] for r in ma] == [r["tokens"] for r in mb]
-    loss = max(abs(x["loss"] - y["loss"]) / abs(x["loss"]) for x, y in zip(ma, mb, strict=True))
-    wa, wb = final_weights(a), final_weights(b)
-    assert wa.keys() == wb.keys()
-    return loss, max((wa[k] - wb[k]).abs().max().item() for k in wa)
+CHECKS = ["ray", "nodes", "versions", "storage", "network", "gpus", "disk"]
 
 
-def test_two_hosts_equal_one_process(hosts, reference, tmp_path):
-    out = tmp_path / "run"
+def doctor(hosts: Hosts, tmp_path: Path, cluster: str, env: dict[str, str] | None = None):
+    cmd = [sys.executable, "-m", "distsft", "doctor", "--cluster", cluster, "--set", f"output_dir={tmp_path / 'run'}"]
+    cmd += [a for s in SETS for a in ("--set", s)]
     t0 = time.monotonic()
-    run = launch(hosts, out, cluster_file(tmp_path, hosts))
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    placed = json.loads((out / "workers.json").read_text())
-    assert sorted(w["node"] for w in placed.values()) == [hosts.ip(0), hosts.ip(1)]
-    loss, weights = differences(reference, out)
-    print(f"\ntwo hosts vs one process: loss {loss:.2e} (relative, max over steps), weights {weights:.2e}; "
-          f"launch {time.monotonic() - t0:.0f}s")  # fmt: skip
-    assert loss < 1e-5 and weights < 1e-5
-    logs = (out / "logs" / "rank-1.log").read_text()
-    assert "127.0.0.1" not in logs
+    run = hosts.run(0, cmd, cwd=REPO, env=env or hosts.env(0), capture_output=True, text=True, timeout=600)
+    took = time.monotonic() - t0
+    print(f"\ndoctor: exit {run.returncode} in {took:.0f}s\n{run.stdout}")
+    verdicts = {line.split()[1]: line.split()[0] for line in run.stdout.splitlines() if line.startswith(("ok", "PROB"))}
+    return run, verdicts
+
+
+def test_doctor_on_healthy_hosts_passes_every_check(hosts, tmp_path):
+    run, verdicts = doctor(hosts, tmp_path, cluster_file(tmp_path, hosts))
+    assert run.returncode == 0, run.stdout + run.stderr[-3000:]
+    assert verdicts == dict.fromkeys(CHECKS, "ok")
+    network = next(line for line in run.stdout.splitlines() if " network " in line)
+    assert f"{hosts.ip(0)} via {hosts.tag}h0" in network and f"{hosts.ip(1)} via {hosts.tag}h1" in network
+    assert "resolve to loopback" in network  # the host name does, and the run binds to the veth instead
+    assert "token authentication" in run.stdout and hosts.token not in run.stdout + run.stderr
+
+
+def test_doctor_without_the_token_says_how_to_set_it(hosts, tmp_path):
+    env = {k: v for k, v in hosts.env(0).items() if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_MODE")}
+    run, verdicts = doctor(hosts, tmp_path, cluster_file(tmp_path, hosts), env=env)
+    assert run.returncode == 1 and verdicts == {"ray": "PROBLEM"}, run.stdout + run.stderr[-3000:]
+    assert "RAY_AUTH_TOKEN" in run.stdout and "Traceback" not in run.stdout + run.stderr
+
+
+def test_doctor_names_a_differing_version_an_unshared_storage_path_and_an_unreachable_interface(hosts, tmp_path):
+    """A third host with another deepspeed installed (its metadata first on PYTHONPATH), a storage path
+    private to each host, and gloo bound to loopback (as the host name's address would bind it)."""
+    fake = tmp_path / "site" / "deepspeed-0.0.1.dist-info"
+    fake.mkdir(parents=True)
+    (fake / "METADATA").write_text("Metadata-Version: 2.1\nName: deepspeed\nVersion: 0.0.1\n")
+    hosts.start_ray(2, PYTHONPATH=str(fake.parent))
+    try:
+        cluster = cluster_file(
+            tmp_path, hosts, num_nodes=3, storage_path=str(hosts.private / "checkpoints"),
+            env={"GLOO_SOCKET_IFNAME": "lo"}, rendezvous_timeout_s=10,
+        )  # fmt: skip
+        run, verdicts = doctor(hosts, tmp_path, cluster)
+    finally:
+        hosts.run(2, [RAY, "stop", "--force"], env=hosts.env(2), capture_output=True, timeout=120)
+    assert run.returncode == 1, run.stdout + run.stderr[-3000:]
+    assert verdicts == {
+        **dict.fromkeys(CHECKS, "ok"),
+        "versions": "PROBLEM",
+        "storage": "PROBLEM",
+        "network": "PROBLEM",
+    }
+    line = {c: next(x for x in run.stdout.splitlines() if f" {c} " in x) for c in ("versions", "storage", "network")}
+    assert f"deepspeed 0.0.1 on {hosts.ip(2)}" in line["versions"] and hosts.ip(1) not in line["versions"]
+    assert "is not shared" in line["storage"] and "sees only its own file" in line["storage"]
+    assert "over interface lo" in line["network"] and "GLOO_SOCKET_IFNAME" in line["network"]
 
 
 def test_an_interface_that_cannot_reach_rank_0_is_one_line_and_counts_toward_max_failures(hosts, tmp_path):
@@ -116,7 +115,9 @@ def test_an_interface_that_cannot_reach_rank_0_is_one_line_and_counts_toward_max
     assert attempts >= 2  # the first attempt and the one restart max_failures: 1 allows
 
 
-def test_a_rank_stopped_mid_collective_fails_the_step_dumps_the_stacks_and_the_run_recovers(hosts, reference, tmp_path):
+def test_a_rank_stopped_mid_collective_fails_the_step_dumps_the_stacks_and_the_run_recovers(
+    hosts, host_reference, tmp_path
+):
     out = tmp_path / "run"
     marker = tmp_path / "stalled"
     cluster = cluster_file(tmp_path, hosts, collective_timeout_s=15, env={"DISTSFT_STALL_AT": f"1:3:{marker}"})
@@ -126,7 +127,7 @@ def test_a_rank_stopped_mid_collective_fails_the_step_dumps_the_stacks_and_the_r
     run = launch(hosts, out, cluster)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     watch.join(timeout=5)
-    loss, weights = differences(reference, out)
+    loss, weights = differences(host_reference, out)
     logs = {p.name: p.read_text() for p in (out / "logs").glob("rank-*.log")}
     stacks = [name for name, text in logs.items() if "most recent call first" in text]
     print(f"\nstall: stacks {seen.get('stacks', -1):.1f}s after it in {stacks}, next step "
@@ -157,7 +158,7 @@ def _records(out: Path) -> list[dict]:
 
 
 def test_hosts_killed_mid_run_one_replaced_one_not_every_step_once_and_the_uninterrupted_weights(
-    hosts, reference, tmp_path
+    hosts, host_reference, tmp_path
 ):
     """SIGKILL of every process of a host at step 3 while a third host joins: the run goes on on two
     workers; at step 5 the same with no replacement: after replacement_timeout_s it goes on on one worker
@@ -186,7 +187,7 @@ def test_hosts_killed_mid_run_one_replaced_one_not_every_step_once_and_the_unint
     poll.start()
     run = launch(hosts, out, cluster, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    loss, weights = differences(reference, out)
+    loss, weights = differences(host_reference, out)
     restarts = [line for line in run.stdout.splitlines() if line.startswith("restart ")]
     replaced, shrunk = times.get(3, 0) - seen.get("kill-1", 0), times.get(5, 0) - seen.get("kill-2", 0)
     print(f"\nkilled hosts: loss {loss:.2e}, weights {weights:.2e}; step 3 came {replaced:.0f}s after the first "

@@ -41,11 +41,12 @@ def run_on(n: int, config, fail_at: str) -> dict:
 @pytest.mark.parametrize(
     "sizes, extra",
     [
-        ([1, 4], ["train.zero_stage=2"]),  # 2 -> 1 under ZeRO 2: tests/test_multihost.py (a host lost)
+        # ZeRO 2 shrinks 2 -> 1 in tests/test_multihost.py (a host lost); growing from one worker is the
+        # same conversion under every stage, and runs here under ZeRO 3
         ([2, 1, 4], ["train.zero_stage=3"]),
         ([2, 1], ["train.zero_stage=1", "lora.r=8", "train.lr=1e-3"]),
     ],
-    ids=["zero2", "zero3", "zero1-lora"],
+    ids=["zero3", "zero1-lora"],
 )
 def test_a_run_resumed_on_other_worker_counts_is_the_uninterrupted_run(ray_instance, tmp_path, sizes, extra):
     ref, out = tmp_path / "uninterrupted", tmp_path / "run"

@@ -231,6 +231,16 @@ def _bytes(n: float) -> str:
     return f"{n / GiB:.1f} GiB" if n >= GiB else f"{n / 2**20:.0f} MiB"
 
 
+def checkpoint_bytes(cfg: Config, sizes: ModelSize, gpu: bool) -> tuple[float, float]:
+    """One checkpoint's bytes on storage, and the most that exist at once (``keep_last`` plus the one being
+    written before the oldest goes). A checkpoint holds the module's weights in the training dtype (only
+    the adapters of a LoRA run) and, for what trains, fp32 master weights and Adam's two moments."""
+    width = {"float32": 4, "bfloat16": 2, "float16": 2}.get(cfg.model.dtype, 2 if gpu else 4)
+    module = sizes.trainable if cfg.lora.r > 0 else sizes.total
+    one = module * width + sizes.trainable * 12
+    return one, one * (cfg.checkpoint.keep_last + 1)
+
+
 def dry_run(cfg: Config, cluster: ClusterConfig, local: bool = False) -> list[str]:
     plan = cfg.batch_plan(cluster.num_workers)
     ds = deepspeed_plan(cfg, cluster.num_workers)
@@ -289,6 +299,10 @@ def dry_run(cfg: Config, cluster: ClusterConfig, local: bool = False) -> list[st
             f"(largest layer {sizes.largest / 1e6:.0f}M)"
         )
         lines.append(f"family:         {sizes.family}")
+        one, most = checkpoint_bytes(cfg, sizes, cluster.use_gpu)
+        lines.append(
+            f"checkpoint:     {_bytes(one)} each, up to {_bytes(most)} at once (keep_last + the one being written)"
+        )
         if cfg.lora.r > 0:
             base, states = adapter_memory(cfg, stage, sizes, cluster.workers_per_node, cluster.num_workers)
             kind = {"none": "LoRA", "4bit": "QLoRA (4-bit NF4 base)", "8bit": "LoRA on an 8-bit base"}

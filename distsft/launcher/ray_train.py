@@ -62,13 +62,7 @@ def run_workers(
     )
     # The placement-check bundle, less the accelerator label (ScalingConfig takes that on its own).
     resources = {k: v for k, v in cluster.bundle().items() if not k.startswith("accelerator_type:")}
-    runtime_env = dict(cluster.runtime_env)
-    runtime_env["env_vars"] = {
-        **runtime_env.get("env_vars", {}),
-        **cluster.env,
-        "TOKENIZERS_PARALLELISM": "false",
-        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",  # a worker's print goes to its log once, not also as a record
-    }
+    runtime_env = worker_runtime_env(cluster)
     trainer = TorchTrainer(
         ray_worker_loop,
         train_loop_config={
@@ -216,6 +210,18 @@ def _fit_in_thread(trainer: Any, on_tick: Any = None) -> BaseException | None:
             on_tick()
             last = time.monotonic()
     return result[0]
+
+
+def worker_runtime_env(cluster: ClusterConfig) -> dict[str, Any]:
+    """The runtime_env of every process distsft starts on the cluster: the file's, with its ``env``."""
+    runtime_env = dict(cluster.runtime_env)
+    runtime_env["env_vars"] = {
+        **runtime_env.get("env_vars", {}),
+        **cluster.env,
+        "TOKENIZERS_PARALLELISM": "false",
+        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",  # a worker's print goes to its log once, not also as a record
+    }
+    return runtime_env
 
 
 def check_storage(cluster: ClusterConfig) -> None:

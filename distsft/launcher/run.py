@@ -88,6 +88,12 @@ def launch_ray(cfg: Config, cluster: ClusterConfig, quiet: bool = False, verbose
     with driver_log(out_dir, verbose), RaySession(cluster, out_dir, verbose) as session:
         if not quiet:
             print(f"cluster: {describe_cluster(cluster)}", flush=True)
+        if cluster.address not in (None, "local"):  # the cheap checks of `distsft doctor`, before any work
+            from distsft.launcher.doctor import preflight
+
+            session.ensure()
+            for note in preflight(cluster):
+                print(note, flush=True)
         if runner == "ray":  # the instance that prepares the rows is the one that trains on them
             session.ensure()
         out, data, t0 = _start(cfg, quiet, "cuda" if cluster.use_gpu else "cpu", cluster.num_workers, runner)
