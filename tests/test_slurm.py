@@ -1,9 +1,11 @@
 """``cluster/slurm/distsft.sbatch`` on a real SLURM: Debian's slurmctld and two slurmd, one in each of
 two host namespaces (``tests/hosts.py``), with munge authentication, started by the test as root.
 
-One job trains on both hosts, is stopped with ``scancel --batch --signal=TERM`` (the launcher checkpoints),
-and the same ``sbatch`` again resumes it to the end; the weights equal one process's uninterrupted run.
-That run also stands for "two hosts equal one process".
+One job trains on both hosts; the signal SLURM sends near the time limit (USR1, sent here with ``scancel
+--batch``) makes the launcher checkpoint and the job requeue itself, and it resumes when it starts again;
+``scancel --batch --signal=TERM`` stops it with a checkpoint; the same ``sbatch`` again resumes it to the
+end. The weights equal one process's uninterrupted run: this also stands for "two hosts equal one
+process". (``cred_expire=10``: a requeued job may start again after 10s, not SLURM's default 120s.)
 """
 
 from __future__ import annotations
@@ -85,7 +87,7 @@ class Slurm:
         return "\n".join([
             "ClusterName=distsft-test", f"SlurmctldHost={socket.gethostname()}({ip(0)})",
             "SlurmUser=root", "SlurmdUser=root", "MailProg=/bin/true",
-            "AuthType=auth/munge", "CredType=cred/munge", f"AuthInfo=socket={self.socket}",
+            "AuthType=auth/munge", "CredType=cred/munge", f"AuthInfo=socket={self.socket},cred_expire=10",
             f"StateSaveLocation={d / 'state'}", f"SlurmdSpoolDir={d / 'spool-%n'}",
             f"SlurmctldPidFile={d / 'slurmctld.pid'}", f"SlurmdPidFile={d / 'slurmd-%n.pid'}",
             f"SlurmctldLogFile={d / 'slurmctld.log'}", f"SlurmdLogFile={d / 'slurmd-%n.log'}",
@@ -145,8 +147,21 @@ def slurm(tmp_path):
         hosts.close()
 
 
+STEPS = [*SETS, "train.max_steps=8"]  # room for two stops, each a step or two after its signal
+
+
+@pytest.fixture
+def reference(tmp_path):
+    from distsft.config import load_config
+    from distsft.launcher.run import launch_local
+
+    out = tmp_path / "one-process"
+    launch_local(load_config(None, [f"output_dir={out}", *STEPS]), quiet=True)
+    return out
+
+
 def submit(slurm: Slurm, out: Path, cluster: Path, **env: str) -> str:
-    sets = [a for s in [f"output_dir={out}", *SETS] for a in ("--set", s)]
+    sets = [a for s in [f"output_dir={out}", *STEPS] for a in ("--set", s)]
     run = slurm.cmd("sbatch", "--parsable", "--nodes=2", str(SCRIPT), "--cluster", str(cluster), *sets,
                     DISTSFT_ENV=sys.prefix, **env)  # fmt: skip
     assert run.returncode == 0, run.stdout + run.stderr
@@ -154,11 +169,11 @@ def submit(slurm: Slurm, out: Path, cluster: Path, **env: str) -> str:
     return slurm.jobs[-1]
 
 
-def wait_job(slurm: Slurm, job: str, timeout: float = 600, until=lambda: False) -> float:
+def wait_for(what, timeout: float = 600, every: float = 0.5) -> float:
     t0 = time.monotonic()
-    while slurm.running(job) and not until():
-        assert time.monotonic() - t0 < timeout, f"job {job} still running after {timeout}s: {slurm.logs()}"
-        time.sleep(0.5)
+    while not what():
+        assert time.monotonic() - t0 < timeout, f"not within {timeout}s"
+        time.sleep(every)
     return time.monotonic() - t0
 
 
@@ -169,35 +184,46 @@ def _steps(out: Path) -> list[int]:
         return []
 
 
-def test_sbatch_trains_checkpoints_on_scancel_and_resumes_on_resubmit(slurm, host_reference, tmp_path):
+def _stopped_at(text: str) -> list[int]:
+    return [int(part.split(";")[0]) for part in text.split("stopped at step ")[1:]]
+
+
+def test_sbatch_trains_requeues_near_the_time_limit_checkpoints_on_scancel_and_resumes_on_resubmit(
+    slurm, reference, tmp_path
+):
     out, shared = tmp_path / "run", tmp_path / "shared"
     cluster = tmp_path / "cluster.yaml"
     spec = {"address": "auto", "num_nodes": 2, "workers_per_node": 1, "resources_per_worker": {"cpus": 1},
             "placement_strategy": "STRICT_SPREAD", "storage_path": str(shared), "placement_timeout_s": 120}  # fmt: skip
     cluster.write_text(yaml.safe_dump(spec))
-
+    log = lambda job: (slurm.dir / f"distsft-{job}.out").read_text()  # noqa: E731
     t0 = time.monotonic()
     job = submit(slurm, out, cluster)
-    first_step = wait_job(slurm, job, until=lambda: len(_steps(out)) >= 3)
-    cancel = slurm.cmd("scancel", "--batch", "--signal=TERM", job)
-    assert cancel.returncode == 0, cancel.stderr
-    stopped = wait_job(slurm, job)
-    first = (slurm.dir / f"distsft-{job}.out").read_text()
-    assert "doctor: all 7 checks passed" in first, first[-4000:]
-    assert "stop requested" in first and "stopped at step" in first, first[-4000:]
-    at = int(first.split("stopped at step ")[1].split(";")[0])
-    assert 3 <= at < 6 and _steps(out) == list(range(1, at + 1))
+    to_step = wait_for(lambda: len(_steps(out)) >= 1)
+
+    # the time limit's signal: checkpoint, requeue, and the same job resumes when it starts again
+    assert slurm.cmd("scancel", "--batch", "--signal=USR1", job).returncode == 0
+    wait_for(lambda: "requeueing job" in log(job))
+    (first,) = _stopped_at(log(job))
+    requeued = wait_for(lambda: len(_steps(out)) > first)
+    assert slurm.cmd("scancel", "--batch", "--signal=TERM", job).returncode == 0
+    stopped = wait_for(lambda: not slurm.running(job))
+    text = log(job)
+    assert text.count("doctor: all 7 checks passed") == 2 and "(start 2)" in text, text[-4000:]
+    assert "resuming from" in text and f"(step {first})" in text, text[-4000:]
+    _, second = _stopped_at(text)
+    assert first < second < 8 and _steps(out) == list(range(1, second + 1)), text[-4000:]
 
     t1 = time.monotonic()
     again = submit(slurm, out, cluster, DISTSFT_DOCTOR="0")
-    wait_job(slurm, again)
-    second = (slurm.dir / f"distsft-{again}.out").read_text()
-    assert f"(step {at})" in second and "resuming from" in second, second[-4000:]
-    assert "launch ended with status 0" in second, second[-4000:]
-    loss, weights = differences(host_reference, out)
+    wait_for(lambda: not slurm.running(again))
+    last = log(again)
+    assert f"(step {second})" in last and "launch ended with status 0" in last, last[-4000:]
+    loss, weights = differences(reference, out, steps=8)
     placed = json.loads((out / "workers.json").read_text())
-    print(f"\nslurm: first job {first_step:.0f}s to step 3, stopped at step {at} {stopped:.0f}s after scancel; "
-          f"resubmitted job {time.monotonic() - t1:.0f}s; in all {time.monotonic() - t0:.0f}s; "
+    print(f"\nslurm: first step {to_step:.0f}s after sbatch; USR1 -> stopped at step {first}, requeued, next step "
+          f"{requeued:.0f}s later; TERM -> stopped at step {second}, job ended {stopped:.0f}s later; resubmitted "
+          f"job {time.monotonic() - t1:.0f}s to the end; in all {time.monotonic() - t0:.0f}s; "
           f"loss {loss:.2e}, weights {weights:.2e} against one process")  # fmt: skip
     assert sorted(w["node"] for w in placed.values()) == [slurm.hosts.ip(0), slurm.hosts.ip(1)]
     assert "127.0.0.1" not in (out / "logs" / "rank-1.log").read_text()

@@ -38,6 +38,13 @@ def needs_reshard(manifest: dict[str, Any], world_size: int, layout: int | str) 
     return manifest.get("world_size") != world_size or (written is not None and written != layout)
 
 
+def foreign_manifest(ckpt: Location, world_size: int, layout: int | str) -> dict[str, Any] | None:
+    """``ckpt``'s manifest when this many workers under this layout cannot load its shards as they are
+    (the checkpoint must go through the converted tree); None when they can."""
+    manifest = read_manifest(ckpt) or {}
+    return manifest if needs_reshard(manifest, world_size, layout) else None
+
+
 def universal_dir(ckpt: Location) -> Location:
     return storage.join(ckpt, UNIVERSAL)
 
@@ -49,12 +56,12 @@ def is_converted(ckpt: Location) -> bool:
     return Path(loc).is_file()
 
 
-def make_portable(ckpt: Location) -> Location:
-    """Convert ``ckpt`` (once) into whole tensors by parameter name; returns where they are. Runs on the
-    driver: it reads every rank's shards, which only a process that sees the whole checkpoint can."""
+def make_portable(ckpt: Location) -> None:
+    """Convert ``ckpt`` (once) into whole tensors by parameter name, under ``universal_dir(ckpt)``. Runs on
+    the driver: it reads every rank's shards, which only a process that sees the whole checkpoint can."""
     target = universal_dir(ckpt)
     if is_converted(ckpt):
-        return target
+        return
     manifest = read_manifest(ckpt)
     if manifest is None:
         raise RuntimeError(f"checkpoint {ckpt} is not complete")
@@ -87,7 +94,6 @@ def make_portable(ckpt: Location) -> Location:
             tmp.rename(target)
     finally:
         storage.remove(work)
-    return target
 
 
 def convert_for(ckpt: Location, world_size: int, layout: int | str) -> str | None:
@@ -96,8 +102,8 @@ def convert_for(ckpt: Location, world_size: int, layout: int | str) -> str | Non
     to show, or None when nothing was needed."""
     import time
 
-    manifest = read_manifest(ckpt) or {}
-    if not needs_reshard(manifest, world_size, layout):
+    manifest = foreign_manifest(ckpt, world_size, layout)
+    if manifest is None:
         return None
     t0 = time.monotonic()
     make_portable(ckpt)
@@ -274,8 +280,8 @@ def resume_engine(
 
     from distsft.checkpoint.store import load, set_rng_state_of
 
-    manifest = read_manifest(ckpt) or {}
-    if not needs_reshard(manifest, world_size, layout):
+    manifest = foreign_manifest(ckpt, world_size, layout)
+    if manifest is None:
         return load(engine, ckpt, frozen_base)
     rank = dist.get_rank()
     if rank == 0 and not is_converted(ckpt):

@@ -128,14 +128,16 @@ def check_continuation(
 
 
 def rows_per_step(config: dict[str, Any], world_size: int | None) -> int | None:
-    """Rows per optimizer step of a run config (as a dict) on ``world_size`` workers."""
-    train = config.get("train") or {}
-    if train.get("global_batch_size"):
-        return int(train["global_batch_size"])
-    if not world_size or "micro_batch_size" not in train:
+    """Rows per optimizer step of a run config (as a dict) on ``world_size`` workers: its batch plan's, or
+    None where that cannot be known (no worker count recorded, or a config that no longer loads)."""
+    from distsft.config import build_config
+
+    if not world_size:
         return None
-    dp = world_size // int(train.get("sequence_parallel") or 1)
-    return int(train["micro_batch_size"]) * int(train.get("grad_accum_steps") or 1) * dp
+    try:
+        return build_config(config, "<checkpoint config>").batch_plan(world_size).global_batch
+    except ConfigError:
+        return None
 
 
 def _get(d: dict[str, Any], dotted: str) -> Any:

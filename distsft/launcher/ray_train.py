@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,20 +25,26 @@ from distsft.launcher.stop import StopFlag, StopOnSignal
 from distsft.metrics.display import Display
 
 
-def run_workers(
-    cfg: Config,
-    cluster: ClusterConfig,
-    session: RaySession,
-    data: PreparedData,
-    root: Location,
-    resume: ResumePlan,
-    display: Display,
-    stop: StopOnSignal,
-    runner: str = "local",
-    elastic: bool = False,
-) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Launch:
+    """What every worker group of one launch shares: the run, the cluster it runs on (an elastic restart's
+    size), the prepared data, where checkpoints go, and the driver's display and stop handler."""
+
+    cfg: Config
+    cluster: ClusterConfig
+    session: RaySession
+    data: PreparedData
+    root: Location
+    display: Display
+    stop: StopOnSignal
+    runner: str = "local"
+
+
+def run_workers(launch: Launch, resume: ResumePlan, elastic: bool = False) -> dict[str, Any]:
     """Train on the cluster's workers; returns rank 0's summary of the run when they are done (or raises
     ``WorkersFailed`` with the first failure)."""
+    cfg, cluster, session, data, root = launch.cfg, launch.cluster, launch.session, launch.data, launch.root
+    display, stop, runner = launch.display, launch.stop, launch.runner
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -110,58 +117,64 @@ class WorkersFailed(DistsftError):
     """The worker group failed (after Ray Train's own restarts, if any)."""
 
 
-def run_elastic(
-    cfg: Config,
-    cluster: ClusterConfig,
-    session: RaySession,
-    data: PreparedData,
-    root: Location,
-    resume: ResumePlan,
-    display: Display,
-    stop: StopOnSignal,
-    runner: str = "local",
-) -> tuple[dict[str, Any], int]:
+def run_elastic(launch: Launch, resume: ResumePlan) -> tuple[dict[str, Any], int]:
     """``run_workers`` again after every failure, ``max_failures`` in all, each time on as many workers as
     the cluster offers: all of them if they can be placed within ``replacement_timeout_s`` (a replacement
     node joined, or the failure lost none), else the most whole nodes that can, down to ``min_workers``.
     Each restart continues from the run's latest checkpoint, resharded to its size. Returns rank 0's
     summary and the workers of the last group."""
+    import dataclasses
     import os
 
+    cluster, stop = launch.cluster, launch.stop
+    # A group that cannot be placed in this time fails back to us (Ray Train retries it forever otherwise);
+    # the launcher's environment is given back as it was when the run ends.
+    var = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+    before = os.environ.get(var)
+    os.environ[var] = str(cluster.replacement_timeout_s)
+    size, failures = cluster, 0
+    try:
+        while True:
+            try:
+                ran = run_workers(dataclasses.replace(launch, cluster=size), resume, elastic=True)
+                return ran, size.num_workers
+            except WorkersFailed as e:
+                failures += 1
+                if stop.is_set() or (cluster.max_failures != -1 and failures > cluster.max_failures):
+                    used = f"restarts used: {failures - 1} of max_failures {cluster.max_failures}"
+                    raise WorkersFailed(f"{e} ({used})") from None
+                size, resume = _restart(launch, resume, failures, summary_line(str(e)))
+    finally:
+        if before is None:
+            os.environ.pop(var, None)
+        else:
+            os.environ[var] = before
+
+
+def _restart(launch: Launch, resume: ResumePlan, failures: int, first: str) -> tuple[ClusterConfig, ResumePlan]:
+    """The size of the next group, and where it continues: this launch's latest checkpoint, resharded."""
     from distsft.checkpoint import convert_for, find_latest, read_manifest
     from distsft.training.engine import deepspeed_plan
 
-    # A group that cannot be placed in this time fails back to us (Ray Train retries it forever otherwise).
-    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(cluster.replacement_timeout_s)
-    size, failures = cluster, 0
-    while True:
-        try:
-            return run_workers(cfg, size, session, data, root, resume, display, stop, runner, elastic=True), (
-                size.num_workers
-            )
-        except WorkersFailed as e:
-            failures += 1
-            if stop.is_set() or (cluster.max_failures != -1 and failures > cluster.max_failures):
-                used = f"restarts used: {failures - 1} of max_failures {cluster.max_failures}"
-                raise WorkersFailed(f"{e} ({used})") from None
-            first = summary_line(str(e))
-            t0 = time.monotonic()
-            size = restart_size(cfg, cluster)
-            latest = find_latest(root)
-            manifest = read_manifest(latest) if latest is not None else None
-            if manifest and manifest.get("run_id") == resume.run_id:  # this launch's own latest checkpoint
-                step = int(manifest.get("step") or 0)
-                resume = ResumePlan(resume.run_id, str(latest), step, resume.data_fingerprint, resume.engine_stage)
-            budget = "unlimited" if cluster.max_failures == -1 else cluster.max_failures
-            print(
-                f"restart {failures}/{budget}: {first}; going on with {size.num_workers} of "
-                f"{cluster.num_workers} workers from step {resume.step} (placed in {time.monotonic() - t0:.0f}s)",
-                flush=True,
-            )
-            if resume.checkpoint is not None:  # this launch's, or the one it started from
-                said = convert_for(resume.checkpoint, size.num_workers, deepspeed_plan(cfg, size.num_workers).layout)
-                if said:
-                    print(said, flush=True)
+    cfg, cluster = launch.cfg, launch.cluster
+    t0 = time.monotonic()
+    size = restart_size(cfg, cluster)
+    latest = find_latest(launch.root)
+    manifest = read_manifest(latest) if latest is not None else None
+    if manifest and manifest.get("run_id") == resume.run_id:  # this launch's own latest checkpoint
+        step = int(manifest.get("step") or 0)
+        resume = ResumePlan(resume.run_id, str(latest), step, resume.data_fingerprint, resume.engine_stage)
+    budget = "unlimited" if cluster.max_failures == -1 else cluster.max_failures
+    print(
+        f"restart {failures}/{budget}: {first}; going on with {size.num_workers} of "
+        f"{cluster.num_workers} workers from step {resume.step} (placed in {time.monotonic() - t0:.0f}s)",
+        flush=True,
+    )
+    if resume.checkpoint is not None:  # this launch's, or the one it started from
+        said = convert_for(resume.checkpoint, size.num_workers, deepspeed_plan(cfg, size.num_workers).layout)
+        if said:
+            print(said, flush=True)
+    return size, resume
 
 
 def summary_line(message: str) -> str:

@@ -74,7 +74,7 @@ def launch_local(cfg: Config, quiet: bool = False, verbose: bool = False) -> dic
 
 
 def launch_ray(cfg: Config, cluster: ClusterConfig, quiet: bool = False, verbose: bool = False) -> dict[str, Any]:
-    from distsft.launcher.ray_train import check_storage, run_elastic, run_workers
+    from distsft.launcher.ray_train import Launch, check_storage, run_elastic, run_workers
 
     cfg = absolute_paths(cfg)  # workers run in their own directories
     check_storage(cluster)
@@ -105,10 +105,11 @@ def launch_ray(cfg: Config, cluster: ClusterConfig, quiet: bool = False, verbose
             with StopOnSignal() as stop:
                 try:
                     workers = cluster.num_workers
+                    launch = Launch(cfg, cluster, session, data, root, display, stop, runner)
                     if cluster.elastic:
-                        ran, workers = run_elastic(cfg, cluster, session, data, root, resume, display, stop, runner)
+                        ran, workers = run_elastic(launch, resume)
                     else:
-                        ran = run_workers(cfg, cluster, session, data, root, resume, display, stop, runner)
+                        ran = run_workers(launch, resume)
                 finally:  # Ray down while our handlers still hold: its shutdown must not meet the default
                     session.close()
         finally:

@@ -30,7 +30,7 @@ def inject_fault(rank: int, step: int) -> None:
     """Failure injection for tests: ``DISTSFT_FAIL_AT=RANK:STEP[:MARKER]`` makes that rank raise at that
     step, ``DISTSFT_STALL_AT=...`` stops it there (SIGSTOP: alive, silent, in the middle of the group);
     with a marker file either happens once (the marker is created), so a restarted run can finish. Several
-    specs are separated by commas."""
+    specs are separated by commas; at most one fires per call, the first whose marker is not there yet."""
     specs = [
         (var, spec) for var in ("DISTSFT_FAIL_AT", "DISTSFT_STALL_AT") for spec in os.environ.get(var, "").split(",")
     ]
@@ -48,8 +48,10 @@ def inject_fault(rank: int, step: int) -> None:
         if var == "DISTSFT_STALL_AT":
             import signal
 
+            # One fault per visit of a step: the stop takes effect a moment after kill() returns, and a
+            # second spec for the same step must wait for the next visit (after a restart), not fire now.
             os.kill(os.getpid(), signal.SIGSTOP)
-            continue
+            return
         raise RuntimeError(f"injected failure ({var}={spec})")
 
 
