@@ -26,6 +26,11 @@ def is_remote(location: str | Path) -> bool:
     return str(location).startswith(SCHEMES)
 
 
+def absolute(location: str | Path) -> str | Path:
+    """A bucket URI as it is; a path made absolute here (``~`` expanded), as every node must be given it."""
+    return location if is_remote(location) else Path(location).expanduser().resolve()
+
+
 def join(location: str | Path, *parts: str) -> str | Path:
     if is_remote(location):
         return "/".join([str(location).rstrip("/"), *parts])

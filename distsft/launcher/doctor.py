@@ -151,10 +151,7 @@ def resolved_storage(cluster: ClusterConfig) -> str | None:
     """``storage_path`` as workers get it: a local path made absolute on the launcher, as a launch does."""
     from distsft.checkpoint import storage
 
-    path = cluster.storage_path
-    if path and not storage.is_remote(path):
-        return str(Path(path).expanduser().resolve())
-    return path
+    return str(storage.absolute(cluster.storage_path)) if cluster.storage_path else None
 
 
 def probe_nodes(cluster: ClusterConfig, nodes: list[dict[str, Any]], fn: Callable, *args: Any) -> dict[str, Any]:
@@ -373,12 +370,12 @@ def disk_finding(cfg: Config, cluster: ClusterConfig, storage_path: str | None, 
         if disk["free"] < need:
             short.append(f"{ip} has {_bytes(disk['free'])} free at {disk['path']}")
     final = (sizes.trainable if cfg.lora.r else sizes.total) * 4
-    out = Path(cfg.output_dir).resolve()
-    while not out.exists() and out != out.parent:
-        out = out.parent
-    here = shutil.disk_usage(out).free
+    launcher = probe.free_disk(str(Path(cfg.output_dir).resolve()))  # output_dir's nearest existing directory
+    here = launcher["free"]
     if cfg.checkpoint.final and here < final:
-        short.append(f"the launcher has {_bytes(here)} free at {out} for the final export of {_bytes(final)}")
+        short.append(
+            f"the launcher has {_bytes(here)} free at {launcher['path']} for the final export of {_bytes(final)}"
+        )
     text = f"checkpoints of {_bytes(one)} each need {_bytes(need)} per node ({what})"
     if short:
         return Finding("disk", False, f"{text}: {'; '.join(short)}; free space or lower checkpoint.keep_last")

@@ -245,10 +245,7 @@ def checkpoint_root(cfg: Config, cluster: ClusterConfig | None) -> Location:
     """``output_dir/checkpoints`` locally; under the cluster's storage path (a shared filesystem or an
     object store) on Ray."""
     if cluster is not None and cluster.storage_path:
-        base: Location = cluster.storage_path
-        if not storage.is_remote(base):
-            base = Path(base).expanduser().resolve()
-        return storage.join(base, Path(cfg.output_dir).name, "checkpoints")
+        return storage.join(storage.absolute(cluster.storage_path), Path(cfg.output_dir).name, "checkpoints")
     return Path(cfg.output_dir).resolve() / "checkpoints"
 
 
