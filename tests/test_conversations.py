@@ -180,10 +180,7 @@ def _generation_prompts(tok, turns, tools) -> list[str]:
         if t["role"] == "assistant" and i:
             before = render(tok, turns[:i], tools=tools)
             prompt = render(tok, turns[:i], add_generation_prompt=True, tools=tools)
-            k = 0
-            while k < min(len(before), len(prompt)) and before[k] == prompt[k]:
-                k += 1
-            out.append(prompt[k:])
+            out.append(prompt[len(os.path.commonprefix([before, prompt])) :])
     return out
 
 

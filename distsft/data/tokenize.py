@@ -15,6 +15,7 @@ this keeps the last token of one example from being trained to predict the first
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -194,18 +195,10 @@ def _turn_start(tokenizer: Any, turns: list[Turn], i: int, full: str, cursor: in
         return cursor, False
     # The conversation so far is what the prompt shares with the rendering that does not ask for a reply
     # (some templates close a conversation that ends here: Phi-3 appends </s>).
-    shared, so_far = _common_prefix(prompt, full), _common_prefix(prompt, before)
+    shared, so_far = len(os.path.commonprefix([prompt, full])), len(os.path.commonprefix([prompt, before]))
     if so_far and shared >= so_far and shared >= cursor:
         return shared, True
     return cursor, False
-
-
-def _common_prefix(a: str, b: str) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 def _calls_end(tokenizer: Any, full: str, upto: str, start: int, i: int) -> int:
@@ -214,7 +207,7 @@ def _calls_end(tokenizer: Any, full: str, upto: str, start: int, i: int) -> int:
     own = upto[start:].rstrip() if upto[:start] == full[:start] else ""
     if own and full.startswith(own, start):
         return start + len(own)
-    marker = next((t for t in sorted(_special_tokens(tokenizer), key=len, reverse=True) if own.endswith(t)), "")
+    marker = next((t for t in sorted(special_tokens(tokenizer), key=len, reverse=True) if own.endswith(t)), "")
     j = full.find(marker, start) if marker else -1
     if j < 0:
         raise RowError(f"turn {i} (assistant): its tool calls cannot be located in the rendered conversation")
@@ -255,13 +248,14 @@ def _special_token_after(tokenizer: Any, text: str, at: int) -> str:
     marker is a special token in every chat tokenizer; the next turn's header follows it."""
     rest = text[at:]
     stripped = rest.lstrip()
-    for token in sorted(_special_tokens(tokenizer), key=len, reverse=True):
+    for token in sorted(special_tokens(tokenizer), key=len, reverse=True):
         if stripped.startswith(token):
             return rest[: len(rest) - len(stripped) + len(token)]
     return ""
 
 
-def _special_tokens(tokenizer: Any) -> list[str]:
+def special_tokens(tokenizer: Any) -> list[str]:
+    """The tokenizer's special tokens, the added ones marked special included (template markers)."""
     special = set(getattr(tokenizer, "all_special_tokens", []) or [])
     special |= {t.content for t in (getattr(tokenizer, "added_tokens_decoder", {}) or {}).values() if t.special}
     return [t for t in special if t]

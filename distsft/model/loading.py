@@ -98,10 +98,10 @@ def end_of_turn_id(tok: Any) -> int | None:
     except Exception:  # noqa: BLE001 - a template that wants another conversation: no marker learnt here
         return None
     after = text[text.rfind("y") + 1 :].strip()
+    from distsft.data.tokenize import special_tokens
+
     ids = tok.encode(after, add_special_tokens=False) if after else []
-    added = getattr(tok, "added_tokens_decoder", {}) or {}
-    special = ids and (ids[0] in tok.all_special_ids or (ids[0] in added and added[ids[0]].special))
-    return ids[0] if special else None
+    return ids[0] if ids and tok.convert_ids_to_tokens(ids[0]) in special_tokens(tok) else None
 
 
 def chat_template_text(value: str) -> str:
