@@ -14,16 +14,14 @@ import secrets
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
 
 import pytest
 import yaml
-from raytest import SMALL, final_weights, metrics
+from raytest import RAY, SMALL, final_weights, metrics
 
-RAY = os.path.join(os.path.dirname(sys.executable), "ray")
 SUBNET = "198.51.100"
 PORT = 6379
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import socket
+import sys
 
 import torch
 from conftest import REPO
@@ -12,6 +15,13 @@ from distsft.config import load_config
 from distsft.config.cluster import ClusterConfig, WorkerResources
 
 SMALL = str(REPO / "tests" / "fixtures" / "support_small.jsonl")
+RAY = os.path.join(os.path.dirname(sys.executable), "ray")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run_cfg(out, *overrides: str):

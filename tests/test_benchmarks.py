@@ -25,8 +25,8 @@ def test_throughput_benchmark_runs_distsft_and_trl_on_the_same_supervised_tokens
         [
             sys.executable,
             str(REPO / "benchmarks" / "throughput.py"),
-            "--bundled=120",
-            "--long-tail=40",
+            "--bundled=60",
+            "--long-tail=20",
             "--batch-examples=8",
             f"--workdir={tmp_path}",
             "--runs",
@@ -42,7 +42,7 @@ def test_throughput_benchmark_runs_distsft_and_trl_on_the_same_supervised_tokens
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     res, info = report["results"], report["info"]
-    assert info["examples"] == 160
+    assert info["examples"] == 80
     # TRL trains on exactly the examples distsft prepared; distsft's epoch drops a final partial batch
     assert res["trl-padding"]["supervised_tokens"] == res["trl-packing"]["supervised_tokens"]
     assert res["trl-padding"]["supervised_tokens"] == info["supervised_tokens"]

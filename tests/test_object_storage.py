@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 from conftest import REPO
-from raytest import SMALL, final_weights, metrics
+from raytest import SMALL, final_weights, free_port, metrics
 
 from distsft import checkpoint
 from distsft.checkpoint import storage
@@ -23,17 +23,11 @@ from distsft.checkpoint import storage
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
     """A moto S3 server on loopback with a bucket ``ckpt``; yields the environment that reaches it."""
     pytest.importorskip("moto")
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [os.path.join(os.path.dirname(sys.executable), "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,

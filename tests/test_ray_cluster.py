@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import socket
 import subprocess
 import sys
 import time
@@ -15,16 +14,9 @@ import time
 import pytest
 import yaml
 from conftest import REPO
-from raytest import SMALL
+from raytest import RAY, SMALL, free_port
 
 pytestmark = pytest.mark.slow
-RAY = os.path.join(os.path.dirname(sys.executable), "ray")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +24,7 @@ def two_nodes(tmp_path_factory):
     """`ray start --head` and `ray start --address`: the README's cluster start, with token auth on."""
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
     env.pop("RAY_ADDRESS", None)
-    port = _free_port()
+    port = free_port()
     temp = tmp_path_factory.mktemp("ray")
     common = ["--num-cpus=1", "--disable-usage-stats", f"--temp-dir={temp}"]
     head = [RAY, "start", "--head", f"--port={port}", "--dashboard-host=127.0.0.1", *common]
