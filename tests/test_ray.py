@@ -25,12 +25,19 @@ def reference(tmp_path_factory):
 
 @pytest.mark.parametrize(
     "stage,workers",
-    [(1, 2)],  # ZeRO 2 and 3 on 1, 2 and 4 workers: tests/test_reshard.py; SP x DP: test_sequence_parallel
+    [(1, 2), (2, 2)],  # ZeRO 2 and 3 on 1, 2 and 4 workers: tests/test_reshard.py; SP x DP: test_sequence_parallel
 )
 def test_workers_times_accumulation_give_the_same_steps(ray_instance, reference, tmp_path, stage, workers):
-    """Packed rows hold unequal token counts per rank; the loss is still the global token mean."""
+    """Packed rows hold unequal token counts per rank; the loss is still the global token mean. The workers
+    run the fused loss (what ``auto`` picks on GPUs for large vocabularies), whose backward passes through
+    a tensor taken from a hook on the output layer rather than the engine's outputs; the one process runs
+    the plain loss: ZeRO's gradient reduction must still see every micro-batch's gradients."""
     cfg = run_cfg(
-        tmp_path, "train.micro_batch_size=1", f"train.grad_accum_steps={4 // workers}", f"train.zero_stage={stage}"
+        tmp_path,
+        "train.micro_batch_size=1",
+        f"train.grad_accum_steps={4 // workers}",
+        f"train.zero_stage={stage}",
+        "train.cross_entropy=fused",
     )
     launch_ray(cfg, cluster(workers), quiet=True)
     assert_same_run(reference, tmp_path)

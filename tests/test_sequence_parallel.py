@@ -169,9 +169,11 @@ def test_sp2_x_dp2_under_zero3_restarted_after_a_failure_equals_one_process(ray_
     assert abs(ref - run) <= 1e-5 * ref, (ref, run)  # eval over split rows: the same token-weighted loss
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_tiled_mlps_give_the_untiled_loss_and_gradients(checkpointing):
-    """Tiles of uneven size (37 tokens in 4 tiles), with and without activation checkpointing."""
+@pytest.mark.parametrize("checkpointing,autocast", [(False, False), (True, False), (False, True)])
+def test_tiled_mlps_give_the_untiled_loss_and_gradients(checkpointing, autocast):
+    """Tiles of uneven size (37 tokens in 4 tiles), with and without activation checkpointing; under bf16
+    autocast, the backward pass recomputes the tiles in bf16 as the forward pass ran them (autograd's thread
+    has autocast off: recomputed in fp32, the gradients would belong to another forward)."""
     from isolation import make_examples
     from tinymodels import tiny_llama
 
@@ -190,10 +192,18 @@ def test_tiled_mlps_give_the_untiled_loss_and_gradients(checkpointing):
         if tiled:
             assert tile_mlps(model, tokens_per_pass=37, hidden_size=10) == 2  # ceil(37 / 10) = 4 tiles
         model.train()
-        loss = token_loss_sum(model, batch).loss_sum
+        dtypes = []  # of the MLP's output, in the forward pass and in the backward pass's recomputation
+        model.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, a, out, seen=dtypes: seen.append(out.dtype))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = token_loss_sum(model, batch).loss_sum
         loss.backward()
         results.append((loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}))
+        assert set(dtypes) == {torch.bfloat16 if autocast else torch.float32}, dtypes
+        assert checkpointing or len(dtypes) == (8 if tiled else 1)  # 4 tiles forward, 4 recomputed
     (loss_a, grads_a), (loss_b, grads_b) = results
-    torch.testing.assert_close(loss_b, loss_a, rtol=1e-6, atol=0)
+    torch.testing.assert_close(loss_b, loss_a, rtol=2e-3 if autocast else 1e-6, atol=0)
     for k in grads_a:
-        torch.testing.assert_close(grads_b[k], grads_a[k], rtol=1e-5, atol=1e-7, msg=k)
+        if autocast:  # bf16 matmuls of other shapes round differently: the whole tensor's relative error
+            assert (grads_b[k] - grads_a[k]).norm() <= 1e-2 * grads_a[k].norm(), k
+        else:
+            torch.testing.assert_close(grads_b[k], grads_a[k], rtol=1e-5, atol=1e-7, msg=k)

@@ -69,7 +69,9 @@ def model_sizes(cfg: Config, device_type: str = "cuda") -> ModelSize | None:
 
     traits = read_traits(config, type(model))
     try:
-        family = traits.describe(choose_attention(cfg.model.attn_implementation, traits, torch.device(device_type)))
+        family = traits.describe(
+            choose_attention(cfg.model.attn_implementation, traits, torch.device(device_type), probe=False)
+        )
     except ConfigError as e:
         family = f"{traits.class_name}: {e}"
     base_total = sum(p.numel() for p in model.parameters())

@@ -96,7 +96,8 @@ def launch_ray(cfg: Config, cluster: ClusterConfig, quiet: bool = False, verbose
                 print(note, flush=True)
         if runner == "ray":  # the instance that prepares the rows is the one that trains on them
             session.ensure()
-        out, data, t0 = _start(cfg, quiet, "cuda" if cluster.use_gpu else "cpu", cluster.num_workers, runner)
+        device_type = "cuda" if cluster.use_gpu else "cpu"  # the workers' device: never touched from here
+        out, data, t0 = _start(cfg, quiet, device_type, cluster.num_workers, runner, probe=False)
         root = checkpoint_root(cfg, cluster)
         resume = decide_resume(cfg, root, cluster.num_workers, data)
         steps = total_steps(len(data.train), cfg.batch_plan(cluster.num_workers), cfg.train.max_steps, cfg.train.epochs)
@@ -142,10 +143,11 @@ def decide_resume(cfg: Config, root: Location, world_size: int, data: PreparedDa
 
 
 def _start(
-    cfg: Config, quiet: bool, device_type: str, world_size: int, runner: str
+    cfg: Config, quiet: bool, device_type: str, world_size: int, runner: str, probe: bool = True
 ) -> tuple[Path, PreparedData, float]:
     """What every launch does first, in this order: the config saved and its changes said, the batch plan
-    and the model checked (no weights), the data prepared and described."""
+    and the model checked (no weights; ``probe=False``: without touching a GPU here), the data prepared
+    and described."""
     check_logging(cfg.logging)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -154,7 +156,7 @@ def _start(
         changed = ", ".join(f"{k}={v}" for k, v in config_changes(cfg)) or "nothing"
         print(f"config: {out / 'config.yaml'} (changed from the defaults: {changed})", flush=True)
     cfg.batch_plan(world_size)  # a sequence-parallel size that does not divide the workers fails here
-    check_model(cfg, device_type)
+    check_model(cfg, device_type, probe)
     if cfg.model.path == "demo":
         materialize_demo(cfg.train.seed)  # once here, rather than by every worker at the same time
     t0 = time.perf_counter()
@@ -180,16 +182,18 @@ def _start(
     return out, data, t0
 
 
-def check_model(cfg: Config, device_type: str) -> str:
+def check_model(cfg: Config, device_type: str, probe: bool = True) -> str:
     """Read the model family's traits (config and class only, no weights), refuse what it cannot train,
-    and say what it will run with; workers make the same choice on their own device."""
+    and say what it will run with; workers make the same choice on their own device. ``probe=False``: the
+    Ray driver, which lives for the whole run, creates no CUDA context (it would sit on GPU 0 beside a
+    worker, and fail in exclusive-process mode)."""
     import torch
 
     from distsft.model.loading import traits_and_attention
     from distsft.model.traits import check_training_fit
     from distsft.training import sequence_parallel
 
-    traits, attn = traits_and_attention(cfg.model, torch.device(device_type))
+    traits, attn = traits_and_attention(cfg.model, torch.device(device_type), probe=probe)
     check_training_fit(traits, cfg.data.packing, cfg.train.router_aux_loss_coef)
     sequence_parallel.check(cfg.train.sequence_parallel, traits, attn)
     line = f"model: {traits.describe(attn)}"

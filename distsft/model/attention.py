@@ -7,9 +7,19 @@ registers it with transformers' attention interface as ``distsft_varlen``: the m
 of the flattened batch as its own causal sequence, from the cumulative lengths the collator computes
 (``collate(..., varlen=True)``), with no mask at all, grouped-query heads and sliding windows included.
 
+The kernel takes one 16-bit dtype for ``q``, ``k`` and ``v`` and has no autocast rule. Under autocast
+(fp32 weights, bf16 matmuls: the default on one GPU) rotary embeddings multiply bf16 ``q``/``k`` by fp32
+``cos``/``sin``, so they arrive in fp32 beside a bf16 ``v``; like transformers' own flash path, they are
+cast to the autocast dtype here (to ``v``'s dtype without autocast).
+
+No mask function is registered for it: transformers then builds no mask at all (the kernel never reads
+one) and skips its packed-sequence check, whose ``.all()`` would wait for the device at every layer
+call's mask.
+
 Whether it can run is decided on the device itself (``usable``): a CUDA GPU, half precision, and a
-tiny forward and backward that must succeed with exactly the arguments training will pass, because
-the function's signature has changed between PyTorch releases. Nothing here knows about ranks.
+tiny forward and backward that must succeed with exactly the arguments training will pass (fp32
+``q``/``k`` beside 16-bit ``v`` under autocast included), because the function's signature has changed
+between PyTorch releases. Nothing here knows about ranks.
 """
 
 from __future__ import annotations
@@ -58,6 +68,8 @@ def varlen_attention_forward(
         raise ValueError(f"{NAME} has no attention dropout (the model's attention_dropout is {dropout})")
     batch, heads, seq, dim = query.shape
     kv_heads = key.shape[1]
+    dtype = compute_dtype(query, value)
+    query, key, value = (x if x.dtype == dtype else x.to(dtype) for x in (query, key, value))
     q = query.transpose(1, 2).reshape(batch * seq, heads, dim)
     k = key.transpose(1, 2).reshape(batch * seq, kv_heads, dim)
     v = value.transpose(1, 2).reshape(batch * seq, kv_heads, dim)
@@ -81,13 +93,21 @@ def varlen_attention_forward(
     return out.reshape(batch, seq, heads, dim), None
 
 
+def compute_dtype(query: torch.Tensor, value: torch.Tensor) -> torch.dtype:
+    """The one 16-bit dtype the kernel runs in: autocast's where it is on (fp32 weights, as transformers'
+    flash path casts), else ``value``'s (the projections' output, never touched by rotary embeddings)."""
+    device = query.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return value.dtype if value.dtype in (torch.float16, torch.bfloat16) else query.dtype
+
+
 def register() -> None:
-    """Make ``attn_implementation="distsft_varlen"`` known to transformers (idempotent)."""
+    """Make ``attn_implementation="distsft_varlen"`` known to transformers (idempotent). No mask function:
+    transformers then makes no mask and runs no packed-sequence check (a host sync per forward)."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
 
     AttentionInterface.register(NAME, varlen_attention_forward)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, flash_attention_mask)  # no mask: lengths come as kwargs
 
 
 @functools.cache
@@ -108,14 +128,16 @@ def usable(device_index: int, dtype: torch.dtype, sliding_window: bool) -> str:
     class Probe(torch.nn.Module):
         training = True
 
-    try:  # two sequences of a flattened batch, grouped-query heads, forward and backward
-        q = torch.randn(1, 4, 24, 64, device=device, dtype=dtype, requires_grad=True)
+    try:  # two sequences of a flattened batch, grouped-query heads, forward and backward; under autocast
+        # with fp32 q/k beside a 16-bit v, as rotary embeddings leave them when the weights are fp32
+        q = torch.randn(1, 4, 24, 64, device=device, dtype=torch.float32, requires_grad=True)
         kv = torch.randn(1, 2, 24, 64, device=device, dtype=dtype, requires_grad=True)
         cu = torch.tensor([0, 10, 24], dtype=torch.int32, device=device)
-        out, _ = varlen_attention_forward(
-            Probe(), q, kv, kv, None, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=14, max_length_k=14,
-            sliding_window=8 if sliding_window else None,
-        )  # fmt: skip
+        with torch.autocast("cuda", dtype=dtype):
+            out, _ = varlen_attention_forward(
+                Probe(), q, kv.float(), kv, None, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=14,
+                max_length_k=14, sliding_window=8 if sliding_window else None,
+            )  # fmt: skip
         out.float().sum().backward()
         torch.cuda.synchronize(device)
     except Exception as e:  # noqa: BLE001 - any failure means: choose another implementation

@@ -25,11 +25,15 @@ DEMO_TOKENIZER = DEMO_DIR / "tokenizer"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def resolve_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
-    """``auto``: bf16 on a GPU that has it (assumed when planning for GPUs from a machine without), else fp32."""
+def resolve_dtype(cfg: ModelConfig, device: torch.device, probe: bool = True) -> torch.dtype:
+    """``auto``: bf16 on a GPU that has it natively (a V100 or T4 only emulates it: fp32 there), else fp32.
+    Without ``probe`` (the Ray driver, which must not create a CUDA context beside a worker's) or without a
+    GPU here (planning for the workers' GPUs), bf16 is assumed."""
     if cfg.dtype != "auto":
         return DTYPES[cfg.dtype]
-    if device.type == "cuda" and (not torch.cuda.is_available() or torch.cuda.is_bf16_supported()):
+    if device.type == "cuda" and (
+        not probe or not torch.cuda.is_available() or torch.cuda.is_bf16_supported(including_emulation=False)
+    ):
         return torch.bfloat16
     return torch.float32
 
@@ -121,10 +125,11 @@ def load_model_config(cfg: ModelConfig) -> Any:
 
 
 def traits_and_attention(
-    cfg: ModelConfig, device: torch.device | str, dtype: torch.dtype | None = None
+    cfg: ModelConfig, device: torch.device | str, dtype: torch.dtype | None = None, probe: bool = True
 ) -> tuple[ModelTraits, str]:
     """The family's traits and the attention implementation to run on ``device`` in ``dtype`` (an explicit
-    choice that the class or the device cannot run is a config error)."""
+    choice that the class or the device cannot run is a config error). ``probe=False`` decides without
+    touching the GPU (the Ray driver: workers probe their own)."""
     from distsft.model import attention
 
     attention.register()
@@ -132,8 +137,8 @@ def traits_and_attention(
     traits = read_traits(config, model_class(config, cfg.trust_remote_code))
     device = torch.device(device)
     if dtype is None:
-        dtype = resolve_dtype(cfg, device)
-    return traits, choose_attention(cfg.attn_implementation, traits, device, dtype)
+        dtype = resolve_dtype(cfg, device, probe)
+    return traits, choose_attention(cfg.attn_implementation, traits, device, dtype, probe)
 
 
 def materialize_demo(seed: int) -> Path:

@@ -210,7 +210,7 @@ def _declares(cls: type, kind: str) -> bool:
     return bool(getattr(cls, "_supports_flash_attn", False) or getattr(cls, "_supports_flash_attn_2", False))
 
 
-def _runnable(kind: str, traits: ModelTraits, device: Any, dtype: Any) -> str:
+def _runnable(kind: str, traits: ModelTraits, device: Any, dtype: Any, probe: bool = True) -> str:
     """Why ``kind`` cannot run here, or '' when it can."""
     import torch
 
@@ -221,7 +221,7 @@ def _runnable(kind: str, traits: ModelTraits, device: Any, dtype: Any) -> str:
 
         if traits.attn_logit_softcapping:
             return "cannot soft-cap attention scores"
-        if not torch.cuda.is_available():  # planning on a driver without the workers' GPUs
+        if not probe or not torch.cuda.is_available():  # planning on a driver: the workers probe their GPUs
             return "" if dtype in (torch.float16, torch.bfloat16) else "needs bf16 or fp16 weights"
         index = device.index if device.index is not None else torch.cuda.current_device()
         return attention.usable(index, dtype, bool(traits.sliding_window))
@@ -232,15 +232,16 @@ def _runnable(kind: str, traits: ModelTraits, device: Any, dtype: Any) -> str:
     return ""
 
 
-def choose_attention(requested: str, traits: ModelTraits, device: Any, dtype: Any = None) -> str:
+def choose_attention(requested: str, traits: ModelTraits, device: Any, dtype: Any = None, probe: bool = True) -> str:
     """``auto``: the fastest implementation the class declares and this device can run; an explicit choice
-    the class or the device cannot run is a one-line config error naming the ones that can."""
+    the class or the device cannot run is a one-line config error naming the ones that can. ``probe=False``
+    runs nothing on a GPU of this process (a driver planning for its workers)."""
     import torch
 
     device = torch.device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     usable = [k for k in PREFERENCE.get(device.type, PREFERENCE["cpu"]) if k in traits.supports]
-    usable = [k for k in usable if not _runnable(k, traits, device, dtype)]
+    usable = [k for k in usable if not _runnable(k, traits, device, dtype, probe)]
     if requested == "auto":
         return usable[0] if usable else "eager"
     if requested not in traits.supports:
@@ -248,7 +249,7 @@ def choose_attention(requested: str, traits: ModelTraits, device: Any, dtype: An
             f"model.attn_implementation = {requested}: {traits.class_name} does not support it; "
             f"it supports {', '.join(traits.supports)} (usable here: {', '.join(usable) or 'eager'})"
         )
-    why = _runnable(requested, traits, device, dtype)
+    why = _runnable(requested, traits, device, dtype, probe)
     if why:
         raise ConfigError(
             f"model.attn_implementation = {requested} {why}; usable here for {traits.class_name}: {', '.join(usable)}"

@@ -22,6 +22,7 @@ from distsft.config import BatchPlan
 from distsft.data.collate import collate
 from distsft.data.sampler import rank_micro_batches, step_rows
 from distsft.data.tokenize import IGNORE_INDEX
+from distsft.training.loss import add_loss_targets
 
 
 @dataclass
@@ -133,6 +134,7 @@ class Prefetcher:
             batch = collate(self.table.get(indices), self.pad_id, self.varlen, self.plan.sequence_parallel)
             if self.shard is not None:
                 batch = self.shard(batch)
+            batch = add_loss_targets(batch)  # here, so the loss needs no boolean mask on the device
             if self.pin:
                 batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             micro.append(batch)

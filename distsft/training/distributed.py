@@ -19,12 +19,25 @@ import torch.distributed as dist
 from distsft.config.cluster import backend_for
 from distsft.errors import DistsftError
 
+ALLOC_VARS = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
+EXPANDABLE = "expandable_segments:True"
+
 
 def pick_device(local_rank: int) -> torch.device:
     if torch.cuda.is_available():
+        settings = allocator_settings(os.environ)
+        if settings:
+            torch.cuda.memory._set_allocator_settings(settings)
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
+
+
+def allocator_settings(env: dict[str, str] | os._Environ) -> str | None:
+    """PyTorch's caching allocator with expandable segments, unless the environment configures it: packed
+    rows change width from step to step, and fixed-size segments then fragment (PyTorch's own advice for
+    varying shapes). None where the user's setting stands."""
+    return None if any(env.get(v) for v in ALLOC_VARS) else EXPANDABLE
 
 
 def seed_everything(seed: int) -> None:
@@ -128,10 +141,14 @@ def join_group(rv: Rendezvous) -> None:
         ) from None
     # Joining is bounded by the rendezvous timeout; from here every collective by the collective one: the
     # world group's, and that of every group made later (DeepSpeed clones the world group for ZeRO, and
-    # new_group() takes torch's module default of 30 minutes, not the world group's timeout).
+    # new_group() takes torch's module default of 30 minutes, not the world group's timeout). The store's
+    # too: NCCL makes its communicators at a group's first collective, after the model is loaded, and
+    # exchanges their ids through the store, whose waits would otherwise stay bounded by the rendezvous
+    # timeout (a rank loading a large model a minute after another failed with "wait timeout").
     from torch.distributed import distributed_c10d as c10d
 
     bound = timedelta(seconds=rv.collective_timeout_s)
+    c10d._get_default_store().set_timeout(bound)
     c10d._set_pg_timeout(bound)
     c10d.default_pg_timeout = bound
     c10d.default_pg_nccl_timeout = bound

@@ -96,16 +96,25 @@ class Precision:
     """What the weights are held in, and what the matmuls run in."""
 
     weights: torch.dtype
+    """What the model is loaded in: the trained weights, or with LoRA the frozen base."""
     compute: torch.dtype
     autocast: bool = False
-    """fp32 weights (and optimizer) with bf16 matmuls through torch.autocast (PyTorch's AMP)."""
+    """Matmuls in ``compute`` through torch.autocast (PyTorch's AMP); what trains is then held in fp32 and
+    DeepSpeed runs no precision wrapper (its bf16 optimizer's master copies and overflow checks)."""
+
+    @property
+    def engine_dtype(self) -> torch.dtype:
+        """The dtype DeepSpeed is told the trained weights have (its ``bf16``/``fp16`` sections)."""
+        return torch.float32 if self.autocast else self.weights
 
 
 def choose_precision(cfg: Config, device: torch.device, dtype: torch.dtype, ds: DeepSpeedPlan) -> Precision:
-    """``model.dtype: auto`` on a GPU without ZeRO: fp32 weights and optimizer with bf16 autocast, the
-    mixed precision of PyTorch's AMP, which needs no fp32 master copy beside bf16 weights and no
-    conversions between them at every step. Otherwise the weights are ``dtype`` (DeepSpeed keeps fp32
-    master weights for bf16 ones under ZeRO)."""
+    """``model.dtype: auto`` on a GPU without ZeRO: bf16 autocast, the mixed precision of PyTorch's AMP,
+    which needs no fp32 master copy beside bf16 weights and no conversions between them at every step.
+    Full fine-tuning then holds fp32 weights and optimizer; LoRA holds the frozen base in bf16 (2 bytes a
+    parameter, as the dry run counts it: fp32 would cost 4, and autocast would re-cast every frozen layer
+    at every micro-batch) and its adapters in fp32. Otherwise the weights are ``dtype`` (DeepSpeed keeps
+    fp32 master weights for bf16 ones under ZeRO)."""
     amp = (
         cfg.model.dtype == "auto"
         and device.type == "cuda"
@@ -113,7 +122,9 @@ def choose_precision(cfg: Config, device: torch.device, dtype: torch.dtype, ds: 
         and cfg.model.quantization == "none"
         and ds.stage == 0
     )
-    return Precision(torch.float32, dtype, autocast=True) if amp else Precision(dtype, dtype)
+    if not amp:
+        return Precision(dtype, dtype)
+    return Precision(dtype if cfg.lora.r > 0 else torch.float32, dtype, autocast=True)
 
 
 def render_ds_config(
@@ -126,7 +137,7 @@ def render_ds_config(
 ) -> dict[str, Any]:
     """The engine's JSON: the plan's template with its ``"auto"`` values filled from our config."""
     ds = copy.deepcopy(ds_plan.template)
-    dtype = precision.weights
+    dtype = precision.engine_dtype
     offload_opt = ds_plan.offload_optimizer
     h = hidden_size or 0
     values = {
@@ -153,6 +164,9 @@ def render_ds_config(
         "zero_optimization.stage3_param_persistence_threshold": 10 * h or int(1e5),
     }
     _fill_auto(ds, values, "", ds_plan.source)
+    # DeepSpeed's throughput timer defaults to on and synchronised: a device sync in every forward and step.
+    # distsft times steps with CUDA events instead; a DeepSpeed file that configures the timer keeps it.
+    ds.setdefault("timers", {"throughput": {"enabled": False, "synchronized": False}})
     if ds_plan.stage == 0:
         ds["zero_optimization"] = {"stage": 0}
     if ds_plan.loop_clips:

@@ -77,7 +77,8 @@ def evaluate(
         chunk = mine[i * micro_batch : (i + 1) * micro_batch]
         if chunk:
             parts = token_loss_sum(engine, to_device([rows[j] for j in chunk]), mode="chunked")
-            sums += torch.stack([parts.loss_sum.double(), parts.tokens.double()])
+            sums[0] += parts.loss_sum.double()
+            sums[1] += parts.tokens
         else:
             token_loss_sum(engine, to_device([rows[0]]), mode="chunked")
     if dist.is_initialized() and dist.get_world_size() > 1:

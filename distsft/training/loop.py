@@ -22,6 +22,7 @@ This package never imports the launcher: what it needs from where it runs comes 
 from __future__ import annotations
 
 import functools
+import math
 import os
 import time
 import warnings
@@ -59,14 +60,17 @@ from distsft.training.engine import (
     render_ds_config,
 )
 from distsft.training.evaluate import evaluate
-from distsft.training.loss import LossChoice, choose_loss_kernel, head_fusable
+from distsft.training.loss import LossChoice, add_loss_targets, choose_loss_kernel, head_fusable
 from distsft.training.profiling import StepProfiler, phase
 from distsft.training.step import (
+    Diverged,
     HangWatch,
     PendingStep,
     StepClock,
+    divergence,
     inject_fault,
     peak_memory_mb,
+    poisoned,
     read_pending,
     train_step,
 )
@@ -143,7 +147,7 @@ class Run:
 
         def to_device(rows: list[dict]) -> dict[str, Any]:
             batch = collate(rows, pad, lengths, plan.sequence_parallel)
-            batch = shard(batch) if shard else batch
+            batch = add_loss_targets(shard(batch) if shard else batch)
             return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
         self.to_device = to_device
@@ -171,6 +175,7 @@ class Run:
         profile_dir = Path(cfg.output_dir) / "profile"
         self.profiler = StepProfiler(cfg.logging.profile_steps, profile_dir, ctx.rank, device.type == "cuda")
         self.save = _saver(cfg, ctx, self.engine, tokenizer)
+        self.last_saved = f"step {self.start_step}" if resume_from is not None else None
         self.summary: dict[str, Any] = {
             "steps": self.steps,
             "parameters": n_params,
@@ -208,6 +213,7 @@ class Run:
                 batches = inputs.to_device(self.device)
             clock.mark("data")
             scale = plan.grad_accum_steps * plan.world_size / max(inputs.global_supervised, 1)
+            scale = math.nan if poisoned(ctx.rank, done) else scale
             lr = engine.get_lr()[0]  # the rate this step's update uses; the scheduler moves on in step()
             inject_fault(ctx.rank, done)
             compute = self.precision.compute
@@ -241,11 +247,16 @@ class Run:
             for r in records:
                 ctx.report(r)
             ctx.flush()
+            diverged = divergence(records, self.last_saved)
+            if diverged:
+                ctx.wait()  # the records up to that step are written first
+                raise Diverged(diverged)
             summary["last"] = records[-1]
             stop = agree(ctx.should_stop(), ctx.rank, self.device)  # every rank saves the same step
             if stop or saves:
                 ctx.wait()
                 self.save(done)
+                self.last_saved = f"step {done}"
             if stop:
                 summary["stopped_at"] = done
                 return summary
@@ -284,6 +295,10 @@ def _engine(
 
     def build_model() -> Any:
         model = load_model(cfg.model, precision.weights, runs_attn, cfg.train.seed, cfg.lora, vocab_size)
+        if precision.autocast:  # what trains is held in fp32 (peft upcasts its adapters; whole layers too)
+            for p in model.parameters():
+                if p.requires_grad and p.dtype != torch.float32:
+                    p.data = p.data.float()
         tiled = cfg.model.tiled_mlp and tile_mlps(model, tokens_per_micro_batch, traits.hidden_size)
         if cfg.model.tiled_mlp and not tiled and ctx.rank == 0:
             print("model.tiled_mlp: this model has no dense MLP to tile (its experts are not tiled)", flush=True)
@@ -344,6 +359,8 @@ def describe_engine(
 ) -> str:
     amp = f", {str(precision.compute).removeprefix('torch.')} autocast" if precision.autocast else ""
     weights = str(precision.weights).removeprefix("torch.")
+    if precision.autocast and precision.weights != torch.float32:
+        weights = f"{weights} frozen base, float32 adapter"
     line = f"engine: DeepSpeed {ds.describe()} x {plan.world_size}, {weights} weights{amp}, attention {attn}"
     if plan.sequence_parallel > 1:
         line += f" (Ulysses sequence parallel {plan.sequence_parallel} x data parallel {plan.data_parallel})"

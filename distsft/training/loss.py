@@ -29,7 +29,13 @@ import torch.nn.functional as F
 from distsft.data.tokenize import IGNORE_INDEX
 
 CHUNK_TOKENS = 2048
-"""Supervised positions per chunk: 2048 x 128k fp32 logits is 1 GiB at a time."""
+"""Supervised positions per chunk of the chunked loss: 2048 x 128k fp32 logits is 1 GiB at a time."""
+
+FUSED_CHUNK_LOGITS = 2**27
+"""Logits per chunk of the fused loss (512 MiB in fp32): its rows per chunk shrink as the vocabulary grows.
+A chunk costs about 8 bytes per logit at its peak (the matmul's output, its fp32 copy turned into the
+gradient in place, and that gradient in the compute dtype); beside it live the output layer's fp32
+gradient and one compute-dtype copy of its weight (128k x 2048: 1 GiB and 0.5 GiB)."""
 
 LossKernel = Literal["fused", "chunked", "plain"]
 
@@ -89,10 +95,33 @@ def head_fusable(model: Any, rescales_logits: bool) -> bool:
 class LossParts(NamedTuple):
     loss_sum: torch.Tensor
     """Summed next-token cross-entropy over the supervised tokens (fp32)."""
-    tokens: torch.Tensor
-    """How many tokens it sums over (a device tensor: reading it is the caller's choice of host sync)."""
+    tokens: int
+    """How many tokens it sums over (known on the host: the supervised positions are counted there)."""
     aux: torch.Tensor | None
     """The router's load-balancing loss of this forward (a mean over its tokens), when asked for."""
+
+
+LOSS_INDEX, LOSS_TARGET = "loss_index", "loss_target"
+"""Batch keys of ``add_loss_targets``: where the next token is supervised (flat positions) and that token."""
+
+
+def add_loss_targets(batch: dict[str, Any]) -> dict[str, Any]:
+    """``batch`` with the flat positions whose next token is supervised and those tokens, computed on the
+    host (the input pipeline's thread), so the loss selects them on the device by ``index_select``: a
+    boolean mask there has a data-dependent size, which waits for the device (a host sync per micro-batch)."""
+    shifted = _shifted_labels(batch)
+    index = (shifted.flatten() != IGNORE_INDEX).nonzero().flatten()
+    return {**batch, LOSS_INDEX: index, LOSS_TARGET: shifted.flatten()[index]}
+
+
+def _shifted_labels(batch: dict[str, Any]) -> torch.Tensor:
+    """The next token of every position (Hugging Face convention: ``labels`` align with ``input_ids``), unless
+    the batch brings ``shift_labels`` (a sequence-parallel slice: already shifted, aligned with the logits)."""
+    shifted = batch.get("shift_labels")
+    if shifted is None:
+        shifted = torch.full_like(batch["labels"], IGNORE_INDEX)
+        shifted[:, :-1] = batch["labels"][:, 1:]
+    return shifted
 
 
 def token_loss_sum(
@@ -106,34 +135,34 @@ def token_loss_sum(
 
     A sum, not a mean: the caller divides by the supervised-token count of the whole optimizer step (or
     eval set), which is what makes the loss independent of how rows are packed, batched or sharded.
-    Labels are shifted here (Hugging Face convention: ``labels`` align with ``input_ids``), unless the batch
-    brings ``shift_labels`` (already shifted, aligned with the logits). A model's
-    final-logit soft-capping (Gemma-2) applies to exactly the logits computed. ``compute_dtype`` is what the
-    fused loss's matmuls run in (bf16 under autocast, where the weights are fp32); default: the weights'.
+    The supervised positions come from ``add_loss_targets`` (on the host, ahead of time; computed here,
+    with a host sync, for a batch without them). A model's final-logit soft-capping (Gemma-2) applies to
+    exactly the logits computed. ``compute_dtype`` is what the fused loss's matmuls run in (bf16 under
+    autocast, where the weights are fp32); default: the weights'.
     """
-    inputs = {k: v for k, v in batch.items() if k not in ("labels", "shift_labels")}
+    if LOSS_INDEX not in batch:
+        batch = add_loss_targets(batch)
+    index, target = batch[LOSS_INDEX], batch[LOSS_TARGET]
+    skip = ("labels", "shift_labels", LOSS_INDEX, LOSS_TARGET)
+    inputs = {k: v for k, v in batch.items() if k not in skip}
     if router_loss:
         inputs["output_router_logits"] = True
-    shifted = batch.get("shift_labels")  # a sequence-parallel slice comes with its labels already shifted
-    if shifted is None:
-        shifted = torch.full_like(batch["labels"], IGNORE_INDEX)
-        shifted[:, :-1] = batch["labels"][:, 1:]
-    positions = shifted != IGNORE_INDEX  # where the next token is supervised
+    tokens = index.numel()
     if not selects_logits(model):
         out = model(**inputs, use_cache=False)
-        loss = F.cross_entropy(out.logits.flatten(0, 1).float(), shifted.flatten(), reduction="sum")
-        return LossParts(loss, positions.sum(), getattr(out, "aux_loss", None) if router_loss else None)
-    target = shifted[positions]
+        loss = _ce(out.logits.flatten(0, 1).index_select(0, index), target)
+        return LossParts(loss, tokens, getattr(out, "aux_loss", None) if router_loss else None)
+    head = output_head(model)
+    # The output layer sees only the supervised positions' hidden states (prompt tokens need no logits);
+    # logits_to_keep=0 keeps every position up to it, and the hook selects them with the host's index.
+    with _select_head_input(head, index, take=mode == "fused") as hidden:
+        out = model(**inputs, use_cache=False, logits_to_keep=0)
     if mode == "fused":
-        head = output_head(model)
-        with _capture_head_input(head) as hidden:
-            out = model(**inputs, use_cache=False, logits_to_keep=positions)
         softcap = getattr(_text_config(model), "final_logit_softcapping", None)
         loss = fused_linear_cross_entropy(hidden[0], head.weight, target, softcap=softcap, compute_dtype=compute_dtype)
-    else:
-        out = model(**inputs, use_cache=False, logits_to_keep=positions)  # (supervised, vocab)
+    else:  # out.logits: (supervised, vocab)
         loss = chunked_cross_entropy(out.logits, target) if mode == "chunked" else _ce(out.logits, target)
-    return LossParts(loss, positions.sum(), getattr(out, "aux_loss", None) if router_loss else None)
+    return LossParts(loss, tokens, getattr(out, "aux_loss", None) if router_loss else None)
 
 
 def _ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -170,7 +199,7 @@ class _FusedLinearCE(torch.autograd.Function):
                 z = capped * softcap
             lse = torch.logsumexp(z, dim=-1)
             loss += (lse - z.gather(1, t[:, None]).squeeze(1)).sum()
-            g = torch.exp(z - lse[:, None])  # softmax: d loss / d logits, less the one-hot below
+            g = z.sub_(lse[:, None]).exp_()  # softmax, in place: d loss / d logits, less the one-hot below
             g[torch.arange(len(t), device=g.device), t] -= 1.0
             if softcap:
                 g *= 1.0 - capped * capped
@@ -202,7 +231,8 @@ def fused_linear_cross_entropy(
     compute_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     dtype = compute_dtype or weight.dtype
-    return _FusedLinearCE.apply(hidden, weight, target, chunk or CHUNK_TOKENS, softcap, dtype)
+    chunk = chunk or max(256, min(4 * CHUNK_TOKENS, FUSED_CHUNK_LOGITS // max(weight.shape[0], 1)))
+    return _FusedLinearCE.apply(hidden, weight, target, chunk, softcap, dtype)
 
 
 def output_head(model: Any) -> Any:
@@ -216,19 +246,23 @@ def _text_config(model: Any) -> Any:
     return text_config(getattr(model, "module", model).config)
 
 
-class _capture_head_input:
-    """While active, the output layer hands its input (the hidden states at the selected positions) to the
-    caller and computes logits for none of them, so the fused loss can take over."""
+class _select_head_input:
+    """While active, the output layer computes logits only for the hidden states at ``index`` (flat
+    positions); with ``take``, it hands those hidden states to the caller and computes none (the fused
+    loss takes over)."""
 
-    def __init__(self, head: Any) -> None:
-        self.head, self.hidden, self.handle = head, [], None
+    def __init__(self, head: Any, index: torch.Tensor, take: bool) -> None:
+        self.head, self.index, self.take, self.hidden, self.handle = head, index, take, [], None
 
     def __enter__(self) -> list[torch.Tensor]:
-        def take(module, args):
-            self.hidden.append(args[0])
-            return (args[0][..., :0, :],)
+        def select(module, args):
+            h = args[0].flatten(0, -2).index_select(0, self.index)
+            if not self.take:
+                return (h,)
+            self.hidden.append(h)
+            return (h[:0],)
 
-        self.handle = self.head.register_forward_pre_hook(take)
+        self.handle = self.head.register_forward_pre_hook(select)
         return self.hidden
 
     def __exit__(self, *exc) -> None:
@@ -236,8 +270,9 @@ class _capture_head_input:
 
 
 def selects_logits(model: Any) -> bool:
-    """Whether the model takes a boolean ``logits_to_keep`` mask (transformers models that slice through
-    ``slice_logits_to_keep``, which recent releases use for nearly every causal LM)."""
+    """Whether the model's logits are its output layer applied to the hidden states it slices with
+    ``logits_to_keep`` (``slice_logits_to_keep``, which recent releases use for nearly every causal LM), so
+    the output layer may be handed only the supervised positions."""
     module = getattr(model, "module", model)  # a DeepSpeed engine wraps the model
     return _selects_logits(type(module))
 

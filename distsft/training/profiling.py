@@ -16,6 +16,9 @@ from typing import Any
 import torch
 
 PHASES = ("data", "forward", "backward", "optimizer")
+SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+"""The CUDA runtime calls that make the host wait for the device (``.item()``, a blocking copy to the host,
+a data-dependent shape, ``torch.cuda.synchronize()``)."""
 
 
 def phase(name: str):
@@ -73,8 +76,9 @@ def summarize(prof: Any, steps: int, cuda: bool) -> str:
             row += f"{_device_time(e) / 1e3 / steps:>10.1f}"
         lines.append(row)
     if cuda:
-        syncs = sum(e.count for e in events if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize"))
-        lines.append(f"host syncs (cudaStream/DeviceSynchronize): {syncs / steps:.1f} per step")
+        # The one cudaDeviceSynchronize that closes the profile (step_ends) is not the steps'.
+        syncs = sum(e.count for e in events if e.key in SYNC_CALLS) - 1
+        lines.append(f"host syncs (cudaStream/Device/EventSynchronize): {syncs / steps:.1f} per step")
     sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
     lines += ["", events.table(sort_by=sort, row_limit=25, max_name_column_width=60)]
     return "\n".join(lines) + "\n"

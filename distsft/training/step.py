@@ -3,6 +3,7 @@ and reading the pending steps' records (the only host sync, every ``train.log_ev
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from distsft.config import BatchPlan
+from distsft.errors import DistsftError
 from distsft.training.loss import LossKernel, token_loss_sum
 from distsft.training.profiling import phase
 
@@ -53,6 +55,31 @@ def inject_fault(rank: int, step: int) -> None:
             os.kill(os.getpid(), signal.SIGSTOP)
             return
         raise RuntimeError(f"injected failure ({var}={spec})")
+
+
+def poisoned(rank: int, step: int) -> bool:
+    """Fault injection for tests: ``DISTSFT_NAN_AT=RANK:STEP`` makes that rank's gradients of that step NaN
+    (a diverging run, without waiting for one)."""
+    return f"{rank}:{step}" in os.environ.get("DISTSFT_NAN_AT", "").split(",")
+
+
+class Diverged(DistsftError):
+    """A non-finite loss or gradient norm: the weights after that step are not worth keeping."""
+
+
+def divergence(records: list[dict[str, Any]], last_checkpoint: str | None) -> str | None:
+    """What to say of the first record whose loss or gradient norm is not finite, or None. The loop asks
+    where records are read, which is always before a checkpoint is written, so no checkpoint holds the
+    weights a non-finite step produced, and none is rotated away by one that would."""
+    for r in records:
+        bad = [f"{k} {r[k]}" for k in ("loss", "grad_norm") if r.get(k) is not None and not math.isfinite(r[k])]
+        if bad:
+            return (
+                f"step {r['step']}: {' and '.join(bad)}; the run stops without saving these weights (last "
+                f"checkpoint: {last_checkpoint or 'none'}); lower train.lr or raise train.warmup_steps, then "
+                "launch again to continue from that checkpoint"
+            )
+    return None
 
 
 class HangWatch:

@@ -8,7 +8,9 @@ DeepSpeed ALST's ``TiledMLP`` (``deepspeed/runtime/sequence_parallel/ulysses_sp.
 the tokens are split into exactly ``tiles`` parts (``tensor_split``; ``torch.chunk`` may return fewer),
 because under ZeRO-3 every rank must run the MLP's layers the same number of times (each run gathers
 their weights in a collective), whatever its row width. Like DeepSpeed's, it tells ZeRO not to reduce a
-weight's gradient until the last tile has added to it.
+weight's gradient until the last tile has added to it. The backward pass recomputes under the autocast
+state of the forward pass (autograd runs it on its own thread, where autocast is off), as
+``torch.utils.checkpoint`` does: the same bf16 forward, not an fp32 one.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ class _TiledMLP(torch.autograd.Function):
     def forward(ctx, forward, x, tiles, params):  # noqa: D401 - autograd signature
         ctx.forward, ctx.tiles = forward, tiles
         ctx.params = [p for p in params if p.requires_grad]
+        device = x.device.type
+        ctx.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
         ctx.save_for_backward(x)
         flat = x.reshape(-1, x.shape[-1])
         with torch.no_grad():
@@ -41,7 +45,8 @@ class _TiledMLP(torch.autograd.Function):
             for p in ctx.params:  # ZeRO reduces a gradient when this is True: only after the last tile
                 p.ds_grad_is_ready = i == ctx.tiles - 1
             leaf = part.detach().requires_grad_(x.requires_grad)
-            with torch.enable_grad():
+            device, dtype, enabled = ctx.autocast
+            with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
                 out = ctx.forward(leaf)
             torch.autograd.backward(out, g)
             if grad_x is not None:
