@@ -65,7 +65,7 @@ def main() -> None:
     weight_mib = args.vocab * args.hidden * weight.element_size() / 2**20
     name = torch.cuda.get_device_name() if gpu else "CPU"
     print(f"{name}: vocab {args.vocab}, hidden {args.hidden}, {args.tokens} supervised tokens, {args.weights} "
-          f"output weight ({weight_mib:.0f} MiB); a micro-batch's fp32 logits would be {logits_mib:.0f} MiB")  # fmt: skip
+          f"output weight ({weight_mib:.0f} MiB); a micro-batch's fp32 logits: {logits_mib:.0f} MiB")  # fmt: skip
     print(f"{'loss':<10}{'ms':>10}{'peak MiB':>12}")
     for mode in ("fused", "chunked", "plain"):
         runs = [measure(mode, hidden, weight, target) for _ in range(args.repeats)]
