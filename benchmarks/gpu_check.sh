@@ -14,15 +14,17 @@
 #
 # Here, once (kept out of git by .git/info/exclude):
 #   bash ../shared/gpu/fetch_wheels.sh .whl transformers==5.25.0 huggingface_hub==2.4.0 httpx2 httpcore2 \
-#     truststore peft==0.21.2 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 trl==1.16.0 kernels click \
+#     truststore peft==0.21.2 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 trl==1.16.0 click \
 #     anyio idna regex fsspec==2026.9.0 typing_extensions
 # There (the device tool, carry [".whl"]): bash benchmarks/gpu_check.sh   -> logs and figures in $OUT
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/distsft-gpu}
 mkdir -p "$OUT"
-# 9.0a (the image's) breaks DeepSpeed's op builder; distsft compiles nothing by default, but say it anyway
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TORCH_CUDA_ARCH_LIST=9.0
+# TORCH_CUDA_ARCH_LIST stays the image's: 9.0 made inductor's flex_attention templates fail (NoValidChoicesError);
+# distsft compiles no DeepSpeed op by default (9.0a breaks its op builder: set 9.0 only for that).
+# USE_HUB_KERNELS=0 for TRL's own from_pretrained (distsft passes use_kernels=False itself)
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 USE_HUB_KERNELS=0
 export DISTSFT_GPU_REPORT=$OUT/figures.jsonl
 : > "$DISTSFT_GPU_REPORT"
 T0=$SECONDS

@@ -182,3 +182,41 @@ def test_non_finite_records_are_named_by_step():
     assert divergence([{"step": 4, "loss": 1.0, "grad_norm": 2.0}], None) is None
     said = divergence([{"step": 4, "loss": float("inf"), "grad_norm": None}], "step 2")
     assert said.startswith("step 4: loss inf") and "step 2" in said
+
+
+def test_models_load_without_hub_kernels(monkeypatch):
+    """transformers 5.2x swaps layers for kernels downloaded from the Hub on a GPU unless told not to: code
+    from the network at load time, which fails offline (seen on an H200: 'kernels-community/rotary is not
+    available in the local cache'). Every model distsft loads says use_kernels=False."""
+    from transformers import AutoModelForCausalLM
+
+    from distsft.config import ModelConfig
+    from distsft.model import loading
+
+    calls = []
+    real = AutoModelForCausalLM.from_pretrained.__func__
+
+    def spy(cls, *args, **kwargs):
+        calls.append(kwargs.get("use_kernels"))
+        return real(cls, *args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(spy))
+    loading.load_model(ModelConfig(path="demo"), torch.float32, "sdpa", 0)
+    assert calls == [False], calls
+
+
+def test_doctor_says_which_gpu_settings_the_workers_run_with():
+    from distsft.config.cluster import ClusterConfig, WorkerResources
+    from distsft.launcher.doctor import gpu_finding
+
+    cluster = ClusterConfig(resources_per_worker=WorkerResources(cpus=1, gpus=1), collective_timeout_s=900)
+    nodes = [{"NodeManagerAddress": "198.51.100.1", "Resources": {"GPU": 8}}]
+    seen = {"ip": "198.51.100.1", "gpus": 8, "gpu_name": "NVIDIA H200", "native_bf16": True, "env": {}}
+    ok = gpu_finding(cluster, nodes, [seen])
+    assert ok.ok and "expandable_segments:True (distsft's)" in ok.text and "collective_timeout_s=900s" in ok.text
+    mine = gpu_finding(cluster, nodes, [{**seen, "env": {"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:512"}}])
+    assert "max_split_size_mb:512 (the cluster's)" in mine.text
+    hangs = gpu_finding(cluster, nodes, [{**seen, "env": {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "0"}}])
+    assert not hangs.ok and "hangs" in hangs.text
+    old = gpu_finding(cluster, nodes, [{**seen, "native_bf16": False, "gpu_name": "Tesla V100"}])
+    assert not old.ok and "emulate bf16" in old.text

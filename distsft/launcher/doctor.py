@@ -344,7 +344,37 @@ def gpu_finding(cluster: ClusterConfig, nodes: list[dict[str, Any]], reduced: li
             "there, and that Ray was started with the node's GPUs (`ray start --num-gpus`)",
         )
     per_node = ", ".join(f"{n['NodeManagerAddress']} {n.get('Resources', {}).get('GPU', 0):g}" for n in nodes)
-    return Finding("gpus", True, f"{reduced[0]['gpu_name']} seen by a worker on each node; GPUs in Ray: {per_node}")
+    emulated = [r["ip"] for r in reduced if not r.get("native_bf16", True)]
+    if emulated:
+        return Finding(
+            "gpus",
+            False,
+            f"the GPUs on {', '.join(emulated)} only emulate bf16 (V100, T4): model.dtype auto trains in fp32 there, "
+            "at a fraction of the speed; use GPUs with bf16 (Ampere or newer) or set model.dtype explicitly",
+        )
+    env = reduced[0].get("env", {})
+    if env.get("TORCH_NCCL_ASYNC_ERROR_HANDLING") == "0":
+        return Finding(
+            "gpus",
+            False,
+            "TORCH_NCCL_ASYNC_ERROR_HANDLING=0 on the workers: a timed-out NCCL collective then hangs instead of "
+            "ending the worker; unset it (torch's default ends the worker, and Ray restarts the group)",
+        )
+    return Finding(
+        "gpus",
+        True,
+        f"{reduced[0]['gpu_name']} seen by a worker on each node; GPUs in Ray: {per_node}; "
+        + gpu_settings(env, cluster.collective_timeout_s),
+    )
+
+
+def gpu_settings(env: dict[str, str], collective_timeout_s: float) -> str:
+    """What the workers will run with: distsft's choices, or the cluster's own settings where they override."""
+    alloc = env.get("PYTORCH_ALLOC_CONF") or env.get("PYTORCH_CUDA_ALLOC_CONF")
+    parts = [f"allocator {alloc} (the cluster's)" if alloc else "allocator expandable_segments:True (distsft's)"]
+    parts.append(f"NCCL async error handling {env.get('TORCH_NCCL_ASYNC_ERROR_HANDLING') or '3 (torch default)'}")
+    parts.append(f"collectives bounded by collective_timeout_s={collective_timeout_s:g}s")
+    return "; ".join(parts)
 
 
 def disk_finding(cfg: Config, cluster: ClusterConfig, storage_path: str | None, infos: dict[str, Any]) -> Finding:

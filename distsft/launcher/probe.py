@@ -121,6 +121,16 @@ def free_disk(storage_path: str | None) -> dict[str, Any]:
     return {"path": str(where), "free": usage.free, "device": os.stat(where).st_dev}
 
 
+GPU_SETTINGS = (
+    "PYTORCH_ALLOC_CONF",
+    "PYTORCH_CUDA_ALLOC_CONF",
+    "TORCH_NCCL_ASYNC_ERROR_HANDLING",
+    "TORCH_NCCL_BLOCKING_WAIT",
+    "NCCL_DEBUG",
+)
+"""The environment a GPU worker sees that changes what distsft chose (``doctor`` says which hold)."""
+
+
 class ReduceProbe:
     """One worker of the doctor's all-reduce (a Ray actor on one node)."""
 
@@ -146,7 +156,10 @@ class ReduceProbe:
         took = time.perf_counter() - t0
         dist.destroy_process_group()
         gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        native_bf16 = bool(gpus) and torch.cuda.is_bf16_supported(including_emulation=False)
         return {
+            "env": {k: os.environ[k] for k in GPU_SETTINGS if k in os.environ},
+            "native_bf16": native_bf16,
             "ip": rv.node_ip,
             "interface": os.environ.get(IFNAME_VARS[1] if rv.backend == "nccl" else IFNAME_VARS[0]),
             "sum": total.item(),

@@ -21,6 +21,7 @@ def generate(
 
     hf_logging.disable_progress_bar()
 
+    from distsft.model.loading import NO_HUB_KERNELS
     from distsft.model.lora import adapter_base, is_adapter_dir, with_adapter
 
     adapter = is_adapter_dir(model_dir)
@@ -28,7 +29,7 @@ def generate(
         raise DistsftError(f"--model {model_dir}: not a model directory (no config.json nor adapter_config.json)")
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     base = adapter_base(model_dir) if adapter else model_dir
-    model = AutoModelForCausalLM.from_pretrained(base, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(base, trust_remote_code=trust_remote_code, **NO_HUB_KERNELS)
     model = (with_adapter(model, model_dir) if adapter else model).eval()
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     if not tokenizer.chat_template:

@@ -23,6 +23,10 @@ from distsft.model.traits import ModelTraits, choose_attention, model_class, rea
 DEMO_MODEL = DEMO_DIR / "model"
 DEMO_TOKENIZER = DEMO_DIR / "tokenizer"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+NO_HUB_KERNELS = {"use_kernels": False}
+"""For every ``from_pretrained`` of a model: transformers 5.2x swaps layers for kernels it downloads from the
+Hub on a GPU by default (``use_kernels=None`` means yes): code from the network at load time, which fails
+offline ("kernels-community/rotary is not available in the local cache") and runs what nobody chose."""
 
 
 def resolve_dtype(cfg: ModelConfig, device: torch.device, probe: bool = True) -> torch.dtype:
@@ -204,6 +208,7 @@ def load_model(
         attn_implementation=attn_implementation,
         trust_remote_code=cfg.trust_remote_code,
         revision=None if cfg.path == "demo" else cfg.revision,
+        **NO_HUB_KERNELS,
         **({"quantization_config": quantization} if quantization is not None else {}),
         **src.kwargs(),
     )

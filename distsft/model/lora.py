@@ -178,8 +178,10 @@ def merge(adapter_dir: Path, out: Path, dtype: torch.dtype, trust_remote_code: b
     """A plain Hugging Face model whose weights are base + scaled BA (the base loaded unquantised)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from distsft.model.loading import NO_HUB_KERNELS
+
     base = AutoModelForCausalLM.from_pretrained(
-        adapter_base(adapter_dir), dtype=dtype, trust_remote_code=trust_remote_code
+        adapter_base(adapter_dir), dtype=dtype, trust_remote_code=trust_remote_code, **NO_HUB_KERNELS
     )
     merged = with_adapter(base, adapter_dir).merge_and_unload()
     tmp = out.with_name(out.name + ".tmp")
