@@ -165,7 +165,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     from distsft import checkpoint
     from distsft.checkpoint import storage
-    from distsft.checkpoint.export import export
+    from distsft.checkpoint.export import check_out, export
 
     ckpt = checkpoint.resolve(args.run_dir)
     if args.step is not None:
@@ -180,6 +180,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         out = Path(f"{storage.name(args.run_dir)}-export-step-{step}{suffix}")
     else:
         out = Path(args.run_dir) / f"export-step-{step}{suffix}"
+    check_out(out, ckpt, [] if storage.is_remote(args.run_dir) else [Path(args.run_dir)])
     export(ckpt, out, dtype=args.dtype, max_shard_size=args.max_shard_size, merge=args.merge)
     print(f"exported step {step} from {ckpt} to {out} ({args.dtype}{', merged' if args.merge else ''})")
     return 0

@@ -24,14 +24,50 @@ def write_atomic(path: Path, text: str, durable: bool = False) -> None:
         fsync_dir(path.parent)
 
 
+def scratch_beside(out: Path) -> Path:
+    """A new, empty directory next to ``out`` (same filesystem, so it can be renamed into place), under a
+    name nobody else uses: never an existing directory of the user's."""
+    import tempfile
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+
+
 def publish_dir(tmp: Path, out: Path) -> None:
-    """Move a directory built under a temporary name into place, replacing what was there: readers see the
-    old directory, no directory, or the whole new one, never a half-written one under ``out``'s name."""
+    """Move a directory built under a temporary name into place, replacing what was there: at every instant
+    ``out`` is the whole old directory or the whole new one. Linux swaps the two in one ``renameat2``
+    (RENAME_EXCHANGE) and the old one is removed afterwards; where the filesystem cannot swap, the old one
+    is first renamed aside (a crash between the two renames leaves both, whole, and no ``out``)."""
     import shutil
 
-    if out.exists():
-        shutil.rmtree(out)
+    if not out.exists():
+        tmp.rename(out)
+        return
+    if _exchange(tmp, out):
+        shutil.rmtree(tmp)
+        return
+    aside = out.with_name(f".{out.name}.old-{os.getpid()}")
+    out.rename(aside)
     tmp.rename(out)
+    shutil.rmtree(aside)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2 with RENAME_EXCHANGE); False where that is unsupported."""
+    import ctypes
+    import errno
+
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(str(a)), at_fdcwd, os.fsencode(str(b)), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
 
 
 def fsync_dir(path: Path) -> None:

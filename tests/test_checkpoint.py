@@ -152,6 +152,44 @@ def test_export_command_and_dtype(tmp_path, cli):
     assert code == 2 and "no complete checkpoint" in err
 
 
+def test_export_never_destroys_what_is_at_its_target(tmp_path, cli, monkeypatch):
+    """``--out`` the run itself, a directory above it, the working directory, or someone's files: refused in
+    one line with nothing touched; the same checkpoint's export is replaced in one step (a crash leaves
+    the old or the new one); another checkpoint's export is not. The run's own final/ is replaced by the
+    next export of the same run."""
+    out = tmp_path / "run"
+    launch_local(ckpt_cfg(out, "train.max_steps=4", "checkpoint.keep_last=2"), quiet=True)
+    before = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    monkeypatch.chdir(tmp_path)
+    for target, said in ((out, "it holds"), (tmp_path, "it holds"), (".", "it holds"), (mine, "not an export")):
+        code, _, err = cli("export", str(out), "--out", str(target))
+        assert code == 2 and said in err and len(err.strip().splitlines()) == 1, (target, err)
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == before
+    assert (mine / "notes.txt").read_text() == "keep me"
+
+    exported = tmp_path / "exported"
+    assert cli("export", str(out), "--out", str(exported))[0] == 0
+    assert cli("export", str(out), "--out", str(exported), "--dtype", "bf16")[0] == 0  # the same checkpoint again
+    code, _, err = cli("export", str(out), "--step", "2", "--out", str(exported))
+    assert code == 2 and "another checkpoint's export" in err
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no scratch left behind
+
+    from distsft.host import publish_dir
+
+    new = tmp_path / "new"
+    new.mkdir()
+    (new / "a").write_text("new")
+    publish_dir(new, exported)  # swapped in one step, the old one removed
+    assert [p.name for p in exported.iterdir()] == ["a"] and not new.exists()
+    launch_local(
+        ckpt_cfg(out, "train.max_steps=5", "checkpoint.keep_last=2", "checkpoint.allow_changes=true"), quiet=True
+    )
+    assert json.loads((out / "final" / "distsft_export.json").read_text())["step"] == 5
+
+
 def test_sigterm_saves_the_current_step_and_the_same_command_continues(tmp_path):
     out = tmp_path / "run"
     cmd = [

@@ -21,36 +21,94 @@ from typing import Any
 from distsft.checkpoint import storage
 from distsft.checkpoint import store as checkpoint
 from distsft.errors import ConfigError
-from distsft.host import publish_dir
+from distsft.host import publish_dir, scratch_beside
 from distsft.model.lora import is_adapter_dir, write_adapter
 from distsft.model.lora import merge as merge_adapter
 
 DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
-def export(ckpt: Path, out: Path, dtype: str = "fp32", max_shard_size: str = "5GB", merge: bool = False) -> Path:
+MARKER = "distsft_export.json"
+"""Written into every export: which checkpoint it came from (what ``check_out`` lets an export replace)."""
+
+
+def check_out(out: Path, ckpt: checkpoint.Location, run_dirs: list[Path], same_run: bool = False) -> None:
+    """Refuse an export target that would destroy something: the run's own directories or any directory above
+    them, a file, or an existing non-empty directory that is not a previous export of the same checkpoint
+    (``same_run``: of any checkpoint of the same run, as a run's own ``final/`` is)."""
+    target = out.resolve()
+    for held in [*run_dirs, *([] if storage.is_remote(ckpt) else [Path(ckpt)])]:
+        held = held.resolve()
+        if target == held or target in held.parents:
+            raise ConfigError(f"--out {out}: it holds {held} (the run: checkpoints, metrics); choose a new directory")
+    if target.exists() and not target.is_dir():
+        raise ConfigError(f"--out {out}: a file is there; choose a directory")
+    if not target.is_dir() or not any(target.iterdir()):
+        return
+    made = _marker(target)
+    if made is None:  # a run's own final/ exported before exports were marked is still its own
+        same = same_run and any((target / f).is_file() for f in ("config.json", "adapter_config.json"))
+    elif same_run:
+        same = str(storage.parent(made["checkpoint"])) == str(storage.parent(identity(ckpt)))
+    else:
+        same = str(made["checkpoint"]) == identity(ckpt)
+    if not same:
+        what = "another checkpoint's export" if made else "not an export of distsft"
+        raise ConfigError(
+            f"--out {out}: the directory exists and is {what} ({sum(1 for _ in target.iterdir())} entries); "
+            "choose a new directory, or remove it yourself"
+        )
+
+
+def identity(ckpt: checkpoint.Location) -> str:
+    """How an export names its checkpoint: the URI, or the absolute path."""
+    return str(ckpt) if storage.is_remote(ckpt) else str(Path(ckpt).resolve())
+
+
+def _marker(directory: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((directory / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def export(
+    ckpt: checkpoint.Location,
+    out: Path,
+    dtype: str = "fp32",
+    max_shard_size: str = "5GB",
+    merge: bool = False,
+    source: checkpoint.Location | None = None,
+) -> Path:
     """Write ``out`` (config, generation config, tokenizer, safetensors weights) from checkpoint ``ckpt``;
-    the directory appears under its final name only once complete. A LoRA checkpoint gives a PEFT adapter
-    directory, or with ``merge`` a plain model whose weights are base + scaled BA."""
-    if merge:
-        if not is_adapter_dir(ckpt / checkpoint.HF_DIR):
-            raise ConfigError(f"checkpoint {ckpt}: --merge needs a LoRA run; this one trained the whole model")
-        adapter = export(ckpt, out.with_name(out.name + ".adapter"), "fp32")
-        try:
-            return merge_adapter(adapter, out, _torch_dtype(dtype))
-        finally:
-            shutil.rmtree(adapter, ignore_errors=True)
-    if checkpoint.read_manifest(ckpt) is None:
+    the directory appears under its final name only once complete, and replaces what was there in one
+    step. A LoRA checkpoint gives a PEFT adapter directory, or with ``merge`` a plain model whose weights
+    are base + scaled BA. ``source``: the checkpoint ``ckpt`` is a local copy of (recorded in the marker)."""
+    manifest = checkpoint.read_manifest(ckpt)
+    if manifest is None:
         raise ConfigError(f"checkpoint {ckpt}: incomplete (no valid {checkpoint.MANIFEST}); refusing to export it")
     if storage.is_remote(ckpt):  # consolidate from a node-local copy of the bucket's files
         local = checkpoint.fetch(ckpt)
         try:
-            return export(local, out, dtype, max_shard_size, merge)
+            return export(local, out, dtype, max_shard_size, merge, source=ckpt)
         finally:
             storage.remove(local)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    ckpt = Path(ckpt)
+    marker = {MARKER: json.dumps({"checkpoint": identity(source or ckpt), "step": manifest.get("step")}) + "\n"}
+    if merge:
+        if not is_adapter_dir(ckpt / checkpoint.HF_DIR):
+            raise ConfigError(f"checkpoint {ckpt}: --merge needs a LoRA run; this one trained the whole model")
+        scratch = scratch_beside(out)
+        try:
+            adapter = export(ckpt, scratch / "adapter", "fp32")
+            return merge_adapter(adapter, out, _torch_dtype(dtype), extra=marker)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    tmp = scratch_beside(out)
+    tmp.rmdir()
     shutil.copytree(ckpt / checkpoint.HF_DIR, tmp)
+    for name, text in marker.items():
+        (tmp / name).write_text(text)
     if is_adapter_dir(ckpt / checkpoint.HF_DIR):  # a LoRA run: a PEFT adapter directory
         state, _aliases = consolidated_state(ckpt, trainable_only=True)
         weights = {k: v.contiguous() for k, v in state.items()}

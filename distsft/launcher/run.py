@@ -23,7 +23,7 @@ from typing import Any
 
 from distsft import checkpoint
 from distsft.checkpoint import Location, ResumePlan, storage
-from distsft.checkpoint.export import export
+from distsft.checkpoint.export import check_out, export
 from distsft.config import Config, flatten, save_config
 from distsft.config.cluster import ClusterConfig
 from distsft.config.schema import is_inline_template
@@ -235,6 +235,7 @@ def _finish(
             flush=True,
         )
     elif cfg.checkpoint.final:
+        check_out(out / "final", latest, [] if storage.is_remote(root) else [Path(root)], same_run=True)
         export(latest, out / "final")
         summary["final_dir"] = str(out / "final")
     summary["wall_s"] = time.perf_counter() - t0

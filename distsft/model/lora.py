@@ -19,7 +19,7 @@ import torch
 
 from distsft.config import LoraConfig
 from distsft.errors import ConfigError
-from distsft.host import publish_dir
+from distsft.host import publish_dir, scratch_beside
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -174,8 +174,15 @@ def write_adapter(trainable: dict[str, torch.Tensor], hf_dir: Path, out: Path, d
     shutil.copy(hf_dir / ADAPTER_CONFIG, out / ADAPTER_CONFIG)
 
 
-def merge(adapter_dir: Path, out: Path, dtype: torch.dtype, trust_remote_code: bool = False) -> Path:
-    """A plain Hugging Face model whose weights are base + scaled BA (the base loaded unquantised)."""
+def merge(
+    adapter_dir: Path,
+    out: Path,
+    dtype: torch.dtype,
+    trust_remote_code: bool = False,
+    extra: dict[str, str] | None = None,
+) -> Path:
+    """A plain Hugging Face model whose weights are base + scaled BA (the base loaded unquantised), with
+    ``extra`` files (name -> text) beside it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from distsft.model.loading import NO_HUB_KERNELS
@@ -184,9 +191,10 @@ def merge(adapter_dir: Path, out: Path, dtype: torch.dtype, trust_remote_code: b
         adapter_base(adapter_dir), dtype=dtype, trust_remote_code=trust_remote_code, **NO_HUB_KERNELS
     )
     merged = with_adapter(base, adapter_dir).merge_and_unload()
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = scratch_beside(out)
     merged.save_pretrained(str(tmp), safe_serialization=True)
     AutoTokenizer.from_pretrained(str(adapter_dir)).save_pretrained(str(tmp))
+    for name, text in (extra or {}).items():
+        (tmp / name).write_text(text)
     publish_dir(tmp, out)
     return out
