@@ -169,3 +169,12 @@ def test_a_weighted_mixture_needs_every_weight_and_weighs_or_counts_an_entry(tmp
         load_config(None, ["data.path=[{path: a.jsonl, weight: -1}, {path: b.jsonl, weight: 1}]"])
     cfg = load_config(None, ["data.path=[{path: a.jsonl, weight: 0.7}, {path: b.jsonl, weight: 0.3}]"])
     assert [e.weight for e in cfg.data.path] == [0.7, 0.3]
+
+
+@pytest.mark.parametrize(
+    "override", ["train.lr=.inf", "train.epochs=.inf", "train.lr=.nan", "train.max_grad_norm=-.inf"]
+)
+def test_non_finite_numbers_are_refused_at_load(override):
+    """``v > 0`` holds for inf: a run on ``train.lr=.inf`` trained on NaN, saved and exported it."""
+    with pytest.raises(ConfigError, match="expected a finite number"):
+        load_config(None, [override])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -284,15 +285,18 @@ def _coerce_scalar(value: Any, tp: Any) -> Any:
         if isinstance(value, float) and value.is_integer():
             return int(value)
         raise ValueError("expected an integer")
-    if tp is float:
+    if tp is float:  # inf and nan (YAML's .inf, .nan) mean nothing for any key: a run on them diverges
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-5" (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "1e-5" (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ValueError("expected a number")
+        if number is not None and math.isfinite(number):
+            return number
+        raise ValueError("expected a finite number" if number is not None else "expected a number")
     if tp is str:
         if isinstance(value, str):
             return value
