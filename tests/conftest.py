@@ -68,3 +68,52 @@ def host_reference(tmp_path_factory):
     out = tmp_path_factory.mktemp("one-process")
     launch_local(load_config(None, [f"output_dir={out}", *SETS]), quiet=True)
     return out
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """A moto S3 server on loopback with a bucket ``ckpt``; yields the environment that reaches it."""
+    pytest.importorskip("moto")
+    import socket
+    import subprocess
+    import time
+
+    from distsft.checkpoint import storage
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [os.path.join(os.path.dirname(sys.executable), "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+    }
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    import pyarrow.fs as pafs
+
+    pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", allow_bucket_creation=True).create_dir(
+        "ckpt"
+    )
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    storage._buckets.clear()
+    yield env
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    storage._buckets.clear()
+    server.terminate()
+    server.wait(timeout=30)

@@ -6,62 +6,19 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 import yaml
 from conftest import REPO
-from raytest import SMALL, final_weights, free_port, metrics
+from raytest import SMALL, final_weights, metrics
 
 from distsft import checkpoint
 from distsft.checkpoint import storage
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    """A moto S3 server on loopback with a bucket ``ckpt``; yields the environment that reaches it."""
-    pytest.importorskip("moto")
-    port = free_port()
-    server = subprocess.Popen(
-        [os.path.join(os.path.dirname(sys.executable), "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    env = {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-    }
-    for _ in range(100):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            time.sleep(0.1)
-    import pyarrow.fs as pafs
-
-    pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", allow_bucket_creation=True).create_dir(
-        "ckpt"
-    )
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    storage._buckets.clear()
-    yield env
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    storage._buckets.clear()
-    server.terminate()
-    server.wait(timeout=30)
 
 
 def launch(out, cluster_file, *extra: str) -> list[str]:

@@ -8,16 +8,62 @@ its manifest exists and lists every file with its size, and a single object (or 
 the ``latest`` pointer. Credentials and endpoints come from the environment, never from config files:
 ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` / ``AWS_ENDPOINT_URL`` (S3-compatible servers such as
 MinIO), or Google's application default credentials.
+
+Unreadable is not absent: a read or a listing returns what is there, says "not there" only when the
+storage said so (a missing file or key), and otherwise retries transient errors (S3 throttling and 5xx,
+timeouts, NFS's EIO and ESTALE) with backoff for ``DISTSFT_STORAGE_RETRY_S`` seconds (default 60), then
+raises ``StorageError`` naming the location. Nothing that decides to start over or to delete acts on a
+read that failed.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
+import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from distsft.errors import ConfigError
+from distsft.errors import ConfigError, DistsftError
+
+T = TypeVar("T")
+TRANSIENT = {errno.EIO, errno.ESTALE, errno.ETIMEDOUT, errno.EAGAIN, errno.EINTR, errno.ECONNRESET, errno.EBUSY}
+
+
+class StorageError(DistsftError):
+    """A checkpoint location that could not be read or listed: not the same as one that holds nothing."""
+
+
+def retry_budget_s() -> float:
+    return float(os.environ.get("DISTSFT_STORAGE_RETRY_S", "60"))
+
+
+def reading(location: str | Path, what: str, fn: Callable[[], T], budget_s: float | None = None) -> T:
+    """``fn()``, retried with backoff while it fails transiently, for at most ``budget_s`` (default
+    ``DISTSFT_STORAGE_RETRY_S``); a missing file (``FileNotFoundError``) goes to the caller as it is, and any
+    other failure becomes one ``StorageError`` line."""
+    budget = retry_budget_s() if budget_s is None else budget_s
+    deadline, delay = time.monotonic() + budget, 0.5
+    while True:
+        try:
+            return fn()
+        except FileNotFoundError:
+            raise
+        except OSError as e:
+            transient = e.errno in TRANSIENT or e.errno is None  # object stores' errors carry no errno
+            if not transient or time.monotonic() + delay > deadline:
+                why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+                waited = f" for {budget:g}s" if transient and budget else ""
+                raise StorageError(
+                    f"checkpoint storage {location}: {what} failed{waited} ({why}); an unreadable checkpoint is not "
+                    "taken for a missing one, so nothing was started over or deleted: run again once it can be "
+                    "read (DISTSFT_STORAGE_RETRY_S sets how long to retry)"
+                ) from None
+            time.sleep(delay)
+            delay = min(delay * 2, 8.0)
+
 
 SCHEMES = ("s3://", "gs://")
 
@@ -71,33 +117,34 @@ class Bucket:
         """The filesystem's own path (``bucket/key``) of a URI under this bucket."""
         return str(location).split("://", 1)[1].rstrip("/")
 
-    def files(self, location: str | Path) -> dict[str, int]:
-        """Every object under ``location`` (relative key -> size); empty when there is none."""
+    def files(self, location: str | Path, budget_s: float | None = None) -> dict[str, int]:
+        """Every object under ``location`` (relative key -> size); empty only when the listing says so."""
         import pyarrow.fs as pafs
 
         base = self.path(location)
-        try:
-            infos = self.fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
-        except OSError:
-            return {}
+        selector = pafs.FileSelector(base, recursive=True, allow_not_found=True)
+        infos = reading(location, "listing", lambda: self.fs.get_file_info(selector), budget_s)
         return {i.path[len(base) + 1 :]: i.size for i in infos if i.type == pafs.FileType.File}
 
-    def children(self, location: str | Path) -> list[str]:
+    def children(self, location: str | Path, budget_s: float | None = None) -> list[str]:
         """Names of the 'directories' directly under ``location``."""
         import pyarrow.fs as pafs
 
         base = self.path(location)
-        try:
-            infos = self.fs.get_file_info(pafs.FileSelector(base, recursive=False, allow_not_found=True))
-        except OSError:
-            return []
+        selector = pafs.FileSelector(base, recursive=False, allow_not_found=True)
+        infos = reading(location, "listing", lambda: self.fs.get_file_info(selector), budget_s)
         return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
 
-    def read_text(self, location: str | Path) -> str | None:
-        try:
+    def read_text(self, location: str | Path, budget_s: float | None = None) -> str | None:
+        """The object's text; None only when the store says there is no such object."""
+
+        def read() -> str:
             with self.fs.open_input_stream(self.path(location)) as f:
                 return f.read().decode("utf-8")
-        except (OSError, FileNotFoundError):
+
+        try:
+            return reading(location, "reading", read, budget_s)
+        except FileNotFoundError:
             return None
 
     def write_text(self, location: str | Path, text: str) -> None:

@@ -42,38 +42,57 @@ def step_dir(root: Location, step: int) -> Location:
     return storage.join(root, f"{PREFIX}{step:08d}")
 
 
-def _files(ckpt: Location) -> dict[str, int]:
+def _files(ckpt: Location, budget_s: float | None = None) -> dict[str, int]:
     if storage.is_remote(ckpt):
-        return storage.bucket(ckpt).files(ckpt)
+        return storage.bucket(ckpt).files(ckpt, budget_s)
     ckpt = Path(ckpt)
-    return {f.relative_to(ckpt).as_posix(): f.stat().st_size for f in ckpt.rglob("*") if f.is_file()}
+
+    def listing() -> dict[str, int]:
+        return {f.relative_to(ckpt).as_posix(): f.stat().st_size for f in ckpt.rglob("*") if f.is_file()}
+
+    return storage.reading(ckpt, "listing", listing, budget_s)
 
 
-def _read(location: Location) -> str | None:
+def _read(location: Location, budget_s: float | None = None) -> str | None:
+    """The file's text; None only when it does not exist (anything else unreadable raises StorageError)."""
     if storage.is_remote(location):
-        return storage.bucket(location).read_text(location)
+        return storage.bucket(location).read_text(location, budget_s)
     try:
-        return Path(location).read_text()
-    except OSError:
+        return storage.reading(location, "reading", Path(location).read_text, budget_s)
+    except FileNotFoundError:
         return None
 
 
-def read_manifest(ckpt: Location) -> dict[str, Any] | None:
-    """The manifest if ``ckpt`` is complete (every listed file present with its size), else None."""
+def _size(path: Path, budget_s: float | None) -> int | None:
     try:
-        manifest = json.loads(_read(storage.join(ckpt, MANIFEST)) or "")
-        present = _files(ckpt) if storage.is_remote(ckpt) else None
-        for rel, size in manifest["files"].items():
-            have = present.get(rel) if present is not None else (Path(ckpt) / rel).stat().st_size
-            if have != size:
-                return None
-        return manifest
-    except (OSError, ValueError, KeyError):
+        return storage.reading(path, "reading", lambda: path.stat().st_size, budget_s)
+    except FileNotFoundError:
         return None
+
+
+def read_manifest(ckpt: Location, budget_s: float | None = None) -> dict[str, Any] | None:
+    """The manifest if ``ckpt`` is complete (every listed file present with its size); None when it is proven
+    incomplete (no manifest, a malformed one, a listed file missing or of another size). A manifest or file
+    that cannot be read raises ``StorageError``: unreadable is not incomplete."""
+    text = _read(storage.join(ckpt, MANIFEST), budget_s)
+    if text is None:
+        return None
+    try:
+        manifest = json.loads(text)
+        files = dict(manifest["files"])
+    except (ValueError, KeyError, TypeError):
+        return None
+    present = _files(ckpt, budget_s) if storage.is_remote(ckpt) else None
+    for rel, size in files.items():
+        have = present.get(rel) if present is not None else _size(Path(ckpt) / rel, budget_s)
+        if have != size:
+            return None
+    return manifest
 
 
 def find_latest(root: Location) -> Location | None:
-    """The newest complete checkpoint under ``root``; the pointer is a hint, the manifests decide."""
+    """The newest complete checkpoint under ``root``; the pointer is a hint, the manifests decide. None only
+    when the listing proves there is none; storage that cannot be read raises ``StorageError``."""
     steps = _step_dirs(root)
     pointer = (_read(storage.join(root, LATEST)) or "").strip()
     if pointer.startswith(PREFIX):
@@ -87,11 +106,20 @@ def find_latest(root: Location) -> Location | None:
     return None
 
 
-def _step_dirs(root: Location) -> list[Location]:
+def _step_dirs(root: Location, budget_s: float | None = None) -> list[Location]:
     if storage.is_remote(root):
-        return [storage.join(root, n) for n in storage.bucket(root).children(root) if n.startswith(PREFIX)]
+        names = storage.bucket(root).children(root, budget_s)
+        return [storage.join(root, n) for n in names if n.startswith(PREFIX)]
     root = Path(root)
-    return sorted(d for d in root.glob(f"{PREFIX}*") if d.is_dir()) if root.is_dir() else []
+
+    def listing() -> list[Location]:
+        with os.scandir(root) as entries:  # a root that cannot be listed raises; only a missing one is empty
+            return sorted(root / e.name for e in entries if e.name.startswith(PREFIX) and e.is_dir())
+
+    try:
+        return storage.reading(root, "listing", listing, budget_s)
+    except FileNotFoundError:
+        return []
 
 
 def resolve(path: Location) -> Location:
@@ -204,11 +232,24 @@ def _maybe_die_in_save(step: int, moment: str = "shards") -> None:
 
 
 def _purge(root: Location, keep_last: int, keep: Location) -> None:
-    """Old complete checkpoints beyond ``keep_last`` and leftovers of crashed saves; never ``keep``. A
-    checkpoint is deleted manifest first, so it stops counting before it loses a file."""
-    steps = _step_dirs(root)
-    complete = [d for d in steps if read_manifest(d) is not None]
-    stale = [d for d in complete[:-keep_last] if d != keep] + [d for d in steps if d not in complete and d != keep]
+    """Old complete checkpoints beyond ``keep_last`` and leftovers of crashed saves (proven incomplete: their
+    manifest is missing or does not match the files listed); never ``keep``, and never a checkpoint that
+    could not be read, which is kept and named once. A checkpoint is deleted manifest first, so it stops
+    counting before it loses a file. It runs between two collectives: no retries here, a doubt keeps."""
+    try:
+        steps = _step_dirs(root, budget_s=0)
+    except storage.StorageError as e:
+        print(f"checkpoint: no old checkpoint removed: {e}", flush=True)
+        return
+    complete, incomplete, unread = [], [], []
+    for d in steps:
+        try:
+            (complete if read_manifest(d, budget_s=0) is not None else incomplete).append(d)
+        except storage.StorageError:
+            unread.append(storage.name(d))
+    if unread:
+        print(f"checkpoint: kept {', '.join(unread)}: could not be read now, so not taken for leftovers", flush=True)
+    stale = [d for d in complete[:-keep_last] if d != keep] + [d for d in incomplete if d != keep]
     if storage.is_remote(root):
         for d in stale:
             storage.bucket(root).delete(d)

@@ -1,0 +1,108 @@
+"""Unreadable is not absent: checkpoints that cannot be read are never taken for missing ones, so a
+relaunch never starts over on them and rotation never deletes them. On a disk the faults are real OS
+errors (a file that is a symbolic link to itself: ELOOP); in a bucket, a proxy in front of the test's S3
+server answers chosen requests with ``503 SlowDown``. No training is needed: checkpoints are written as
+distsft lays them out (files, then the manifest listing them)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from distsft.checkpoint import storage, store
+
+
+def put(root, step: int, files: dict[str, bytes] | None = None):
+    """A complete checkpoint of ``step`` under ``root`` (a directory or a bucket URI)."""
+    files = files or {"ds/weights.pt": b"w" * (10 + step), "hf/config.json": b"{}"}
+    ckpt = store.step_dir(root, step)
+    manifest = json.dumps({"step": step, "files": {k: len(v) for k, v in files.items()}})
+    if storage.is_remote(root):
+        bucket = storage.bucket(root)
+        for rel, data in files.items():
+            bucket.write_text(storage.join(ckpt, rel), data.decode())
+        bucket.write_text(storage.join(ckpt, store.MANIFEST), manifest)
+        return ckpt
+    for rel, data in files.items():
+        (ckpt / rel).parent.mkdir(parents=True, exist_ok=True)
+        (ckpt / rel).write_bytes(data)
+    (ckpt / store.MANIFEST).write_text(manifest)
+    return ckpt
+
+
+def unreadable(path) -> None:
+    """A real read error where ``path`` was: a symbolic link to itself (ELOOP), as an NFS fault is EIO."""
+    path.unlink()
+    path.symlink_to(path.name)
+
+
+def test_an_unreadable_checkpoint_is_never_taken_for_a_missing_one(tmp_path, monkeypatch):
+    monkeypatch.setenv("DISTSFT_STORAGE_RETRY_S", "0")
+    root = tmp_path / "checkpoints"
+    for step in (2, 4, 6):
+        put(root, step)
+    assert store.find_latest(root) == store.step_dir(root, 6)
+    unreadable(store.step_dir(root, 6) / store.MANIFEST)
+    with pytest.raises(storage.StorageError, match="step-00000006/MANIFEST.json: reading failed") as e:
+        store.find_latest(root)  # before: None for step 6, so step 4 resumed, or with all unreadable, step 0
+    assert "nothing was started over or deleted" in str(e.value) and "\n" not in str(e.value)
+    assert store.find_latest(tmp_path / "nothing-here") is None  # proven absent: a fresh start is right
+    listing = tmp_path / "loop"
+    listing.symlink_to("loop")
+    with pytest.raises(storage.StorageError, match="listing failed"):
+        store.find_latest(listing)
+
+
+def test_rotation_deletes_only_what_it_proved_stale(tmp_path, monkeypatch, capsys):
+    """keep_last 2 over complete 4, 6, 8, 10: 6 goes (beyond keep_last), a crashed save's leftover 12 goes
+    (its listing succeeded, no manifest), and 4 stays: its manifest could not be read."""
+    root = tmp_path / "checkpoints"
+    for step in (4, 6, 8, 10):
+        put(root, step)
+    leftover = put(root, 12)
+    (leftover / store.MANIFEST).unlink()
+    unreadable(store.step_dir(root, 4) / store.MANIFEST)
+    store._purge(root, keep_last=2, keep=store.step_dir(root, 10))
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000004", "step-00000008", "step-00000010"]
+    assert "kept step-00000004: could not be read now" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_bucket_that_throttles_is_waited_for_then_reported_never_read_as_empty(s3, monkeypatch, capsys):
+    """Every read answered 503 SlowDown: the resume decision raises in one line (before: it started over
+    from step 0 and its saves replaced the old checkpoints); an outage shorter than the retry budget is
+    waited out; rotation keeps a checkpoint whose manifest it cannot read (before: deleted as a leftover)."""
+    from faultproxy import FaultProxy, matching
+
+    root = "s3://ckpt/faults/checkpoints"
+    for step in (2, 4, 6):
+        put(root, step)
+    upstream = int(s3["AWS_ENDPOINT_URL"].rsplit(":", 1)[1])
+    with FaultProxy(upstream) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.port}")
+        monkeypatch.setattr(storage, "_buckets", {})
+        assert store.find_latest(root) == store.step_dir(root, 6)  # through the proxy, nothing failing
+
+        monkeypatch.setenv("DISTSFT_STORAGE_RETRY_S", "2")
+        proxy.fail = lambda method, path: True
+        with pytest.raises(storage.StorageError, match="listing failed for 2s") as e:
+            store.find_latest(root)
+        assert "\n" not in str(e.value) and proxy.failed > 0
+
+        calls = {"n": 0}
+
+        def for_a_while(method, path):  # the first few requests fail, then the store answers again
+            calls["n"] += 1
+            return calls["n"] <= 3
+
+        monkeypatch.setenv("DISTSFT_STORAGE_RETRY_S", "30")
+        proxy.fail = for_a_while
+        assert store.find_latest(root) == store.step_dir(root, 6)
+
+        proxy.fail = matching(r"step-00000002/MANIFEST\.json")
+        store._purge(root, keep_last=1, keep=store.step_dir(root, 6))
+        proxy.fail = lambda method, path: False
+        left = storage.bucket(root).children(root)
+        assert left == ["step-00000002", "step-00000006"], left  # 4 rotated, 2 kept
+        assert "kept step-00000002" in capsys.readouterr().out
