@@ -72,6 +72,28 @@ def test_partial_or_corrupt_checkpoints_are_ignored(tmp_path):
     assert checkpoint.find_latest(root).name == "step-00000004"
 
 
+def test_same_size_corruption_is_caught_named_and_skipped(tmp_path, cli, capsys):
+    """1 MB of a shard overwritten in place keeps its size (the manifest once recorded sizes only, and a
+    continued run trained on the damaged weights): the sha256 recorded at save catches it. A relaunch skips
+    that checkpoint in one line for the newest intact one; export and an explicit resume refuse it."""
+    out = tmp_path / "run"
+    launch_local(ckpt_cfg(out, "train.max_steps=4", "checkpoint.keep_last=3"), quiet=True)
+    root = out / "checkpoints"
+    manifest = checkpoint.read_manifest(root / "step-00000004")
+    assert set(manifest["sha256"]) == set(manifest["files"])  # every file has its checksum
+    shard = max((root / "step-00000004" / "ds").glob("*.pt"), key=lambda f: f.stat().st_size)
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 1024] = bytes(1024)
+    shard.write_bytes(bytes(data))
+    assert checkpoint.find_latest(root).name == "step-00000004"  # sizes alone cannot tell
+    code, _, err = cli("export", str(out), "--out", str(tmp_path / "export"))
+    assert code == 2 and f"ds/{shard.name} is corrupt" in err and "checkpoint.resume=" in err, err
+    capsys.readouterr()
+    summary = launch_local(ckpt_cfg(out, "train.max_steps=6", "checkpoint.allow_changes=true"), quiet=True)
+    assert summary["start_step"] == 2
+    assert f"resume: skipped step-00000004: ds/{shard.name} is corrupt" in capsys.readouterr().out
+
+
 def test_explicit_resume_path_must_exist_and_be_complete(tmp_path):
     with pytest.raises(ConfigError, match="no such directory"):
         launch_local(ckpt_cfg(tmp_path / "a", f"checkpoint.resume={tmp_path}/missing"), quiet=True)

@@ -106,3 +106,16 @@ def test_a_bucket_that_throttles_is_waited_for_then_reported_never_read_as_empty
         left = storage.bucket(root).children(root)
         assert left == ["step-00000002", "step-00000006"], left  # 4 rotated, 2 kept
         assert "kept step-00000002" in capsys.readouterr().out
+
+
+def test_each_rank_verifies_the_files_it_reads(tmp_path):
+    """At load a rank checks its own shards and the files every rank reads, not the other ranks' shards."""
+    files = {"ds/zero_pp_rank_1_mp_rank_00_optim_states.pt": b"a" * 64, "ds/mp_rank_00_model_states.pt": b"m" * 32}
+    ckpt = put(tmp_path, 2, files)
+    manifest = json.loads((ckpt / store.MANIFEST).read_text())
+    manifest["sha256"] = {rel: store.digest(ckpt / rel) for rel in files}
+    (ckpt / "ds/zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(b"b" * 64)  # same size, other bytes
+    store.verify(ckpt, manifest, ckpt, rank=0)
+    for rank in (1, None):
+        with pytest.raises(store.CorruptCheckpoint, match="zero_pp_rank_1_mp_rank_00_optim_states.pt is corrupt"):
+            store.verify(ckpt, manifest, ckpt, rank=rank)

@@ -94,6 +94,7 @@ def export(
         finally:
             storage.remove(local)
     ckpt = Path(ckpt)
+    checkpoint.verify(ckpt, manifest, source or ckpt)  # export reads every file: a corrupt one is named
     marker = {MARKER: json.dumps({"checkpoint": identity(source or ckpt), "step": manifest.get("step")}) + "\n"}
     if merge:
         if not is_adapter_dir(ckpt / checkpoint.HF_DIR):

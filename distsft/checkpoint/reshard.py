@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from distsft.checkpoint import storage
-from distsft.checkpoint.store import DS_TAG, Location, read_manifest
+from distsft.checkpoint.store import DS_TAG, Location, read_manifest, verify
 
 UNIVERSAL = "universal"
 META = "meta.json"
@@ -74,6 +74,7 @@ def make_portable(ckpt: Location) -> None:
             src = fetch(ckpt)
         else:
             src = Path(ckpt)
+        verify(src, manifest, ckpt)  # every file the conversion reads, against the checksums of the save
         out = work / UNIVERSAL
         _convert(src / DS_TAG, out)
         # The optimizer's step count is the checkpoint's step (bf16 and fp32 never skip a step).

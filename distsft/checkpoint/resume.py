@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
-from distsft.checkpoint.store import Location, find_latest, read_manifest, resolve
+from distsft.checkpoint import storage
+from distsft.checkpoint.store import CorruptCheckpoint, Location, find_latest, read_manifest, resolve, verify
 from distsft.errors import ConfigError
 
 
@@ -53,14 +55,29 @@ def decide_resume(
     data_fingerprint: str,
     engine_stage: int | str,
     allow_changes: bool,
+    verify_files: bool = False,
 ) -> tuple[ResumePlan, list[str]]:
     """This launch's ``ResumePlan`` (``mode`` is ``checkpoint.resume``), and the config changes that were
-    allowed; raises when the checkpoint cannot continue this run."""
+    allowed; raises when the checkpoint cannot continue this run. With ``verify_files`` (a checkpoint on a
+    disk this process reads whole anyway: one worker) every file is checked against its checksum first,
+    and under ``auto`` a corrupt checkpoint is skipped, said in one line, for the newest intact one."""
     fresh = ResumePlan(uuid.uuid4().hex, data_fingerprint=data_fingerprint, engine_stage=engine_stage)
-    ckpt = None if mode == "never" else find_latest(root) if mode == "auto" else resolve(mode)
-    if ckpt is None:
-        return fresh, []
-    manifest = read_manifest(ckpt) or {}
+    skip: set[str] = set()
+    while True:
+        ckpt = None if mode == "never" else find_latest(root, skip) if mode == "auto" else resolve(mode)
+        if ckpt is None:
+            return fresh, []
+        manifest = read_manifest(ckpt) or {}
+        if not verify_files or storage.is_remote(ckpt):
+            break
+        try:
+            verify(Path(ckpt), manifest, ckpt)
+            break
+        except CorruptCheckpoint as e:
+            if mode != "auto":
+                raise
+            print(f"resume: skipped {storage.name(ckpt)}: {e.file} is corrupt (its sha256 differs from the manifest's)")
+            skip.add(storage.name(ckpt))
     diffs = check_continuation(manifest, config, world_size, data_fingerprint, allow_changes)
     step = int(manifest.get("step") or 0)
     return ResumePlan(fresh.run_id, str(ckpt), step, data_fingerprint, engine_stage), diffs

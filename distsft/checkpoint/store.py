@@ -14,9 +14,11 @@ DeepSpeed's own ``latest`` file (written without any of this) is never created o
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -35,6 +37,69 @@ HF_DIR = "hf"  # model config, generation config and tokenizer: what export need
 
 Location = str | Path
 """A checkpoint or checkpoints root: a directory, or an ``s3://`` / ``gs://`` URI."""
+
+_RANKED = re.compile(r"zero_pp_rank_(\d+)_|rng-rank(\d+)\.json")
+
+
+class CorruptCheckpoint(storage.StorageError):
+    """A file whose content is not what the manifest recorded at save (same size, other bytes)."""
+
+    def __init__(self, message: str, file: str) -> None:
+        super().__init__(message)
+        self.file = file
+
+
+def owner(rel: str) -> int | None:
+    """The rank whose file ``rel`` is (DeepSpeed's ``zero_pp_rank_N`` shards, our ``rng-rankN``); None for
+    the files every rank reads (the model states of a one-worker or ZeRO-1/2 engine, ``hf/``)."""
+    m = _RANKED.search(rel)
+    return None if m is None else int(m.group(1) or m.group(2))
+
+
+def digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _digests(directory: Path, rank: int | None) -> dict[str, str]:
+    """sha256 of the files under ``directory`` that ``rank`` owns (rank 0: also those nobody owns; None:
+    all of them), so the ranks of a save share the hashing and each reads back only what it wrote."""
+    out = {}
+    for f in sorted(p for p in directory.rglob("*") if p.is_file()):
+        rel = f.relative_to(directory).as_posix()
+        who = owner(rel)
+        if rank is None or who == rank or (who is None and rank == 0):
+            out[rel] = digest(f)
+    return out
+
+
+def verify(local: Path, manifest: dict[str, Any], ckpt: Location, rank: int | None = None) -> None:
+    """Check the files of ``local`` (a checkpoint, or a local copy of ``ckpt``) that ``rank`` reads (None:
+    every file) against the manifest's sha256; raise ``CorruptCheckpoint`` naming the first that differs.
+    Checkpoints written before checksums carry sizes only, which ``read_manifest`` checked."""
+    for rel, want in (manifest.get("sha256") or {}).items():
+        who = owner(rel)
+        path = local / rel
+        if (rank is None or who is None or who == rank) and path.is_file() and digest(path) != want:
+            raise CorruptCheckpoint(
+                f"checkpoint {ckpt}: {rel} is corrupt (same size, other bytes: its sha256 differs from the "
+                f"manifest's); {_instead(ckpt)}",
+                rel,
+            )
+
+
+def _instead(ckpt: Location) -> str:
+    older = [d for d in _step_dirs(storage.parent(ckpt), budget_s=0) if storage.name(d) < storage.name(ckpt)]
+    for d in reversed(older):
+        try:
+            if read_manifest(d, budget_s=0) is not None:
+                return f"continue from the previous complete one with checkpoint.resume={d}"
+        except storage.StorageError:
+            continue
+    return "no earlier complete checkpoint exists: start over with checkpoint.resume=never"
 
 
 # --- layout and validation -------------------------------------------------------------------------
@@ -90,11 +155,13 @@ def read_manifest(ckpt: Location, budget_s: float | None = None) -> dict[str, An
     return manifest
 
 
-def find_latest(root: Location) -> Location | None:
-    """The newest complete checkpoint under ``root``; the pointer is a hint, the manifests decide. None only
-    when the listing proves there is none; storage that cannot be read raises ``StorageError``."""
-    steps = _step_dirs(root)
+def find_latest(root: Location, skip: set[str] | frozenset[str] = frozenset()) -> Location | None:
+    """The newest complete checkpoint under ``root`` (but those named in ``skip``); the pointer is a hint,
+    the manifests decide. None only when the listing proves there is none; storage that cannot be read
+    raises ``StorageError``."""
+    steps = [d for d in _step_dirs(root) if storage.name(d) not in skip]
     pointer = (_read(storage.join(root, LATEST)) or "").strip()
+    pointer = "" if pointer in skip else pointer
     if pointer.startswith(PREFIX):
         candidate = storage.join(root, pointer)
         if read_manifest(candidate) is not None:
@@ -174,6 +241,9 @@ def save(
     (tmp / f"rng-rank{rank}.json").write_text(json.dumps(_rng_state()))
     if rank == 0:
         write_hf(tmp / HF_DIR)
+    dist.barrier()  # on a shared disk, every rank's files are written before each hashes its own
+    # Each rank hashes what it wrote, while it is still in the page cache (staged files are all its own).
+    sums = _digests(tmp, None if remote else rank)
     if remote:
         _maybe_die_in_save(step, "upload")
         sent = storage.bucket(root).upload(tmp, final)
@@ -183,16 +253,24 @@ def save(
         sent = {}
     _maybe_die_in_save(step)
     every = [None] * dist.get_world_size()
-    dist.all_gather_object(every, sent)
+    dist.all_gather_object(every, (sent, sums))
     if rank == 0:
         if remote:
-            files = {rel: size for part in every for rel, size in part.items()}
+            files = {rel: size for part, _ in every for rel, size in part.items()}
             missing = [rel for rel, size in files.items() if _files(final).get(rel) != size]
             if missing:
                 raise RuntimeError(f"checkpoint {final}: uploaded files are not there: {missing[:5]}")
         else:
             files = _files(tmp)
-        manifest = {"step": step, "world_size": dist.get_world_size(), "files": files, "created": time.time(), **meta}
+        sha256 = {rel: h for _, part in every for rel, h in part.items()}
+        manifest = {
+            "step": step,
+            "world_size": dist.get_world_size(),
+            "files": files,
+            "sha256": {rel: sha256[rel] for rel in files if rel in sha256},
+            "created": time.time(),
+            **meta,
+        }
         text = json.dumps(manifest, indent=1)
         if remote:
             storage.bucket(root).write_text(storage.join(final, MANIFEST), text)
@@ -274,6 +352,7 @@ def load(engine: Any, ckpt: Location, frozen_base: bool = False) -> int:
     rank = dist.get_rank()
     local = Path(ckpt) if not storage.is_remote(ckpt) else fetch(ckpt, rank)
     try:
+        verify(local, read_manifest(ckpt) or {}, ckpt, rank)
         path, client = engine.load_checkpoint(
             str(local),
             tag=DS_TAG,
@@ -302,15 +381,14 @@ def set_rng_state_of(ckpt: Location, rank: int) -> None:
 
 def fetch(ckpt: Location, rank: int | None = None) -> Path:
     """A node-local copy of a checkpoint in an object store: everything, or what ``rank`` reads."""
-    import re
 
     local = storage.staging_dir(storage.name(storage.parent(storage.parent(ckpt))), f"load-{storage.name(ckpt)}")
     if rank is not None:
         local = local.with_name(f"{local.name}-rank{rank}")
 
     def mine(rel: str) -> bool:
-        other = re.search(r"zero_pp_rank_(\d+)_|rng-rank(\d+)\.json", rel)
-        return rank is None or other is None or int(other.group(1) or other.group(2)) == rank
+        who = owner(rel)
+        return rank is None or who is None or who == rank
 
     storage.remove(local)
     storage.bucket(ckpt).download(ckpt, local, keep=mine)

@@ -132,6 +132,7 @@ def decide_resume(cfg: Config, root: Location, world_size: int, data: PreparedDa
         data.cache_dir.name if data.cache_dir else "",
         deepspeed_plan(cfg, world_size).layout,
         cfg.checkpoint.allow_changes,
+        verify_files=world_size == 1,  # one worker reads the whole checkpoint anyway; more verify their own
     )
     if plan.checkpoint is not None:
         note = f" (allowed changes: {'; '.join(diffs)})" if diffs else ""
