@@ -178,3 +178,23 @@ def test_non_finite_numbers_are_refused_at_load(override):
     """``v > 0`` holds for inf: a run on ``train.lr=.inf`` trained on NaN, saved and exported it."""
     with pytest.raises(ConfigError, match="expected a finite number"):
         load_config(None, [override])
+
+
+def test_duplicate_keys_alias_bombs_and_other_encodings_are_one_line(tmp_path):
+    """YAML keeps a duplicate key's last value silently; nested aliases expand to billions of values (the
+    loader hung); a Latin-1 byte gave a traceback. Each is one line naming the file (and line)."""
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("train:\n  lr: 1e-4\n  epochs: 2\n  lr: 3e-4\n")
+    with pytest.raises(ConfigError, match=r"dup.yaml:4: duplicate key train.lr \(first at line 2\)"):
+        load_config(dup)
+    levels = ['a: &a ["x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    for prev, name in zip("abcdef", "bcdefg", strict=True):
+        levels.append(f"{name}: &{name} [{', '.join([f'*{prev}'] * 9)}]")
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("\n".join(levels) + "\ntrain: {lr: *g}\n")
+    with pytest.raises(ConfigError, match="values once its aliases are expanded"):
+        load_config(bomb)
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes(b"train:\n  lr: 1e-4  # caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"latin.yaml:2: not UTF-8 text"):
+        load_config(latin)

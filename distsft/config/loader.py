@@ -93,32 +93,54 @@ def dump_config(cfg: Config) -> str:
 
 
 # --- internals -----------------------------------------------------------------------------------------
+MAX_NODES = 100_000
+"""Values a config file may hold once its aliases are expanded (a real one holds a few hundred)."""
+
+
 def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, int | None]]:
     """safe_load the file, and remember the line of every key so errors can point at it."""
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte {e.object[e.start]:#x})") from None
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         raise ConfigError(f"{where}: invalid YAML: {getattr(e, 'problem', e)}") from None
-    if data is None:
+    if node is None:
         return {}, {}
-    if not isinstance(data, dict):
+    if not isinstance(node, yaml.MappingNode):
         raise ConfigError(f"{path}: the top level must be a mapping of sections (model, data, train, ...)")
     lines: dict[str, int | None] = {}
+    visits = [0]
 
     def walk(n: yaml.Node, prefix: str) -> None:
+        """Every key's line; duplicate keys refused (YAML would keep the last silently); nodes counted with
+        aliases expanded, so a file of nested aliases (a 'billion laughs') is refused, not expanded."""
+        visits[0] += 1
+        if visits[0] > MAX_NODES:
+            raise ConfigError(f"{path}: more than {MAX_NODES} values once its aliases are expanded; refused")
         if isinstance(n, yaml.MappingNode):
+            seen: dict[str, int] = {}
             for k, v in n.value:
+                line = k.start_mark.line + 1
+                if k.value in seen and k.value != "<<":
+                    raise ConfigError(f"{path}:{line}: duplicate key {prefix}{k.value} (first at line {seen[k.value]})")
+                seen[k.value] = line
                 key = f"{prefix}{k.value}"
-                lines[key] = k.start_mark.line + 1
+                lines.setdefault(key, line)
                 walk(v, key + ".")
+        elif isinstance(n, yaml.SequenceNode):
+            for v in n.value:
+                walk(v, prefix)
 
     walk(node, "")
+    data = yaml.safe_load(text)
     return data, lines
 
 
