@@ -65,9 +65,10 @@ def model_sizes(cfg: Config, device_type: str = "cuda") -> ModelSize | None:
         m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not out_layer
     )
     from distsft.errors import ConfigError
-    from distsft.model.traits import choose_attention, read_traits
+    from distsft.model.traits import check_context, choose_attention, read_traits
 
     traits = read_traits(config, type(model))
+    check_context(traits, cfg.data.max_seq_len)
     try:
         family = traits.describe(
             choose_attention(cfg.model.attn_implementation, traits, torch.device(device_type), probe=False)

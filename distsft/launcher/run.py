@@ -191,11 +191,12 @@ def check_model(cfg: Config, device_type: str, probe: bool = True) -> str:
     import torch
 
     from distsft.model.loading import traits_and_attention
-    from distsft.model.traits import check_training_fit
+    from distsft.model.traits import check_context, check_training_fit
     from distsft.training import sequence_parallel
 
     traits, attn = traits_and_attention(cfg.model, torch.device(device_type), probe=probe)
     check_training_fit(traits, cfg.data.packing, cfg.train.router_aux_loss_coef)
+    check_context(traits, cfg.data.max_seq_len)
     sequence_parallel.check(cfg.train.sequence_parallel, traits, attn)
     line = f"model: {traits.describe(attn)}"
     print(line, flush=True)

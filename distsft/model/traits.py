@@ -60,6 +60,8 @@ class ModelTraits:
     whose state would flow from one example into the next."""
     why_not_packs: str = ""
     vocab_size: int = 0
+    max_positions: int = 0
+    """The positions the model was built for (``max_position_embeddings``); 0 where the config says none."""
     rescales_logits: bool = False
     """The class changes its logits after the output layer, beyond final soft-capping (Granite divides by
     ``logits_scaling``, Cohere multiplies by ``logit_scale``): a loss fused with the output layer would miss it."""
@@ -99,6 +101,17 @@ def model_class(config: Any, trust_remote_code: bool = False) -> type:
         raise ConfigError(
             f"model.path: model type {config.model_type!r} has no causal-LM class in this transformers{hint}"
         ) from None
+
+
+def check_context(traits: ModelTraits, max_seq_len: int) -> None:
+    """Rows no longer than the positions the model was built for (a 1M-token row passed unnoticed, and the
+    dry run priced its activations at 867,843 GiB)."""
+    if traits.max_positions and max_seq_len > traits.max_positions:
+        raise ConfigError(
+            f"data.max_seq_len = {max_seq_len} is beyond the {traits.max_positions} positions {traits.class_name} "
+            "was built for (max_position_embeddings); lower it, or extend the model's context first (rope "
+            "scaling in its config.json)"
+        )
 
 
 def text_config(config: Any) -> Any:
@@ -144,6 +157,7 @@ def read_traits(config: Any, cls: type) -> ModelTraits:
         packs=not why,
         why_not_packs=why,
         vocab_size=int(getattr(text, "vocab_size", 0) or 0),
+        max_positions=int(getattr(text, "max_position_embeddings", 0) or 0),
         rescales_logits=_rescales_logits(cls),
     )
 
