@@ -141,3 +141,22 @@ def test_eval_prints_json_loss_and_packing_does_not_change_it(cli, tmp_path, ran
     assert results["true"]["tokens"] == results["false"]["tokens"] > 0
     assert results["true"]["loss"] == pytest.approx(results["false"]["loss"], rel=1e-5)
     assert 5 < results["true"]["loss"] < 10  # an untrained model over a ~3k vocabulary: about ln(3072)
+
+
+def test_eval_and_generate_on_a_directory_that_is_not_a_model_are_one_line(tmp_path, cli):
+    empty, broken = tmp_path / "empty", tmp_path / "broken"
+    empty.mkdir()
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    for args in (
+        ("eval", "--model", str(empty)),
+        ("eval", "--model", str(broken)),
+        ("generate", "--model", str(broken), "hi"),
+    ):
+        code, _, err = cli(*args)
+        assert (
+            code == 2
+            and len(err.strip().splitlines()) == 1
+            and "not a model directory" in err
+            or "cannot be loaded" in err
+        ), (args, err)

@@ -162,3 +162,26 @@ def test_eval_fraction_holds_out_examples(tmp_path, demo_tokenizer):
     f = write_jsonl(tmp_path / "d.jsonl", [GOOD] * 10 + [ALPACA] * 10)
     data = prepare(cfg(tmp_path, str(f), eval_fraction=0.2, packing=False), demo_tokenizer, seed=0)
     assert len(data.eval) == 4 and len(data.train) == 16
+
+
+def test_bytes_that_are_not_utf8_and_damaged_parquet_are_named_not_replaced(tmp_path, demo_tokenizer):
+    """A Latin-1 byte in a JSONL row was replaced by U+FFFD and trained on; in a .json file, or a truncated
+    Parquet file, it was a traceback. Each is now named by file and line."""
+    good = json.dumps(GOOD).encode()
+    bad = json.dumps(GOOD).replace("Hello", "H\\u00e9llo").encode().replace(b"H\\u00e9llo", b"H\xe9llo")
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_bytes(good + b"\n" + bad + b"\n" + good + b"\n")
+    with pytest.raises(DataError, match=rf"{jsonl}:2: not UTF-8 text \(byte 0xe9"):
+        prepare(cfg(tmp_path, str(jsonl)), demo_tokenizer, seed=0)
+    array = tmp_path / "d.json"
+    array.write_bytes(b"[\n" + good + b",\n" + bad + b"\n]\n")
+    with pytest.raises(DataError, match=rf"{array}:3: not UTF-8 text"):
+        prepare(cfg(tmp_path, str(array)), demo_tokenizer, seed=0)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"messages": [GOOD["messages"]] * 4}), table)
+    table.write_bytes(table.read_bytes()[:-40])  # cut short, as a copy that died midway leaves it
+    with pytest.raises(DataError, match=rf"{table}: not a readable Parquet file"):
+        prepare(cfg(tmp_path, str(table)), demo_tokenizer, seed=0)

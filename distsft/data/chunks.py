@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from distsft.data.sources import LINE, RAW, Source, open_saved
+from distsft.errors import DataError
 
 CHUNK_ROWS = 50_000
 """Rows per chunk: a chunk's examples are packed together, so this is also the packing window (best-fit
@@ -78,10 +79,31 @@ def _jsonl_spans(path: Path) -> list[tuple[int, int, int]]:
     return spans
 
 
-def _parquet_spans(path: Path) -> list[tuple[int, int, int]]:
+NOT_UTF8 = "\x00distsft:not-utf8:"
+"""Marks a JSONL line that is not UTF-8 (a NUL cannot start a line of JSON): the tokenising pass rejects
+that row, naming it, instead of training on replacement characters."""
+
+
+def _decode(line: bytes) -> str:
+    try:
+        return line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return f"{NOT_UTF8}not UTF-8 text (byte {line[e.start]:#x} at byte {e.start + 1} of the line)"
+
+
+def _parquet(path: Path | str) -> Any:
+    """The file, or one ``DataError`` line for one that is truncated or not Parquet at all."""
     import pyarrow.parquet as pq
 
-    meta = pq.ParquetFile(path).metadata
+    try:
+        return pq.ParquetFile(path)
+    except (OSError, ValueError) as e:  # ArrowInvalid ("Parquet magic bytes not found") is a ValueError
+        raise DataError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0][:200]})") from None
+
+
+def _parquet_spans(path: Path) -> list[tuple[int, int, int]]:
+
+    meta = _parquet(path).metadata
     spans, start, rows, first = [], 0, 0, 1
     for g in range(meta.num_row_groups):
         rows += meta.row_group(g).num_rows
@@ -106,14 +128,15 @@ def read_chunk(chunk: Chunk, src: Source, dataset: Any = None, batch: int = 256)
         for a in range(0, len(lines), batch):
             part = lines[a : a + batch]
             yield {
-                RAW: [x.decode("utf-8", errors="replace") for x in part],
+                RAW: [_decode(x) for x in part],
                 LINE: list(range(chunk.first_line + a, chunk.first_line + a + len(part))),
             }
         return
     if chunk.kind == "parquet":
-        import pyarrow.parquet as pq
-
-        table = pq.ParquetFile(src.path).read_row_groups(list(range(chunk.start, chunk.stop)))
+        try:
+            table = _parquet(src.path).read_row_groups(list(range(chunk.start, chunk.stop)))
+        except (OSError, ValueError) as e:  # ArrowInvalid or IOError: a damaged row group
+            raise DataError(f"{src.path}: row groups {chunk.start}-{chunk.stop - 1} cannot be read: {e}") from None
         rows = table.to_batches(max_chunksize=batch)
         line = chunk.first_line
         for rb in rows:

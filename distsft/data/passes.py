@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from distsft.config import DataConfig
-from distsft.data.chunks import Chunk, read_chunk
+from distsft.data.chunks import NOT_UTF8, Chunk, read_chunk
 from distsft.data.formats import RowError, to_conversation
 from distsft.data.packing import pack_columns, plan_rows
 from distsft.data.sources import LINE, RAW, Source
@@ -205,6 +205,8 @@ def process_batch(
         try:
             if RAW in batch:
                 text = batch[RAW][i]
+                if text.startswith(NOT_UTF8):
+                    raise RowError(text[len(NOT_UTF8) :])
                 if not text.strip():
                     out["input_ids"].append(ids), out["labels"].append(labels)
                     out["status"].append(BLANK), out["reason"].append(""), out["reasoning_dropped"].append(0)

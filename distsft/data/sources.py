@@ -139,7 +139,11 @@ def open_saved(path: str, split: str) -> Any:
 
 def _split_json_array(path: Path) -> tuple[list[str], list[int]]:
     """Each element of a top-level JSON array as its own text, with the line it starts on."""
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte {e.object[e.start]:#x})") from None
     decoder = json.JSONDecoder()
     i = _skip_ws(text, 0)
     if i >= len(text) or text[i] != "[":

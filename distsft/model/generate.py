@@ -27,9 +27,13 @@ def generate(
     adapter = is_adapter_dir(model_dir)
     if not adapter and not (Path(model_dir) / "config.json").is_file():
         raise DistsftError(f"--model {model_dir}: not a model directory (no config.json nor adapter_config.json)")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-    base = adapter_base(model_dir) if adapter else model_dir
-    model = AutoModelForCausalLM.from_pretrained(base, trust_remote_code=trust_remote_code, **NO_HUB_KERNELS)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+        base = adapter_base(model_dir) if adapter else model_dir
+        model = AutoModelForCausalLM.from_pretrained(base, trust_remote_code=trust_remote_code, **NO_HUB_KERNELS)
+    except (OSError, ValueError, KeyError) as e:  # a broken config.json, missing weights or tokenizer files
+        why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise DistsftError(f"--model {model_dir}: cannot be loaded ({why})") from None
     model = (with_adapter(model, model_dir) if adapter else model).eval()
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     if not tokenizer.chat_template:

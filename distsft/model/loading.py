@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from distsft.config import DEMO_DIR, LoraConfig, ModelConfig, cache_home
+from distsft.errors import ConfigError
 from distsft.model import hub
 from distsft.model.hub import ModelSource
 from distsft.model.traits import ModelTraits, choose_attention, model_class, read_traits
@@ -123,9 +124,13 @@ def load_model_config(cfg: ModelConfig) -> Any:
     from transformers import AutoConfig
 
     src = source(cfg)
-    return AutoConfig.from_pretrained(
-        src.path, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision, **src.kwargs()
-    )
+    try:
+        return AutoConfig.from_pretrained(
+            src.path, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision, **src.kwargs()
+        )
+    except (OSError, ValueError) as e:  # no config.json, a broken one, an unknown model type
+        why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"model.path {src.path}: not a model directory transformers can read ({why})") from None
 
 
 def traits_and_attention(
