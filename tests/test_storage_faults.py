@@ -119,3 +119,28 @@ def test_each_rank_verifies_the_files_it_reads(tmp_path):
     for rank in (1, None):
         with pytest.raises(store.CorruptCheckpoint, match="zero_pp_rank_1_mp_rank_00_optim_states.pt is corrupt"):
             store.verify(ckpt, manifest, ckpt, rank=rank)
+
+
+@pytest.mark.slow
+def test_a_full_disk_is_one_line_and_leaves_nothing_behind(tmp_path, cli):
+    """A checkpoint written onto a 20 MiB filesystem (the demo's needs ~57 MiB): one line that says the
+    device is full, names the path and the sizes, exit 2; no .tmp-step left to fill the next launch."""
+    import subprocess
+
+    from raytest import SMALL
+
+    disk = tmp_path / "small"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("needs root to mount a small tmpfs")
+    try:
+        out = disk / "run"
+        code, _, err = cli("launch", "--local", "--set", f"output_dir={out}", "--set", f"data.path={SMALL}",
+                           "--set", "data.max_seq_len=256", "--set", "train.max_steps=1")  # fmt: skip
+        assert code == 2, err
+        line = err.strip().splitlines()[-1]
+        assert "no space left on the device writing" in line and str(out / "checkpoints") in line, line
+        assert "the partial save was removed" in line
+        assert not list((out / "checkpoints").glob(".tmp-*")) and not list((out / "checkpoints").glob("step-*"))
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)

@@ -14,6 +14,7 @@ DeepSpeed's own ``latest`` file (written without any of this) is never created o
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -56,23 +57,26 @@ def owner(rel: str) -> int | None:
     return None if m is None else int(m.group(1) or m.group(2))
 
 
-def digest(path: Path) -> str:
+def digest(path: Path, durable: bool = False) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(8 << 20):
             h.update(chunk)
+        if durable:
+            os.fsync(f.fileno())
     return h.hexdigest()
 
 
-def _digests(directory: Path, rank: int | None) -> dict[str, str]:
+def _digests(directory: Path, rank: int | None, durable: bool = False) -> dict[str, str]:
     """sha256 of the files under ``directory`` that ``rank`` owns (rank 0: also those nobody owns; None:
-    all of them), so the ranks of a save share the hashing and each reads back only what it wrote."""
+    all of them), so the ranks of a save share the hashing and each reads back only what it wrote; with
+    ``durable``, each is fsynced too (what this rank wrote, not every filesystem of the node)."""
     out = {}
     for f in sorted(p for p in directory.rglob("*") if p.is_file()):
         rel = f.relative_to(directory).as_posix()
         who = owner(rel)
         if rank is None or who == rank or (who is None and rank == 0):
-            out[rel] = digest(f)
+            out[rel] = digest(f, durable)
     return out
 
 
@@ -227,29 +231,43 @@ def save(
         tmp.mkdir(parents=True)
     else:
         tmp = Path(root) / f".tmp-{storage.name(final)}"
-        if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
+        if rank == 0:  # what crashed saves left (one save at a time writes here) goes first
+            for old in Path(root).glob(".tmp-*"):
+                shutil.rmtree(old, ignore_errors=True)
             tmp.mkdir(parents=True)
     dist.barrier()
-    engine.save_checkpoint(
-        str(tmp),
-        tag=DS_TAG,
-        client_state={"step": step, "distsft_param_names": trainable_names(engine.module)},
-        save_latest=False,
-        exclude_frozen_parameters=frozen_base,
-    )
-    (tmp / f"rng-rank{rank}.json").write_text(json.dumps(_rng_state()))
-    if rank == 0:
-        write_hf(tmp / HF_DIR)
-    dist.barrier()  # on a shared disk, every rank's files are written before each hashes its own
-    # Each rank hashes what it wrote, while it is still in the page cache (staged files are all its own).
-    sums = _digests(tmp, None if remote else rank)
+    try:
+        engine.save_checkpoint(
+            str(tmp),
+            tag=DS_TAG,
+            client_state={"step": step, "distsft_param_names": trainable_names(engine.module)},
+            save_latest=False,
+            exclude_frozen_parameters=frozen_base,
+        )
+        (tmp / f"rng-rank{rank}.json").write_text(json.dumps(_rng_state()))
+        if rank == 0:
+            write_hf(tmp / HF_DIR)
+        dist.barrier()  # on a shared disk, every rank's files are written before each hashes its own
+        # Each rank hashes what it wrote, while it is still in the page cache (staged files are all its
+        # own), and on a disk makes it durable before rank 0 vouches for it.
+        sums = _digests(tmp, None if remote else rank, durable=not remote)
+    except (OSError, RuntimeError) as e:
+        if not _no_space(e):
+            raise
+        written = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
+        shutil.rmtree(tmp, ignore_errors=True)  # the next save, or launch, must not find the disk full of it
+        total, last = shutil.disk_usage(tmp.parent).total, _last_size(root)
+        before = f"the last complete checkpoint took {_gib(last)}" if last else "no earlier checkpoint to compare"
+        raise storage.StorageError(
+            f"checkpoint {final}: no space left on the device writing {tmp} ({_gib(written)} written when it "
+            f"filled a filesystem of {_gib(total)}; {before}); the partial save was removed: free space or move "
+            "output_dir (or the cluster's storage_path), then run again"
+        ) from None
     if remote:
         _maybe_die_in_save(step, "upload")
         sent = storage.bucket(root).upload(tmp, final)
         storage.remove(tmp)
     else:
-        os.sync()  # each rank makes its own shards durable before rank 0 vouches for them
         sent = {}
     _maybe_die_in_save(step)
     every = [None] * dist.get_world_size()
@@ -285,6 +303,26 @@ def save(
         _purge(root, keep_last, keep=final)
     dist.barrier()
     return final
+
+
+def _no_space(error: BaseException) -> bool:
+    """ENOSPC, or torch's zip writer failing on a full disk (``unexpected pos`` / ``file write failed``)."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(error)
+    return "No space left" in text or "unexpected pos" in text or "file write failed" in text
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.0f} MiB"
+
+
+def _last_size(root: Location) -> int:
+    try:
+        latest = find_latest(root)
+    except storage.StorageError:
+        return 0
+    return sum((read_manifest(latest) or {}).get("files", {}).values()) if latest is not None else 0
 
 
 def trainable_names(module: Any) -> list[str]:
