@@ -24,6 +24,45 @@ def write_atomic(path: Path, text: str, durable: bool = False) -> None:
         fsync_dir(path.parent)
 
 
+class DirectoryLock:
+    """Held by one launch for the whole run: a second launch into the same output directory is refused with
+    the first one's host and pid, instead of both writing its checkpoints and metrics. An advisory lock
+    (``flock``) that the kernel drops when the holder dies, so a killed run never leaves it stuck."""
+
+    NAME = ".distsft.lock"
+
+    def __init__(self, directory: Path) -> None:
+        self.path = Path(directory) / self.NAME
+        self.fd: int | None = None
+
+    def __enter__(self) -> DirectoryLock:
+        import fcntl
+        import socket
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+            os.close(fd)
+            raise BusyError(f"{self.path.parent}: a launch is already running there ({holder}); wait for it to "
+                            "end, stop it, or choose another output_dir") from None  # fmt: skip
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"host {socket.gethostname()}, pid {os.getpid()}\n".encode(), 0)
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # releases the lock; the file stays (removing it would race a new holder)
+            self.fd = None
+
+
+class BusyError(Exception):
+    """An output directory held by another launch (the CLI reports it as one line)."""
+
+
 def scratch_beside(out: Path) -> Path:
     """A new, empty directory next to ``out`` (same filesystem, so it can be renamed into place), under a
     name nobody else uses: never an existing directory of the user's."""

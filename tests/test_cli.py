@@ -160,3 +160,35 @@ def test_eval_and_generate_on_a_directory_that_is_not_a_model_are_one_line(tmp_p
             and "not a model directory" in err
             or "cannot be loaded" in err
         ), (args, err)
+
+
+def test_a_second_launch_into_a_busy_output_dir_is_refused_with_the_first_ones_pid(tmp_path, cli):
+    import os
+
+    from distsft.host import DirectoryLock
+
+    out = tmp_path / "run"
+    with DirectoryLock(out):  # the first launch, still running
+        code, _, err = cli("launch", "--local", "--set", f"output_dir={out}")
+        assert code == 2 and "a launch is already running there (host" in err and f"pid {os.getpid()})" in err
+        assert len(err.strip().splitlines()) == 1
+    assert not (out / "checkpoints").exists()  # refused before any work
+
+
+def test_checkpoints_another_run_wrote_under_a_shared_storage_path_are_refused(tmp_path):
+    """Two runs named alike (``/exp1/run`` and ``/exp2/run``) map to ``storage_path/run``: the second one
+    must not resume from (or rotate away) the first one's checkpoints."""
+    import json
+
+    from distsft.config import load_config
+    from distsft.errors import ConfigError
+    from distsft.launcher.run import check_owner
+
+    root = tmp_path / "shared" / "run" / "checkpoints"
+    ckpt = root / "step-00000002"
+    ckpt.mkdir(parents=True)
+    manifest = {"step": 2, "files": {}, "config": {"output_dir": str(tmp_path / "exp1" / "run")}}
+    (ckpt / "MANIFEST.json").write_text(json.dumps(manifest))
+    check_owner(load_config(None, [f"output_dir={tmp_path / 'exp1' / 'run'}"]), root, str(ckpt))
+    with pytest.raises(ConfigError, match="belong to the run whose output_dir is"):
+        check_owner(load_config(None, [f"output_dir={tmp_path / 'exp2' / 'run'}"]), root, str(ckpt))

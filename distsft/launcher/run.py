@@ -14,10 +14,12 @@ lines) goes to ``output_dir/logs/driver.log``; the workers' own output to ``outp
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +32,7 @@ from distsft.config.schema import is_inline_template
 from distsft.data.prepare import PreparedData
 from distsft.data.sampler import total_steps
 from distsft.errors import ConfigError
-from distsft.host import write_atomic
+from distsft.host import BusyError, DirectoryLock, write_atomic
 from distsft.launcher.prepare import choose_data_runner, prepare_data
 from distsft.launcher.ray_session import RaySession
 from distsft.launcher.stop import StopOnSignal
@@ -49,7 +51,7 @@ def launch_local(cfg: Config, quiet: bool = False, verbose: bool = False) -> dic
     from distsft.training.loop import WorkerContext, train
 
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    with driver_log(Path(cfg.output_dir), verbose):
+    with run_lock(Path(cfg.output_dir)), driver_log(Path(cfg.output_dir), verbose):
         out, data, t0 = _start(cfg, quiet, device_type, 1, choose_data_runner(cfg, None))
         root = checkpoint_root(cfg, None)
         resume = decide_resume(cfg, root, 1, data)
@@ -85,7 +87,7 @@ def launch_ray(cfg: Config, cluster: ClusterConfig, quiet: bool = False, verbose
         )
     runner = choose_data_runner(cfg, cluster)
     out_dir = Path(cfg.output_dir)
-    with driver_log(out_dir, verbose), RaySession(cluster, out_dir, verbose) as session:
+    with run_lock(out_dir), driver_log(out_dir, verbose), RaySession(cluster, out_dir, verbose) as session:
         if not quiet:
             print(f"cluster: {describe_cluster(cluster)}", flush=True)
         if cluster.address not in (None, "local"):  # the cheap checks of `distsft doctor`, before any work
@@ -135,12 +137,27 @@ def decide_resume(cfg: Config, root: Location, world_size: int, data: PreparedDa
         verify_files=world_size == 1,  # one worker reads the whole checkpoint anyway; more verify their own
     )
     if plan.checkpoint is not None:
+        check_owner(cfg, root, plan.checkpoint)
         note = f" (allowed changes: {'; '.join(diffs)})" if diffs else ""
         print(f"resuming from {plan.checkpoint} (step {plan.step}){note}", flush=True)
         said = checkpoint.convert_for(plan.checkpoint, world_size, deepspeed_plan(cfg, world_size).layout)
         if said:
             print(said, flush=True)
     return plan
+
+
+def check_owner(cfg: Config, root: Location, ckpt: str) -> None:
+    """Under a cluster's storage_path, checkpoints live in ``storage_path/<output_dir's name>``: two runs
+    whose output directories share a name would share them. One whose checkpoints another run wrote is
+    refused rather than resumed from them (or its saves rotating theirs away)."""
+    if not storage.is_remote(root) and Path(cfg.output_dir).resolve() in Path(root).parents:
+        return  # the run's own output_dir/checkpoints
+    theirs = ((checkpoint.read_manifest(ckpt) or {}).get("config") or {}).get("output_dir")
+    if theirs and Path(str(theirs)).resolve() != Path(cfg.output_dir).resolve():
+        raise ConfigError(
+            f"checkpoints {root} belong to the run whose output_dir is {theirs}, not {cfg.output_dir}: two runs "
+            "whose output directories share a name would share them; give this run's output_dir another name"
+        )
 
 
 def _start(
@@ -181,6 +198,19 @@ def _start(
             flush=True,
         )
     return out, data, t0
+
+
+@contextlib.contextmanager
+def run_lock(out_dir: Path) -> Iterator[None]:
+    """This launch owns ``out_dir`` until it ends (``host.DirectoryLock``)."""
+    try:
+        lock = DirectoryLock(out_dir).__enter__()
+    except BusyError as e:
+        raise ConfigError(str(e)) from None
+    try:
+        yield
+    finally:
+        lock.__exit__()
 
 
 def check_model(cfg: Config, device_type: str, probe: bool = True) -> str:
