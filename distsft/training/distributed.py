@@ -9,8 +9,9 @@ import os
 import random
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -178,6 +179,43 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class StopPoll:
+    """Rank 0's stop request (SIGTERM, SLURM's USR1, Ctrl-C) on every rank within two steps, whatever
+    ``train.log_every`` is, with no device sync: every step, rank 0's answer (asked at most once a
+    second: on Ray it is an actor call) enters an asynchronous all-reduce of a host tensor on a gloo group
+    of its own, and the next step reads the result. Every rank reads the same exchange at the same step,
+    so all of them stop at the same step."""
+
+    def __init__(self, should_stop: Callable[[], bool], rank: int, world_size: int, every_s: float = 1.0) -> None:
+        self.should_stop, self.rank, self.every_s = should_stop, rank, every_s
+        self.group = dist.new_group(backend="gloo") if world_size > 1 else None
+        self.pending: tuple[Any, torch.Tensor] | None = None
+        self.asked = -float("inf")
+
+    def poll(self) -> bool:
+        """Whether a stop was requested (as of the previous step's exchange); starts this step's."""
+        stop = False
+        if self.pending is not None:
+            work, flag = self.pending
+            work.wait()  # a host tensor on gloo: waits for the other ranks' previous step, not for a device
+            stop = bool(flag[0] > 0)
+            self.pending = None
+        mine = False
+        if self.rank == 0 and time.monotonic() - self.asked >= self.every_s:
+            self.asked = time.monotonic()
+            mine = self.should_stop()
+        if self.group is None:
+            return stop or mine
+        flag = torch.tensor([1.0 if mine else 0.0])
+        self.pending = (dist.all_reduce(flag, group=self.group, async_op=True), flag)
+        return stop
+
+    def close(self) -> None:
+        if self.pending is not None:  # every rank started it at the same step: every rank finishes it
+            self.pending[0].wait()
+            self.pending = None
 
 
 def all_sum(values: Sequence[float], device: torch.device) -> list[float]:

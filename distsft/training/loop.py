@@ -14,7 +14,8 @@ The hot loop never waits for the device inside a step: inputs for the next step 
 thread into pinned memory (``batches.py``), losses stay on the device, and records are read (one host
 sync and one all-reduce for all pending steps, ``step.py``) only where a figure is logged, every
 ``train.log_every`` steps, before a checkpoint or an eval, and at the end. A stop request (SIGTERM,
-Ctrl-C) is honoured at those points too.
+SLURM's USR1, Ctrl-C) reaches every rank within two steps through an asynchronous all-reduce of a host
+flag (``StopPoll``), and makes that step a read point that saves and ends the run.
 
 This package never imports the launcher: what it needs from where it runs comes in a ``WorkerContext``.
 """
@@ -50,7 +51,14 @@ from distsft.model.loading import (
 from distsft.model.traits import ModelTraits, varlen
 from distsft.training import sequence_parallel
 from distsft.training.batches import Prefetcher, RowTable
-from distsft.training.distributed import agree, collective_timeout_s, init_distributed, pick_device, seed_everything
+from distsft.training.distributed import (
+    StopPoll,
+    agree,
+    collective_timeout_s,
+    init_distributed,
+    pick_device,
+    seed_everything,
+)
 from distsft.training.engine import (
     DeepSpeedPlan,
     Precision,
@@ -175,6 +183,7 @@ class Run:
         profile_dir = Path(cfg.output_dir) / "profile"
         self.profiler = StepProfiler(cfg.logging.profile_steps, profile_dir, ctx.rank, device.type == "cuda")
         self.save = _saver(cfg, ctx, self.engine, tokenizer)
+        self.stop_poll = StopPoll(ctx.should_stop, ctx.rank, ctx.world_size)
         self.last_saved = f"step {self.start_step}" if resume_from is not None else None
         self.summary: dict[str, Any] = {
             "steps": self.steps,
@@ -196,9 +205,11 @@ class Run:
         start = time.perf_counter()
         watch = HangWatch(collective_timeout_s())
         try:
-            return self._steps(clock, pending, start, watch)
+            summary = self._steps(clock, pending, start, watch)
         finally:
             watch.disarm()
+        self.stop_poll.close()
+        return summary
 
     def _steps(self, clock: StepClock, pending: list[PendingStep], start: float, watch: HangWatch) -> dict[str, Any]:
         cfg, ctx, engine, plan, summary = self.cfg, self.ctx, self.engine, self.plan, self.summary
@@ -238,7 +249,8 @@ class Run:
             every, every_eval, last = cfg.checkpoint.every_steps, cfg.train.eval_every, done == self.steps
             wants_eval = bool(len(self.eval_rows)) and (bool(every_eval and done % every_eval == 0) or last)
             saves = (last and cfg.checkpoint.final) or bool(every and done % every == 0)
-            if not (done % cfg.train.log_every == 0 or wants_eval or saves or last):
+            stopping = self.stop_poll.poll()  # a stop request within two steps, whatever log_every is
+            if not (done % cfg.train.log_every == 0 or wants_eval or saves or last or stopping):
                 continue
             records = read_pending(pending, clock, plan, self.aux_coef, self.device, start)
             pending.clear()
@@ -252,7 +264,7 @@ class Run:
                 ctx.wait()  # the records up to that step are written first
                 raise Diverged(diverged)
             summary["last"] = records[-1]
-            stop = agree(ctx.should_stop(), ctx.rank, self.device)  # every rank saves the same step
+            stop = stopping or agree(ctx.should_stop(), ctx.rank, self.device)  # every rank: the same step
             if stop or saves:
                 ctx.wait()
                 self.save(done)
