@@ -20,6 +20,7 @@ from typing import Any
 
 from distsft.checkpoint import storage
 from distsft.checkpoint import store as checkpoint
+from distsft.checkpoint.safe_load import no_code_from_checkpoints
 from distsft.errors import ConfigError
 from distsft.host import publish_dir, scratch_beside
 from distsft.model.lora import is_adapter_dir, write_adapter
@@ -111,15 +112,17 @@ def export(
     for name, text in marker.items():
         (tmp / name).write_text(text)
     if is_adapter_dir(ckpt / checkpoint.HF_DIR):  # a LoRA run: a PEFT adapter directory
-        state, _aliases = consolidated_state(ckpt, trainable_only=True)
-        weights = {k: v.contiguous() for k, v in state.items()}
+        with no_code_from_checkpoints():
+            state, _aliases = consolidated_state(ckpt, trainable_only=True)
+            weights = {k: v.contiguous() for k, v in state.items()}
         write_adapter(weights, ckpt / checkpoint.HF_DIR, tmp, _torch_dtype(dtype))
         for name in ("config.json", "generation_config.json"):  # the base's: peft's layout has adapter files only
             (tmp / name).unlink(missing_ok=True)
         publish_dir(tmp, out)
         return out
-    state, _aliases = consolidated_state(ckpt)
-    write_safetensors(state, tmp, dtype, max_shard_size)
+    with no_code_from_checkpoints():  # DeepSpeed's zero_to_fp32 reads lazily, while the shards are written
+        state, _aliases = consolidated_state(ckpt)
+        write_safetensors(state, tmp, dtype, max_shard_size)
     config = json.loads((tmp / "config.json").read_text())
     config["torch_dtype"] = config["dtype"] = DTYPE_NAMES[dtype]
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")

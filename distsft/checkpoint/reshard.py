@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from distsft.checkpoint import storage
+from distsft.checkpoint.safe_load import no_code_from_checkpoints
 from distsft.checkpoint.store import DS_TAG, Location, read_manifest, verify
 
 UNIVERSAL = "universal"
@@ -76,7 +77,8 @@ def make_portable(ckpt: Location) -> None:
             src = Path(ckpt)
         verify(src, manifest, ckpt)  # every file the conversion reads, against the checksums of the save
         out = work / UNIVERSAL
-        _convert(src / DS_TAG, out)
+        with no_code_from_checkpoints():
+            _convert(src / DS_TAG, out)
         # The optimizer's step count is the checkpoint's step (bf16 and fp32 never skip a step).
         meta = {
             "step": int(manifest["step"]),
@@ -116,9 +118,8 @@ def convert_for(ckpt: Location, world_size: int, layout: int | str) -> str | Non
 
 def _convert(ds_dir: Path, out: Path) -> None:
     """DeepSpeed's files of one checkpoint -> ``out/zero/<name>/{fp32,exp_avg,exp_avg_sq}.pt``. The shards
-    are DeepSpeed's pickles (``weights_only=False`` inside its converter, as in ``store.load``), read only
-    from a checkpoint whose manifest was validated; what this writes holds tensors only and is read back
-    with ``weights_only=True``."""
+    are read by PyTorch's restricted unpickler (``safe_load``: DeepSpeed's converter asks for a full one and
+    does not get it); what this writes holds tensors only and is read back with ``weights_only=True``."""
     import torch
 
     if any(ds_dir.glob("*optim_states.pt")):
@@ -135,7 +136,7 @@ def _convert(ds_dir: Path, out: Path) -> None:
         return
     # One worker without ZeRO: the module's weights and torch's AdamW state, whole, in one file.
     (states,) = ds_dir.glob("mp_rank_*_model_states.pt")
-    sd = torch.load(states, map_location="cpu", weights_only=False)
+    sd = torch.load(states, map_location="cpu", weights_only=True)
     module, opt = sd["module"], sd["optimizer"]
     ids = [i for g in opt["param_groups"] for i in g["params"]]
     names = sd.get("distsft_param_names") or _unique(module)  # trainable names, in the optimizer's order

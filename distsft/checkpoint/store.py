@@ -381,8 +381,8 @@ def _purge(root: Location, keep_last: int, keep: Location) -> None:
 def load(engine: Any, ckpt: Location, frozen_base: bool = False) -> int:
     """Restore weights, optimizer, LR schedule and this rank's RNG; returns the step to continue after.
 
-    DeepSpeed's optimizer shards are pickles (``torch.load(weights_only=False)`` inside DeepSpeed); they
-    are only ever read from a checkpoint whose manifest this run validated, written by distsft itself.
+    DeepSpeed's shards are pickles that its engine reads with ``torch.load(weights_only=False)``; here they
+    go through PyTorch's restricted unpickler instead (``safe_load``), after their checksums are verified.
     From an object store each rank downloads what it reads (not the other ranks' shards) to its node.
     """
     import torch.distributed as dist
@@ -391,13 +391,16 @@ def load(engine: Any, ckpt: Location, frozen_base: bool = False) -> int:
     local = Path(ckpt) if not storage.is_remote(ckpt) else fetch(ckpt, rank)
     try:
         verify(local, read_manifest(ckpt) or {}, ckpt, rank)
-        path, client = engine.load_checkpoint(
-            str(local),
-            tag=DS_TAG,
-            load_optimizer_states=True,
-            load_lr_scheduler_states=True,
-            load_module_strict=not frozen_base,  # a LoRA checkpoint holds no frozen base weights
-        )
+        from distsft.checkpoint.safe_load import no_code_from_checkpoints
+
+        with no_code_from_checkpoints():  # DeepSpeed's engine asks torch.load for a full unpickler
+            path, client = engine.load_checkpoint(
+                str(local),
+                tag=DS_TAG,
+                load_optimizer_states=True,
+                load_lr_scheduler_states=True,
+                load_module_strict=not frozen_base,  # a LoRA checkpoint holds no frozen base weights
+            )
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt}")
         rng = local / f"rng-rank{rank}.json"
