@@ -1,6 +1,6 @@
 """Checkpoint files are read without running code from them, DeepSpeed's own loaders included.
 
-DeepSpeed reads its shards with ``torch.load(weights_only=False)`` (its checkpoint engine, ``zero_to_fp32``,
+DeepSpeed reads its shards with a full unpickler, weights_only off (its checkpoint engine, ``zero_to_fp32``,
 ``ds_to_universal``): a full unpickler, so a file someone could write (a shared disk, a bucket) runs code
 on every node that resumes from it and on the machine that exports it, even padded to the original size.
 Inside ``no_code_from_checkpoints()`` every ``torch.load`` is PyTorch's restricted unpickler
@@ -48,7 +48,7 @@ _lock = threading.RLock()
 @contextlib.contextmanager
 def no_code_from_checkpoints() -> Iterator[None]:
     """Every ``torch.load`` inside reads with ``weights_only=True`` and the classes in ``ALLOWED`` (DeepSpeed's
-    loaders ask for ``weights_only=False``; they get the restricted unpickler all the same)."""
+    loaders turn weights_only off; they get the restricted unpickler all the same)."""
     import torch
 
     with _lock:

@@ -381,7 +381,7 @@ def _purge(root: Location, keep_last: int, keep: Location) -> None:
 def load(engine: Any, ckpt: Location, frozen_base: bool = False) -> int:
     """Restore weights, optimizer, LR schedule and this rank's RNG; returns the step to continue after.
 
-    DeepSpeed's shards are pickles that its engine reads with ``torch.load(weights_only=False)``; here they
+    DeepSpeed's shards are pickles that its engine reads with a full unpickler (weights_only off); here they
     go through PyTorch's restricted unpickler instead (``safe_load``), after their checksums are verified.
     From an object store each rank downloads what it reads (not the other ranks' shards) to its node.
     """
