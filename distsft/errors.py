@@ -11,3 +11,9 @@ class ConfigError(DistsftError):
 
 class DataError(DistsftError):
     pass
+
+
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """An exception's first line (its type when it says nothing), for the one-line messages above."""
+    text = str(error).strip()
+    return text.splitlines()[0][:limit] if text else type(error).__name__

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from distsft.errors import ConfigError, DistsftError
+from distsft.errors import ConfigError, DistsftError, first_line
 
 T = TypeVar("T")
 TRANSIENT = {errno.EIO, errno.ESTALE, errno.ETIMEDOUT, errno.EAGAIN, errno.EINTR, errno.ECONNRESET, errno.EBUSY}
@@ -58,7 +58,7 @@ def reading(location: str | Path, what: str, fn: Callable[[], T], budget_s: floa
         except OSError as e:
             transient = e.errno in TRANSIENT or e.errno is None  # object stores' errors carry no errno
             if not transient or time.monotonic() + delay > deadline:
-                why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+                why = first_line(e)
                 waited = f" for {budget:g}s" if transient and budget else ""
                 raise StorageError(
                     f"checkpoint storage {location}: {what} failed{waited} ({why}); an unreadable checkpoint is not "

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from distsft.data.sources import LINE, RAW, Source, open_saved
-from distsft.errors import DataError
+from distsft.errors import DataError, first_line
 
 CHUNK_ROWS = 50_000
 """Rows per chunk: a chunk's examples are packed together, so this is also the packing window (best-fit
@@ -98,7 +98,7 @@ def _parquet(path: Path | str) -> Any:
     try:
         return pq.ParquetFile(path)
     except (OSError, ValueError) as e:  # ArrowInvalid ("Parquet magic bytes not found") is a ValueError
-        raise DataError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0][:200]})") from None
+        raise DataError(f"{path}: not a readable Parquet file ({first_line(e)})") from None
 
 
 def _parquet_spans(path: Path) -> list[tuple[int, int, int]]:

@@ -23,7 +23,7 @@ from typing import Any
 
 from distsft.config import Config
 from distsft.config.cluster import ClusterConfig
-from distsft.errors import ConfigError, DistsftError
+from distsft.errors import ConfigError, DistsftError, first_line
 from distsft.launcher import probe
 from distsft.launcher.ray_session import RaySession
 
@@ -188,17 +188,12 @@ def _cause(e: Exception) -> Exception:
     return cause if isinstance(cause, Exception) else e
 
 
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
 def versions_finding(infos: dict[str, Any]) -> Finding:
     mine = probe.versions()
     differ, silent = [], []
     for ip, info in infos.items():
         if isinstance(info, Exception):
-            silent.append(f"{ip}: {_first_line(info)}")
+            silent.append(f"{ip}: {first_line(info, 1000)}")
             continue
         theirs = info.get("versions", info)
         differ += [f"{k} {theirs.get(k)} on {ip} but {mine[k]} here" for k in mine if theirs.get(k) != mine[k]]
@@ -309,7 +304,7 @@ def network_finding(
             except ray.exceptions.GetTimeoutError:
                 errors.append(f"{n['NodeManagerAddress']}: no answer")
             except ray.exceptions.RayError as e:
-                errors.append(f"{n['NodeManagerAddress']}: {_first_line(_cause(e))}")
+                errors.append(f"{n['NodeManagerAddress']}: {first_line(_cause(e), 1000)}")
     finally:
         for a in actors:
             ray.kill(a)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from distsft.errors import DistsftError
+from distsft.errors import DistsftError, first_line
 
 
 def generate(
@@ -32,8 +32,7 @@ def generate(
         base = adapter_base(model_dir) if adapter else model_dir
         model = AutoModelForCausalLM.from_pretrained(base, trust_remote_code=trust_remote_code, **NO_HUB_KERNELS)
     except (OSError, ValueError, KeyError) as e:  # a broken config.json, missing weights or tokenizer files
-        why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise DistsftError(f"--model {model_dir}: cannot be loaded ({why})") from None
+        raise DistsftError(f"--model {model_dir}: cannot be loaded ({first_line(e)})") from None
     model = (with_adapter(model, model_dir) if adapter else model).eval()
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     if not tokenizer.chat_template:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from distsft.config import DEMO_DIR, LoraConfig, ModelConfig, cache_home
-from distsft.errors import ConfigError
+from distsft.errors import ConfigError, first_line
 from distsft.model import hub
 from distsft.model.hub import ModelSource
 from distsft.model.traits import ModelTraits, choose_attention, model_class, read_traits
@@ -129,8 +129,9 @@ def load_model_config(cfg: ModelConfig) -> Any:
             src.path, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision, **src.kwargs()
         )
     except (OSError, ValueError) as e:  # no config.json, a broken one, an unknown model type
-        why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"model.path {src.path}: not a model directory transformers can read ({why})") from None
+        raise ConfigError(
+            f"model.path {src.path}: not a model directory transformers can read ({first_line(e)})"
+        ) from None
 
 
 def traits_and_attention(

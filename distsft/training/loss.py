@@ -284,5 +284,6 @@ def selects_logits(model: Any) -> bool:
 def _selects_logits(cls: type) -> bool:
     if "logits_to_keep" not in inspect.signature(cls.forward).parameters:
         return False
-    # Older releases (and a few models) slice with ``hidden[:, slice]``, which takes no boolean mask.
+    # Models that slice through ``slice_logits_to_keep`` hand the output layer the (batch, seq, hidden) states
+    # unchanged for ``logits_to_keep=0``; others (older releases, a few models) keep the full-logits path.
     return hasattr(inspect.getmodule(cls), "slice_logits_to_keep")
