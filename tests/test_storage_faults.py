@@ -144,3 +144,71 @@ def test_a_full_disk_is_one_line_and_leaves_nothing_behind(tmp_path, cli):
         assert not list((out / "checkpoints").glob(".tmp-*")) and not list((out / "checkpoints").glob("step-*"))
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+class _Engine:
+    """What ``store.save`` asks of a DeepSpeed engine: each rank writes its shard."""
+
+    def __init__(self, rank: int) -> None:
+        import torch
+
+        self.rank, self.module = rank, torch.nn.Linear(2, 2)
+
+    def save_checkpoint(self, path, tag, client_state, save_latest, exclude_frozen_parameters):
+        import pathlib
+
+        (pathlib.Path(path) / tag).mkdir(parents=True, exist_ok=True)
+        (pathlib.Path(path) / tag / f"shard-{self.rank}.pt").write_bytes(b"s" * 100)
+
+
+def _save_with_a_slow_upload(rank: int, port: int, env: dict, slow_s: float, result) -> None:
+    import os
+    import time
+
+    os.environ.update(env)
+    from distsft.training.distributed import RENDEZVOUS_ENV, Rendezvous, join_group
+
+    rv = Rendezvous("gloo", rank, 2, "127.0.0.1", port, "127.0.0.1", 30.0, 2.0, upload_timeout_s=60.0)
+    os.environ[RENDEZVOUS_ENV] = rv.to_env()
+    join_group(rv)
+    upload = storage.Bucket.upload
+
+    def slow(self, local, location):
+        if rank == 1:
+            time.sleep(slow_s)  # longer than the collective timeout (2 s), within the upload one
+        return upload(self, local, location)
+
+    storage.Bucket.upload = slow
+    try:
+        final = store.save(_Engine(rank), "s3://ckpt/slow/checkpoints", 2, {}, 2, lambda d: d.mkdir())
+        result.put((rank, str(final)))
+    except Exception as e:  # noqa: BLE001
+        result.put((rank, f"failed: {e}"))
+
+
+def test_ranks_wait_for_a_slow_upload_outside_the_training_timeout(s3):
+    """One rank's upload takes longer than the collective timeout: the others wait for it on a group
+    bounded by upload_timeout_s (before: the exchange after the upload was on the world group and failed
+    after collective_timeout_s), and the checkpoint is complete."""
+    import multiprocessing
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = multiprocessing.get_context("spawn")
+    result = ctx.Queue()
+    procs = [ctx.Process(target=_save_with_a_slow_upload, args=(r, port, dict(s3), 5.0, result)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    try:
+        got = dict(result.get(timeout=120) for _ in procs)
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    ckpt = store.step_dir("s3://ckpt/slow/checkpoints", 2)
+    assert got == {0: ckpt, 1: ckpt}, got
+    manifest = store.read_manifest(ckpt)
+    assert {"ds/shard-0.pt", "ds/shard-1.pt"} <= set(manifest["files"]) and len(manifest["sha256"]) >= 2

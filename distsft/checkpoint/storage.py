@@ -63,7 +63,7 @@ def reading(location: str | Path, what: str, fn: Callable[[], T], budget_s: floa
                 raise StorageError(
                     f"checkpoint storage {location}: {what} failed{waited} ({why}); an unreadable checkpoint is not "
                     "taken for a missing one, so nothing was started over or deleted: run again once it can be "
-                    "read (DISTSFT_STORAGE_RETRY_S sets how long to retry)"
+                    "read (the cluster file's storage_retry_s sets how long to retry)"
                 ) from None
             time.sleep(delay)
             delay = min(delay * 2, 8.0)

@@ -29,6 +29,7 @@ from typing import Any
 from distsft.checkpoint import storage
 from distsft.errors import ConfigError
 from distsft.host import fsync_dir, write_atomic
+from distsft.training.distributed import upload_group
 
 PREFIX = "step-"
 MANIFEST = "MANIFEST.json"
@@ -271,7 +272,9 @@ def save(
         sent = {}
     _maybe_die_in_save(step)
     every = [None] * dist.get_world_size()
-    dist.all_gather_object(every, (sent, sums))
+    # After an upload the ranks wait for the slowest one's on a group bounded by upload_timeout_s.
+    group = upload_group() if remote and dist.get_world_size() > 1 else None
+    dist.all_gather_object(every, (sent, sums), group=group)
     if rank == 0:
         if remote:
             files = {rel: size for part, _ in every for rel, size in part.items()}
@@ -301,7 +304,7 @@ def save(
             fsync_dir(Path(root))
             write_atomic(Path(root) / LATEST, storage.name(final), durable=True)
         _purge(root, keep_last, keep=final)
-    dist.barrier()
+    dist.barrier(group=group)
     return final
 
 

@@ -58,6 +58,12 @@ class ClusterConfig:
     collective_timeout_s: float = checked(600.0, lambda v: v > 0, "a number of seconds > 0")
     """A collective that waits longer (a rank stopped, a link down) fails the step: every rank's Python
     stacks go to its log, and the failure is handled like a crash (restart, or a clear end)."""
+    upload_timeout_s: float = checked(3600.0, lambda v: v > 0, "a number of seconds > 0")
+    """With an object store: how long a rank that finished uploading its part of a checkpoint waits for the
+    slowest rank's upload (outside the collectives that ``collective_timeout_s`` bounds)."""
+    storage_retry_s: float = checked(60.0, lambda v: v >= 0, "a number of seconds >= 0")
+    """How long a checkpoint read, listing or upload that fails transiently (S3 throttling and 5xx, timeouts,
+    NFS EIO/ESTALE) is retried before the run stops with one line; ``DISTSFT_STORAGE_RETRY_S`` overrides it."""
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     dashboard_host: str = "127.0.0.1"
     """For a Ray instance distsft starts: where its dashboard listens (loopback unless you open it)."""

@@ -8,6 +8,7 @@ travel to a ``RecordSink`` actor on the driver's node without the workers waitin
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -86,6 +87,7 @@ def run_workers(launch: Launch, resume: ResumePlan, elastic: bool = False) -> di
             timeout_s=int(cluster.collective_timeout_s),
             rendezvous_timeout_s=cluster.rendezvous_timeout_s,
             collective_timeout_s=cluster.collective_timeout_s,
+            upload_timeout_s=cluster.upload_timeout_s,
         ),
         scaling_config=ScalingConfig(
             num_workers=cluster.num_workers,
@@ -231,6 +233,7 @@ def worker_runtime_env(cluster: ClusterConfig) -> dict[str, Any]:
     runtime_env["env_vars"] = {
         **runtime_env.get("env_vars", {}),
         **cluster.env,
+        "DISTSFT_STORAGE_RETRY_S": os.environ.get("DISTSFT_STORAGE_RETRY_S", f"{cluster.storage_retry_s:g}"),
         "TOKENIZERS_PARALLELISM": "false",
         "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",  # a worker's print goes to its log once, not also as a record
     }

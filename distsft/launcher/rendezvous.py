@@ -26,6 +26,7 @@ class RendezvousConfig(TorchConfig):
 
     rendezvous_timeout_s: float = 60.0
     collective_timeout_s: float = 600.0
+    upload_timeout_s: float = 3600.0
 
     @property
     def backend_cls(self) -> type:
@@ -47,6 +48,7 @@ class _AnnouncingBackend(_TorchBackend):
                 "port": port,
                 "rendezvous_timeout_s": backend_config.rendezvous_timeout_s,
                 "collective_timeout_s": backend_config.collective_timeout_s,
+                "upload_timeout_s": backend_config.upload_timeout_s,
             }
             worker_group.execute_single(rank, _announce, fields)
 

@@ -80,6 +80,7 @@ def launch_ray(cfg: Config, cluster: ClusterConfig, quiet: bool = False, verbose
 
     cfg = absolute_paths(cfg)  # workers run in their own directories
     check_storage(cluster)
+    os.environ.setdefault("DISTSFT_STORAGE_RETRY_S", f"{cluster.storage_retry_s:g}")  # the driver reads them too
     if cluster.elastic and cfg.train.global_batch_size is None:
         raise ConfigError(
             f"the cluster's min_workers = {cluster.min_workers} lets the run go on with fewer workers: set "

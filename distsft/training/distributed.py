@@ -92,6 +92,7 @@ class Rendezvous:
     """This worker's node IP: its interface is the one gloo and NCCL use."""
     rendezvous_timeout_s: float
     collective_timeout_s: float
+    upload_timeout_s: float = 3600.0
 
     def to_env(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -159,6 +160,24 @@ def join_group(rv: Rendezvous) -> None:
 def collective_timeout_s() -> float | None:
     """This worker's collective timeout (a launch on Ray), or None (``--local``: nothing to wait for)."""
     return Rendezvous.from_env().collective_timeout_s if RENDEZVOUS_ENV in os.environ else None
+
+
+_upload_group: tuple[Any, Any] | None = None
+
+
+def upload_group() -> Any:
+    """A gloo group whose collectives wait up to the cluster's ``upload_timeout_s``: a rank that finished
+    uploading its part of a checkpoint waits here for the slowest one, not in a collective bounded by the
+    training timeout (a slow upload is not a hung rank). Made at the first save that needs it: every rank
+    saves at the same step, so every rank makes it at the same point."""
+    global _upload_group
+    from datetime import timedelta
+
+    world = dist.group.WORLD
+    if _upload_group is None or _upload_group[0] is not world:  # a new group after a restart in-process
+        bound = Rendezvous.from_env().upload_timeout_s if RENDEZVOUS_ENV in os.environ else 3600.0
+        _upload_group = (world, dist.new_group(backend="gloo", timeout=timedelta(seconds=bound)))
+    return _upload_group[1]
 
 
 def _wait_for(address: str, port: int, timeout_s: float, message: str) -> None:
