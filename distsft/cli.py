@@ -63,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     p.add_argument("--max-shard-size", default="5GB", help="split the safetensors weights above this size")
     p.add_argument("--merge", action="store_true", help="LoRA runs: write base + adapters as one plain model")
+    p.add_argument(
+        "--no-authenticate",
+        action="store_true",
+        help="export a checkpoint whose manifest your checkpoint key did not sign (someone else's run)",
+    )
 
     p = sub.add_parser("report", help="summarise a run from its metrics.jsonl and redraw its loss curve")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run's output_dir (also while it is still running)")
@@ -164,9 +169,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from distsft import checkpoint
-    from distsft.checkpoint import storage
+    from distsft.checkpoint import auth, storage
     from distsft.checkpoint.export import check_out, export
 
+    if args.no_authenticate:
+        auth.turn_off()
     ckpt = checkpoint.resolve(args.run_dir)
     if args.step is not None:
         ckpt = checkpoint.step_dir(storage.parent(ckpt), args.step)

@@ -24,6 +24,27 @@ def write_atomic(path: Path, text: str, durable: bool = False) -> None:
         fsync_dir(path.parent)
 
 
+def private_dir(path: Path) -> Path:
+    """``path`` as a directory, every component this call creates private to the user (0700): caches and
+    scratch space in shared places (``/tmp``, a shared home) hold prepared data, checkpoint shards on
+    their way to a bucket and Ray's session logs, which another user of the machine must not read.
+    Directories that exist keep their mode: they are the user's choice."""
+    path = Path(path).expanduser()
+    missing = []
+    p = path
+    while not p.exists():
+        missing.append(p)
+        if p.parent == p:
+            break
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir(mode=0o700)
+        except FileExistsError:  # made meanwhile by another process
+            pass
+    return path
+
+
 class DirectoryLock:
     """Held by one launch for the whole run: a second launch into the same output directory is refused with
     the first one's host and pid, instead of both writing its checkpoints and metrics. An advisory lock

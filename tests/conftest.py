@@ -14,9 +14,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 # Hermetic caches: prepared data and the demo init live in a fresh directory per test session.
 os.environ["DISTSFT_CACHE"] = tempfile.mkdtemp(prefix="distsft-test-cache-")
+# The checkpoint key (checkpoint/auth.py) is made where a user's would be, in a fresh config home.
+os.environ["XDG_CONFIG_HOME"] = tempfile.mkdtemp(prefix="distsft-test-config-")
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+@pytest.fixture(autouse=True)
+def _checkpoint_authentication_restored():
+    """A launch sets whether manifests are checked for its process (``checkpoint.authenticate``); a test
+    that turns it off leaves it on for the next."""
+    yield
+    os.environ.pop("DISTSFT_CHECKPOINT_AUTH", None)
 
 
 @pytest.fixture(scope="session")

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from conftest import REPO
 
 from distsft.config.cluster import ClusterConfig, load_cluster
+from distsft.config.loader import build_typed
 from distsft.errors import ConfigError
 from distsft.launcher.ray_train import check_storage
 
@@ -79,6 +82,55 @@ def test_secrets_in_env_are_never_printed(cli, tmp_path):
     assert "HF_TOKEN" in out and "hf_supersecret123" not in out + err
     redacted = str(load_cluster(p).redacted())
     assert "hf_supersecret123" not in redacted and "wb_secret" not in redacted
+
+
+def test_a_bad_env_value_names_its_key_and_never_a_value(cli, tmp_path):
+    p = write(
+        tmp_path,
+        "env:\n  HF_TOKEN: hf_supersecret123\n  AWS_SECRET_ACCESS_KEY: aws_secret456\n  NCCL_IB_DISABLE: 1\n"
+        "  NCCL_DEBUG: [INFO]\n  GLOO_USE_IPV6: false\nhf_token: x\n",
+    )
+    code, out, err = cli("launch", "--cluster", str(p), "--dry-run")
+    assert code == 2
+    assert f"{p}:5: env.NCCL_DEBUG is invalid: expected a string" in err, err
+    assert f"{p}:6: env.GLOO_USE_IPV6 is invalid: expected a string (quote it: 'true' or '1')" in err, err
+    assert "hf_supersecret123" not in out + err and "aws_secret456" not in out + err and "INFO" not in err
+    # a number is an environment value as written ("1"); a key that looks like a secret shows no value
+    assert load_cluster(write(tmp_path, "env:\n  NCCL_IB_DISABLE: 1\n")).env == {"NCCL_IB_DISABLE": "1"}
+    with pytest.raises(ConfigError, match=r"^f.yaml:3: api_token is invalid: expected an integer$"):
+        build_typed(WithToken, {"api_token": "tok_secret"}, "f.yaml", {"api_token": 3})
+
+
+@dataclasses.dataclass(frozen=True)
+class WithToken:
+    api_token: int = 0
+
+
+def test_secrets_reach_workers_with_the_run_and_never_through_the_runtime_env(tmp_path):
+    from distsft.checkpoint import auth
+    from distsft.launcher.ray_train import worker_runtime_env, worker_secrets
+
+    p = write(
+        tmp_path,
+        "env: {HF_TOKEN: a, WANDB_API_KEY: b, DEPLOY_PHRASE: c, NCCL_IB_DISABLE: '1', HF_HOME: /data/hf}\n"
+        "runtime_env: {env_vars: {MLFLOW_TRACKING_PASSWORD: d, OMP_NUM_THREADS: '4'}}\nsecret_env: [DEPLOY_PHRASE]\n",
+    )
+    cluster = load_cluster(p)
+    public = worker_runtime_env(cluster)["env_vars"]
+    assert {"NCCL_IB_DISABLE": "1", "HF_HOME": "/data/hf", "OMP_NUM_THREADS": "4"}.items() <= public.items()
+    assert not {"HF_TOKEN", "WANDB_API_KEY", "DEPLOY_PHRASE", "MLFLOW_TRACKING_PASSWORD"} & set(public)
+    secrets = worker_secrets(cluster)
+    assert {"HF_TOKEN": "a", "WANDB_API_KEY": "b", "DEPLOY_PHRASE": "c", "MLFLOW_TRACKING_PASSWORD": "d"}.items() <= (
+        secrets.items()
+    )
+    assert secrets[auth.ENV_KEY] == auth.key().decode()  # the driver's checkpoint key, for rank 0 to sign with
+
+
+def test_a_dashboard_beyond_loopback_needs_an_acknowledgement(tmp_path):
+    with pytest.raises(ConfigError, match=r"cluster.yaml:1: dashboard_host: '0.0.0.0' opens Ray's dashboard"):
+        load_cluster(write(tmp_path, "dashboard_host: 0.0.0.0\n"))
+    assert load_cluster(write(tmp_path, "dashboard_host: localhost\n")).dashboard_host == "localhost"
+    assert load_cluster(write(tmp_path, "dashboard_host: 0.0.0.0\nallow_remote_dashboard: true\n"))
 
 
 def test_dry_run_plans_long_context_activations_and_the_sequence_parallel_size_needed(cli):

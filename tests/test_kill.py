@@ -4,10 +4,15 @@ launcher on Ray, a checkpointed stop and a resume, is the SLURM test's ``scancel
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import stat
 import subprocess
 import sys
+import tempfile
 import time
+import uuid
+from pathlib import Path
 
 import pytest
 import torch
@@ -48,6 +53,19 @@ def _args(pid: int) -> str:
         return ""
 
 
+def assert_private_and_secret_free(private: list[Path], others: list[Path], secrets: list[str]) -> None:
+    """Each of ``private`` is a directory only its user can enter (0700), and no file under it or under
+    ``others`` holds any of ``secrets``."""
+    for d in private:
+        assert stat.S_IMODE(d.stat().st_mode) == 0o700, f"{d}: mode {stat.S_IMODE(d.stat().st_mode):o}"
+    files = [p for d in private + others for p in d.rglob("*") if p.is_file() and not p.is_symlink()]
+    assert len(files) > 20  # Ray's logs, the run's files: there is something to search
+    for path in files:
+        data = path.read_bytes()
+        for s in secrets:
+            assert s.encode() not in data, f"a secret is in {path}"
+
+
 def assert_same_weights(a, b, atol=1e-6):
     wa, wb = final_weights(a), final_weights(b)
     for k in wa:
@@ -73,21 +91,28 @@ def test_kill_9_during_a_save_falls_back_to_the_previous_checkpoint(host_referen
 
 
 def test_kill_9_of_the_ray_launcher_leaves_nothing_behind_and_the_rerun_matches(host_reference, tmp_path):
+    """Also what a killed launch leaves on a shared machine: the cluster file's secrets (one named a
+    secret by ``secret_env``) in no file and no process's command line, Ray's session directory and the
+    caches private to the user, and the session directory removed by the next launch."""
     killed = tmp_path / "killed"
+    secret, phrase = f"hf_{uuid.uuid4().hex}", uuid.uuid4().hex
+    cluster = tmp_path / "cluster.yaml"
+    cluster.write_text(
+        f"env: {{HF_TOKEN: {secret}, DEPLOY_PHRASE: {phrase}, NCCL_IB_DISABLE: 1}}\nsecret_env: [DEPLOY_PHRASE]\n"
+    )
+    shared_tmp = Path(tempfile.mkdtemp(prefix="k", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
+    env = {**os.environ, "TMPDIR": str(shared_tmp), "DISTSFT_CACHE": str(tmp_path / "cache")}
+    cmd = [*launch_cmd(killed, local=False), "--cluster", str(cluster)]
     before = ray_processes()
     proc = subprocess.Popen(
-        launch_cmd(killed, local=False),
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
+        cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, env=env
     )
     deadline = time.monotonic() + 300
     for line in proc.stdout:
         if line.startswith("step 3/"):
             break
         assert time.monotonic() < deadline
+    cmdlines = [_args(pid) for pid in ray_processes() - before]
     proc.kill()  # SIGKILL: no handler, no cleanup code runs
     proc.wait(timeout=30)
     for _ in range(60):  # the workers notice the launcher's death and stop (one may finish a save meanwhile)
@@ -99,8 +124,13 @@ def test_kill_9_of_the_ray_launcher_leaves_nothing_behind_and_the_rerun_matches(
     # What SIGKILL left running (in this container: Ray's agents, whose raylet lingers as an unreaped
     # zombie) must not survive the next launch of the same command, which stops it before starting.
     lingering = ray_processes() - before
-    again = subprocess.run(launch_cmd(killed, local=False), cwd=REPO, capture_output=True, text=True, timeout=600)
+    (session,) = shared_tmp.glob("distsft-ray-*")
+    assert_private_and_secret_free([session, tmp_path / "cache"], [killed], [secret, phrase])
+    assert cmdlines and not any(secret in c or phrase in c for c in cmdlines)
+    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     assert again.returncode == 0, again.stderr[-3000:]
+    assert not session.exists()  # the killed launch's session directory, removed with its processes
+    shutil.rmtree(shared_tmp, ignore_errors=True)
     if lingering:
         assert "leftover Ray processes of an earlier launch" in again.stdout, again.stdout[-2000:]
     time.sleep(5)

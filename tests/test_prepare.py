@@ -127,7 +127,10 @@ def test_hub_loading_code_path_on_a_local_copy(tmp_path):
     datasets.Dataset.from_list([GOOD, GOOD]).to_parquet(str(repo / "data" / "train-00000.parquet"))
     ds = load_source(Source(str(repo), "hub", "auto", "train"), tmp_path / "hf")
     assert len(ds) == 2 and ds[1]["__line"] == 2
-    assert resolve_sources("some-org/some-dataset")[0].kind == "hub"
+    assert resolve_sources("hf://some-org/some-dataset")[0].kind == "hub"
+    with pytest.raises(DataError, match="probe/nope: no such file or directory; for the Hugging Face Hub dataset "
+                       "probe/nope, write hf://probe/nope"):  # fmt: skip
+        resolve_sources("probe/nope")  # a mistyped local path is never fetched from the network
 
 
 def test_missing_path_is_an_error():

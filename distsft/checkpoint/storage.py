@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from distsft.errors import ConfigError, DistsftError, first_line
+from distsft.host import private_dir
 
 T = TypeVar("T")
 TRANSIENT = {errno.EIO, errno.ESTALE, errno.ETIMEDOUT, errno.EAGAIN, errno.EINTR, errno.ECONNRESET, errno.EBUSY}
@@ -221,9 +222,7 @@ def staging_dir(*parts: str) -> Path:
     """Node-local scratch space for a checkpoint on its way to or from an object store."""
     from distsft.config import cache_home
 
-    path = cache_home() / "staging" / Path(*parts)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return private_dir(cache_home() / "staging" / Path(*parts))
 
 
 def remove(path: Path) -> None:

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from distsft.checkpoint import storage
+from distsft.checkpoint import auth, storage
 from distsft.errors import ConfigError
 from distsft.host import fsync_dir, write_atomic
 from distsft.training.distributed import upload_group
@@ -49,6 +49,14 @@ class CorruptCheckpoint(storage.StorageError):
     def __init__(self, message: str, file: str) -> None:
         super().__init__(message)
         self.file = file
+
+
+class UnsignedCheckpoint(CorruptCheckpoint):
+    """A manifest this run's key did not sign (``auth.py``): someone else's, or rewritten."""
+
+    def __init__(self, ckpt: Location, why: str) -> None:
+        super().__init__(f"checkpoint {ckpt}: {why}, so it is not used; {auth.HOW_TO_ACCEPT}", MANIFEST)
+        self.why = why
 
 
 def owner(rel: str) -> int | None:
@@ -152,6 +160,9 @@ def read_manifest(ckpt: Location, budget_s: float | None = None) -> dict[str, An
         files = dict(manifest["files"])
     except (ValueError, KeyError, TypeError):
         return None
+    why = auth.problem(manifest)
+    if why is not None:
+        raise UnsignedCheckpoint(ckpt, why)
     present = _files(ckpt, budget_s) if storage.is_remote(ckpt) else None
     for rel, size in files.items():
         have = present.get(rel) if present is not None else _size(Path(ckpt) / rel, budget_s)
@@ -163,19 +174,39 @@ def read_manifest(ckpt: Location, budget_s: float | None = None) -> dict[str, An
 def find_latest(root: Location, skip: set[str] | frozenset[str] = frozenset()) -> Location | None:
     """The newest complete checkpoint under ``root`` (but those named in ``skip``); the pointer is a hint,
     the manifests decide. None only when the listing proves there is none; storage that cannot be read
-    raises ``StorageError``."""
+    raises ``StorageError``. A checkpoint this run's key did not sign is skipped, said once, for an older
+    one that it did; when only such checkpoints exist, ``UnsignedCheckpoint`` is raised rather than taking
+    the root for empty (a run that started over would overwrite them)."""
     steps = [d for d in _step_dirs(root) if storage.name(d) not in skip]
     pointer = (_read(storage.join(root, LATEST)) or "").strip()
     pointer = "" if pointer in skip else pointer
+    unsigned: list[UnsignedCheckpoint] = []
+
+    def complete(d: Location) -> bool:
+        try:
+            return read_manifest(d) is not None
+        except UnsignedCheckpoint as e:
+            unsigned.append(e)
+            if str(d) not in _said:
+                _said.add(str(d))
+                print(f"checkpoint: skipped {storage.name(d)}: {e.why}", flush=True)
+            return False
+
     if pointer.startswith(PREFIX):
         candidate = storage.join(root, pointer)
-        if read_manifest(candidate) is not None:
-            newer = [d for d in steps if storage.name(d) > pointer and read_manifest(d) is not None]
+        if complete(candidate):
+            newer = [d for d in steps if storage.name(d) > pointer and complete(d)]
             return newer[-1] if newer else candidate
     for d in reversed(steps):
-        if read_manifest(d) is not None:
+        if complete(d):
             return d
+    if unsigned:
+        raise unsigned[0]
     return None
+
+
+_said: set[str] = set()
+"""Checkpoints already named as skipped by this process (``find_latest`` runs several times per launch)."""
 
 
 def _step_dirs(root: Location, budget_s: float | None = None) -> list[Location]:
@@ -284,14 +315,16 @@ def save(
         else:
             files = _files(tmp)
         sha256 = {rel: h for _, part in every for rel, h in part.items()}
-        manifest = {
-            "step": step,
-            "world_size": dist.get_world_size(),
-            "files": files,
-            "sha256": {rel: sha256[rel] for rel in files if rel in sha256},
-            "created": time.time(),
-            **meta,
-        }
+        manifest = auth.sign(
+            {
+                "step": step,
+                "world_size": dist.get_world_size(),
+                "files": files,
+                "sha256": {rel: sha256[rel] for rel in files if rel in sha256},
+                "created": time.time(),
+                **meta,
+            }
+        )
         text = json.dumps(manifest, indent=1)
         if remote:
             storage.bucket(root).write_text(storage.join(final, MANIFEST), text)
@@ -360,14 +393,20 @@ def _purge(root: Location, keep_last: int, keep: Location) -> None:
     except storage.StorageError as e:
         print(f"checkpoint: no old checkpoint removed: {e}", flush=True)
         return
-    complete, incomplete, unread = [], [], []
+    complete, incomplete, unread, unsigned = [], [], [], []
     for d in steps:
         try:
             (complete if read_manifest(d, budget_s=0) is not None else incomplete).append(d)
+        except UnsignedCheckpoint:
+            unsigned.append(storage.name(d))
         except storage.StorageError:
             unread.append(storage.name(d))
     if unread:
         print(f"checkpoint: kept {', '.join(unread)}: could not be read now, so not taken for leftovers", flush=True)
+    unsigned = [n for n in unsigned if f"kept {n}" not in _said]
+    _said.update(f"kept {n}" for n in unsigned)
+    if unsigned:
+        print(f"checkpoint: kept {', '.join(unsigned)}: not signed with this run's key, not ours to remove", flush=True)
     stale = [d for d in complete[:-keep_last] if d != keep] + [d for d in incomplete if d != keep]
     if storage.is_remote(root):
         for d in stale:

@@ -1,7 +1,8 @@
 """Cluster files: where the workers run and with what, validated like run configs.
 
 A cluster file says how to reach Ray and how to place workers; it never says what to train. Values of
-``env`` are passed to workers but never printed (they often hold tokens).
+``env`` are passed to workers but never printed (they often hold tokens), and secrets among them never go
+through Ray's runtime_env (``config/secrets.py``).
 """
 
 from __future__ import annotations
@@ -39,7 +40,11 @@ class ClusterConfig:
     """Where checkpoints go: a local path, an NFS mount shared by all nodes, or ``s3://``/``gs://`` URI.
     Defaults to ``output_dir`` (fine on one node)."""
     env: dict[str, str] = field(default_factory=dict)
-    """Environment for workers, e.g. NCCL_* settings or HF_TOKEN; values are never printed."""
+    """Environment for workers, e.g. NCCL_* settings or HF_TOKEN; values are never printed. Those whose
+    names look like secrets (``*TOKEN*``, ``*SECRET*``, ``*PASSWORD*``, ``*API_KEY*``, ...) or are listed in
+    ``secret_env`` reach the workers with the run's arguments, not through Ray's runtime_env (which Ray logs)."""
+    secret_env: list[str] = field(default_factory=list)
+    """More ``env`` names to treat as secrets, beyond those whose names say so."""
     runtime_env: dict[str, Any] = field(default_factory=dict)
     """Passed to Ray as the workers' runtime_env (pip, working_dir, ...)."""
     max_failures: int = checked(0, lambda v: v >= -1, "-1 (unlimited) or an integer >= 0")
@@ -67,6 +72,9 @@ class ClusterConfig:
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     dashboard_host: str = "127.0.0.1"
     """For a Ray instance distsft starts: where its dashboard listens (loopback unless you open it)."""
+    allow_remote_dashboard: bool = False
+    """Needed for a ``dashboard_host`` other than loopback: Ray's dashboard accepts jobs, and a job runs
+    code as you, so opening it to a network is a choice you make knowingly (said again at launch)."""
     num_cpus: int | None = checked(None, lambda v: v is None or v >= 1, "an integer >= 1")
     """For a Ray instance distsft starts: CPUs it may use (default: all of this machine's)."""
 
@@ -127,7 +135,7 @@ def load_cluster(path: str | Path | None, overrides: list[str] | tuple[str, ...]
     """The file's cluster, or the embedded default (a local Ray instance) when ``path`` is None."""
     if path is None:
         return resolve_local_workers(build_typed(ClusterConfig, {}, "<default>", {}))
-    cluster = load_typed(ClusterConfig, path, overrides)
+    cluster = load_typed(ClusterConfig, path, overrides, combined=_combination_problems)
     if cluster.address not in (None, "local") and cluster.workers_per_node == 0:
         raise ConfigError(f"{path}: workers_per_node must be set for a remote cluster (address {cluster.address})")
     if cluster.min_workers is not None and cluster.workers_per_node and cluster.min_workers > cluster.num_workers:
@@ -136,6 +144,27 @@ def load_cluster(path: str | Path | None, overrides: list[str] | tuple[str, ...]
             f"(num_nodes {cluster.num_nodes} x workers_per_node {cluster.workers_per_node})"
         )
     return resolve_local_workers(cluster)
+
+
+def _combination_problems(cluster: ClusterConfig) -> list[tuple[str, str]]:
+    if not is_loopback(cluster.dashboard_host) and not cluster.allow_remote_dashboard:
+        why = (
+            f"{cluster.dashboard_host!r} opens Ray's dashboard, which runs jobs as you, beyond this machine; "
+            "set allow_remote_dashboard: true if that is meant (or reach it with ssh -L 8265:127.0.0.1:8265)"
+        )
+        return [("dashboard_host", why)]
+    return []
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def resolve_local_workers(cluster: ClusterConfig) -> ClusterConfig:

@@ -18,6 +18,7 @@ from typing import Any, Literal
 import yaml
 
 from distsft.config.schema import DEMO_CONFIG, Config, combination_problems
+from distsft.config.secrets import looks_secret
 from distsft.errors import ConfigError
 
 
@@ -187,17 +188,49 @@ def _build(cls: type, raw: Any, prefix: str, source: str, lines: dict[str, int |
         if dataclasses.is_dataclass(hint):
             kwargs[key] = _build(hint, value, dotted + ".", source, lines, problems)
             continue
+        if typing.get_origin(hint) is dict and isinstance(value, dict):
+            kwargs[key] = _build_mapping(hint, value, dotted, source, lines, problems)
+            continue
         try:
             coerced = _coerce(value, hint)
         except ValueError as e:
-            problems.append(f"{where}: {dotted} = {value!r} is invalid: {e}")
+            problems.append(f"{where}: {dotted}{_shown(dotted, value)} is invalid: {e}")
             continue
         check = fields[key].metadata.get("check")
         if check and not check[0](coerced):
-            problems.append(f"{where}: {dotted} = {value!r} is out of range; allowed: {check[1]}")
+            problems.append(f"{where}: {dotted}{_shown(dotted, value)} is out of range; allowed: {check[1]}")
             continue
         kwargs[key] = coerced
     return cls(**kwargs)
+
+
+def _build_mapping(
+    tp: Any, raw: dict[Any, Any], dotted: str, source: str, lines: dict[str, int | None], problems: list[str]
+) -> dict[Any, Any]:
+    """A mapping checked entry by entry, each problem naming its entry and line but never a value (an
+    ``env`` holds tokens). Numbers are taken as strings where strings are wanted: an environment's
+    ``NCCL_IB_DISABLE: 1`` means "1"."""
+    key_tp, val_tp = typing.get_args(tp)
+    out = {}
+    for k, v in raw.items():
+        entry = f"{dotted}.{k}"
+        if val_tp is str and isinstance(v, (int, float)) and not isinstance(v, bool):
+            v = str(v)
+        try:
+            out[_coerce(k, key_tp)] = _coerce(v, val_tp)
+        except ValueError as e:
+            hint = " (quote it: 'true' or '1')" if isinstance(v, bool) and val_tp is str else ""
+            problems.append(f"{_where(source, lines, entry)}: {entry} is invalid: {e}{hint}")
+    return out
+
+
+def _shown(dotted: str, value: Any) -> str:
+    """`` = value`` for an error line, or nothing where the value may be a secret: a key whose name says
+    so, or a mapping (which may hold one)."""
+    if isinstance(value, dict) or looks_secret(dotted.rsplit(".", 1)[-1]):
+        return ""
+    text = repr(value)
+    return f" = {text if len(text) <= 80 else text[:77] + '...'}"
 
 
 def _describe(tp: Any) -> str:

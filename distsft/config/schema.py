@@ -90,8 +90,8 @@ class DataSource:
 @dataclass(frozen=True)
 class DataConfig:
     path: str | list[str | DataSource] = "demo"
-    """A file, a directory, a dataset saved with ``save_to_disk``, a hub dataset id, ``demo``, or a list of
-    these (entries may be ``{path, format, split}`` mappings)."""
+    """A file, a directory, a dataset saved with ``save_to_disk``, a hub dataset ``hf://owner/name``, ``demo``,
+    or a list of these (entries may be ``{path, format, split}`` mappings)."""
     format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"] = "auto"
     max_seq_len: int = checked(1024, lambda v: v >= 8, "an integer >= 8")
     packing: bool = True
@@ -198,6 +198,10 @@ class CheckpointConfig:
     final: bool = True
     """Save a checkpoint at the end and export it to ``output_dir/final``; ``false`` for throughput
     measurements and sweeps that keep nothing (checkpoints every ``every_steps`` are still saved)."""
+    authenticate: bool = True
+    """Sign every manifest with a key only you hold (``$DISTSFT_CHECKPOINT_KEY``, else
+    ``~/.config/distsft/checkpoint.key``, made at first use) and use no checkpoint it did not sign: one
+    rewritten by someone who can write to the storage is refused. ``false`` neither signs nor checks."""
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ from distsft.data.passes import ChunkResult, LocalRunner, Runner, Work, pack_chu
 from distsft.data.sources import Source, load_source, resolve_sources, source_fingerprint
 from distsft.data.tokenize import ensure_chat_template
 from distsft.errors import DataError
-from distsft.host import write_atomic
+from distsft.host import private_dir, write_atomic
 
 PIPELINE_VERSION = "3"  # bump when a change to this package changes the prepared rows
 MAX_REPORTED = 50
@@ -133,7 +133,7 @@ def _build(cfg: DataConfig, tokenizer: Any, seed: int, sources: list[Source], ev
     _clear_abandoned(cache)
     tmp = cache.with_name(f"{cache.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "examples").mkdir(parents=True)
+    private_dir(tmp / "examples")  # the cache root too, where this makes it: prepared rows are the user's
     everything = sources + eval_sources
     opened = {
         i: load_source(src, cache.parent / "hf-datasets")

@@ -75,6 +75,11 @@ def resolve_sources(spec: str | list[Any], default_format: str = "auto") -> list
 def _expand(path: str, fmt: str, split: str) -> list[Source]:
     if path == "demo":
         return [Source(str(DEMO_DATA), "jsonl", fmt, split)]
+    if path.startswith(HUB):
+        repo = path[len(HUB) :]
+        if not _looks_like_hub_id(repo):
+            raise DataError(f"data.path: {path}: a Hugging Face Hub dataset is hf://owner/name")
+        return [Source(repo, "hub", fmt, split)]
     p = Path(path).expanduser()
     if p.is_dir():
         if is_saved_dataset(p):
@@ -87,9 +92,13 @@ def _expand(path: str, fmt: str, split: str) -> list[Source]:
         if p.suffix not in FILE_KINDS:
             raise DataError(f"data.path: {p}: unsupported file type; expected {', '.join(FILE_KINDS)}")
         return [Source(str(p), FILE_KINDS[p.suffix], fmt, split)]
-    if _looks_like_hub_id(path):
-        return [Source(path, "hub", fmt, split)]
-    raise DataError(f"data.path: {path}: no such file or directory")
+    # A missing local path is never taken for a hub id (a typo would fetch someone's dataset from the network).
+    hint = f"; for the Hugging Face Hub dataset {path}, write hf://{path}" if _looks_like_hub_id(path) else ""
+    raise DataError(f"data.path: {path}: no such file or directory{hint}")
+
+
+HUB = "hf://"
+"""``data.path: hf://owner/name``: a dataset from the Hugging Face Hub (or its local cache, offline)."""
 
 
 def _looks_like_hub_id(path: str) -> bool:

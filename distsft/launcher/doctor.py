@@ -12,6 +12,7 @@ free disk against the checkpoint size the dry run computes. What runs on the nod
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import time
@@ -160,14 +161,14 @@ def probe_nodes(cluster: ClusterConfig, nodes: list[dict[str, Any]], fn: Callabl
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from distsft.launcher.ray_train import worker_runtime_env
+    from distsft.launcher.ray_train import worker_runtime_env, worker_secrets
 
-    task = ray.remote(num_cpus=0, max_retries=0)(fn)
-    env = worker_runtime_env(cluster)
+    task = ray.remote(num_cpus=0, max_retries=0)(_with_env)
+    env, secrets = worker_runtime_env(cluster), worker_secrets(cluster)
     refs = {
         n["NodeManagerAddress"]: task.options(
             scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False), runtime_env=env
-        ).remote(*args)
+        ).remote(secrets, fn, *args)
         for n in nodes
     }
     ray.wait(list(refs.values()), num_returns=len(refs), timeout=PROBE_TIMEOUT_S)
@@ -258,6 +259,12 @@ def storage_finding(
         f"{storage_path}: a file written on each of {len(written)} node(s) is read on every other and by the "
         f"launcher ({kind})",
     )
+
+
+def _with_env(secrets: dict[str, str], fn: Callable, *args: Any) -> Any:
+    """``fn(*args)`` with the cluster's secret variables set, as a worker has them (never a runtime_env)."""
+    os.environ.update(secrets)
+    return fn(*args)
 
 
 def network_finding(

@@ -22,6 +22,7 @@ from distsft.errors import DistsftError
 from distsft.host import write_atomic
 
 RAY_STATE = ".ray-local.json"
+TEMP_PREFIX = "distsft-ray-"
 
 
 class RaySession:
@@ -58,8 +59,15 @@ class RaySession:
         if cluster.address in (None, "local"):
             _reap_killed_run(out)
             os.environ.pop("RAY_ADDRESS", None)  # never join an instance someone else started
-            self._temp = tempfile.mkdtemp(prefix="ray-distsft-")
-            ray.init(num_cpus=cluster.num_cpus, dashboard_host=cluster.dashboard_host, _temp_dir=self._temp, **kwargs)
+            # Ray makes its session directory world-writable and its logs (runtime envs included) readable by
+            # all; inside a directory of our own (0700) no other user of the machine reaches them.
+            self._temp = tempfile.mkdtemp(prefix=TEMP_PREFIX)
+            ray.init(
+                num_cpus=cluster.num_cpus,
+                dashboard_host=cluster.dashboard_host,
+                _temp_dir=os.path.join(self._temp, "ray"),
+                **kwargs,
+            )
             self.started = self.local = True
             # Ray's own helpers (the state API that Ray Train's controller uses) find "the" local instance
             # through RAY_ADDRESS first; point them at ours, so a second instance on the machine is no puzzle.
@@ -79,7 +87,7 @@ class RaySession:
     def note_processes(self) -> None:
         """Record the Ray processes of an instance started here (workers come and go: called as they do)."""
         if self.local:
-            record_ray_processes(self.out)
+            record_ray_processes(self.out, self._temp)
 
     def shutdown(self) -> None:
         """Stop the Ray this launch started, and remove its session files (its logs are in output_dir/logs)."""
@@ -128,9 +136,9 @@ def _captured_stderr(log: Path):
                 f.write(text[0])
 
 
-def record_ray_processes(out: Path) -> None:
-    """Note the Ray processes this launcher started (its descendants, with their start times), so a
-    later launch can stop whatever a SIGKILL of this one leaves behind."""
+def record_ray_processes(out: Path, temp: str | None = None) -> None:
+    """Note the Ray processes this launcher started (its descendants, with their start times) and its
+    session directory, so a later launch can stop and remove whatever a SIGKILL of this one leaves."""
     import psutil
 
     me = psutil.Process()
@@ -140,7 +148,7 @@ def record_ray_processes(out: Path) -> None:
             procs.append([child.pid, child.create_time()])
         except psutil.NoSuchProcess:
             pass
-    write_atomic(out / RAY_STATE, json.dumps({"launcher_pid": me.pid, "processes": procs}))
+    write_atomic(out / RAY_STATE, json.dumps({"launcher_pid": me.pid, "processes": procs, "temp": temp}))
 
 
 def _reap_killed_run(out: Path) -> None:
@@ -169,4 +177,13 @@ def _reap_killed_run(out: Path) -> None:
     psutil.wait_procs(stale, timeout=10)
     if stale:
         print(f"stopped {len(stale)} leftover Ray processes of an earlier launch that was killed", flush=True)
+    temp = info.get("temp")
+    if temp and Path(temp).name.startswith(TEMP_PREFIX) and Path(temp).is_dir() and Path(temp).owner() == _me():
+        shutil.rmtree(temp, ignore_errors=True)  # its session directory (logs, sockets): ours, by name and owner
     state.unlink(missing_ok=True)
+
+
+def _me() -> str:
+    import pwd
+
+    return pwd.getpwuid(os.getuid()).pw_name

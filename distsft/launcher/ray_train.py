@@ -18,6 +18,7 @@ from typing import Any
 from distsft.checkpoint import Location, ResumePlan
 from distsft.config import Config
 from distsft.config.cluster import ClusterConfig
+from distsft.config.secrets import split_env
 from distsft.data.prepare import PreparedData
 from distsft.errors import ConfigError, DistsftError
 from distsft.host import strip_ansi
@@ -81,6 +82,7 @@ def run_workers(launch: Launch, resume: ResumePlan, elastic: bool = False) -> di
             "stop_flag": stop_flag,
             "sink": sink,
             "logs": None if session.verbose else str((out / "logs").resolve()),
+            "secret_env": worker_secrets(cluster),
         },
         torch_config=RendezvousConfig(
             backend=cluster.process_group_backend,
@@ -228,16 +230,27 @@ def _fit_in_thread(trainer: Any, on_tick: Any = None) -> BaseException | None:
 
 
 def worker_runtime_env(cluster: ClusterConfig) -> dict[str, Any]:
-    """The runtime_env of every process distsft starts on the cluster: the file's, with its ``env``."""
+    """The runtime_env of every process distsft starts on the cluster: the file's, with its ``env`` but for
+    the secrets (``worker_secrets``), which Ray would write in clear into its session logs."""
     runtime_env = dict(cluster.runtime_env)
+    public, _ = split_env({**runtime_env.get("env_vars", {}), **cluster.env}, cluster.secret_env)
     runtime_env["env_vars"] = {
-        **runtime_env.get("env_vars", {}),
-        **cluster.env,
+        **public,
         "DISTSFT_STORAGE_RETRY_S": os.environ.get("DISTSFT_STORAGE_RETRY_S", f"{cluster.storage_retry_s:g}"),
         "TOKENIZERS_PARALLELISM": "false",
         "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",  # a worker's print goes to its log once, not also as a record
     }
     return runtime_env
+
+
+def worker_secrets(cluster: ClusterConfig) -> dict[str, str]:
+    """The secret variables of the cluster file's ``env`` (and its runtime_env's): each worker sets them
+    before its training code runs (``worker.ray_worker_loop``), so they travel with the run's arguments
+    and never through a runtime_env. The checkpoint key that signs manifests goes the same way."""
+    from distsft.checkpoint import auth
+
+    _, secret = split_env({**cluster.runtime_env.get("env_vars", {}), **cluster.env}, cluster.secret_env)
+    return {**secret, **auth.worker_env()}
 
 
 def check_storage(cluster: ClusterConfig) -> None:

@@ -27,7 +27,7 @@ from distsft import checkpoint
 from distsft.checkpoint import Location, ResumePlan, storage
 from distsft.checkpoint.export import check_out, export
 from distsft.config import Config, flatten, save_config
-from distsft.config.cluster import ClusterConfig
+from distsft.config.cluster import ClusterConfig, is_loopback
 from distsft.config.schema import is_inline_template
 from distsft.data.prepare import PreparedData
 from distsft.data.sampler import total_steps
@@ -91,6 +91,12 @@ def launch_ray(cfg: Config, cluster: ClusterConfig, quiet: bool = False, verbose
     with run_lock(out_dir), driver_log(out_dir, verbose), RaySession(cluster, out_dir, verbose) as session:
         if not quiet:
             print(f"cluster: {describe_cluster(cluster)}", flush=True)
+        if cluster.address in (None, "local") and not is_loopback(cluster.dashboard_host):
+            print(
+                f"warning: Ray's dashboard listens on {cluster.dashboard_host} (allow_remote_dashboard: true): "
+                "whoever reaches its port can run code as you",
+                flush=True,
+            )
         if cluster.address not in (None, "local"):  # the cheap checks of `distsft doctor`, before any work
             from distsft.launcher.doctor import preflight
 
@@ -127,6 +133,12 @@ def launch_ray(cfg: Config, cluster: ClusterConfig, quiet: bool = False, verbose
 
 def decide_resume(cfg: Config, root: Location, world_size: int, data: PreparedData) -> ResumePlan:
     """The checkpoint this launch continues from, validated before any worker starts (and said)."""
+    from distsft.checkpoint import auth
+
+    # Whether manifests are signed and checked, for this process and (``worker_secrets``) its workers; a bad
+    # key file is said here, before any work.
+    os.environ[auth.ENV_SWITCH] = "on" if cfg.checkpoint.authenticate else "off"
+    auth.key()
     plan, diffs = checkpoint.decide_resume(
         cfg.checkpoint.resume,
         root,

@@ -19,6 +19,7 @@ class WorkerFailure(RuntimeError):
 
 def ray_worker_loop(config: dict[str, Any]) -> None:
     """What every Ray Train worker runs: the same ``train`` as ``--local``, with its rank and a reporter."""
+    os.environ.update(config.get("secret_env") or {})  # before anything reads them (``worker_secrets``)
     import datasets
     import ray
     import ray.train

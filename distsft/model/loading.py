@@ -17,6 +17,7 @@ import torch
 
 from distsft.config import DEMO_DIR, LoraConfig, ModelConfig, cache_home
 from distsft.errors import ConfigError, first_line
+from distsft.host import private_dir
 from distsft.model import hub
 from distsft.model.hub import ModelSource
 from distsft.model.traits import ModelTraits, choose_attention, model_class, read_traits
@@ -167,7 +168,7 @@ def materialize_demo(seed: int) -> Path:
     torch.manual_seed(seed)
     model = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)](config)  # plain construction: never partitioned
     tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
+    private_dir(tmp)
     # Written by hand, not with save_pretrained: inside a process group transformers saves only on the
     # main process, and every worker (on any node) must be able to materialise its own copy.
     from safetensors.torch import save_file
