@@ -56,15 +56,16 @@ def test_the_rayjob_runs_the_raycluster_of_the_cluster_file(kit):
     assert cluster.process_group_backend == "nccl"
 
 
-def test_every_pod_has_the_token_from_the_secret_and_the_shared_volume(kit):
+def test_every_pod_has_the_token_and_checkpoint_key_from_the_secret_and_the_shared_volume(kit):
     spec, cluster, secret = kit["raycluster"]["spec"], kit["cluster"], kit["secret"]
     assert "ReadWriteMany" in kit["pvc"]["spec"]["accessModes"]
     for c in containers(spec):
         env = {e["name"]: e for e in c["env"]}
         assert env["RAY_AUTH_MODE"]["value"] == "token"
-        ref = env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]
-        assert ref["name"] == secret["metadata"]["name"] and ref["key"] in secret["stringData"]
-        assert not secret["stringData"][ref["key"]]  # no token in the repository
+        for name in ("RAY_AUTH_TOKEN", "DISTSFT_CHECKPOINT_KEY"):  # Ray's token; the checkpoint signing key
+            ref = env[name]["valueFrom"]["secretKeyRef"]
+            assert ref["name"] == secret["metadata"]["name"] and ref["key"] in secret["stringData"]
+            assert not secret["stringData"][ref["key"]]  # no secret in the repository
         mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
         shared = [p for p in mounts if cluster.storage_path.startswith(p.rstrip("/") + "/")]
         assert shared, f"{c['name']}: storage_path {cluster.storage_path} is on no volume"
