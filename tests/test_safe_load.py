@@ -99,3 +99,23 @@ def test_a_planted_pickle_never_runs(zero3_run, tmp_path, cli, capsys, monkeypat
     plant(intact, f"ds/{states.name}", marker)
     torch.load(intact / "ds" / states.name, weights_only=False)
     assert marker.exists()
+
+
+def test_a_plain_pickle_padded_to_a_shards_size_is_refused_in_one_line_by_every_kind_of_load(tmp_path):
+    """The old (not zip) pickle format, padded: what a memory-mapped load (``zero_to_fp32``) and a plain
+    one (the engine, ``ds_to_universal``) make of it, with no traceback and no marker."""
+    import pickle
+
+    from distsft.checkpoint.safe_load import no_code_from_checkpoints
+
+    marker, shard = tmp_path / "ran", tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    shard.write_bytes(pickle.dumps(Payload(str(marker))).ljust(4096, b"\0"))
+    with no_code_from_checkpoints():
+        with pytest.raises(UnsafeCheckpoint, match=r"optim_states.pt: refused: not a file PyTorch reads without"):
+            torch.load(shard, map_location="cpu", mmap=True, weights_only=False)
+        with pytest.raises(UnsafeCheckpoint, match=r"refused: reading it would need a full unpickler \(the restr"):
+            torch.load(shard, map_location="cpu", weights_only=False)
+    assert not marker.exists()
+    with pytest.raises(RuntimeError, match="magic number"):  # the test can fail: a full unpickler runs it first
+        torch.load(shard, weights_only=False)
+    assert marker.exists()

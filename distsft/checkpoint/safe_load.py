@@ -16,10 +16,12 @@ import contextlib
 import pickle
 import re
 import threading
+import zipfile
 from collections.abc import Iterator
 from typing import Any
 
 from distsft.checkpoint.storage import StorageError
+from distsft.errors import first_line
 
 ALLOWED = (
     "deepspeed.runtime.fp16.loss_scaler.LossScaler",
@@ -63,9 +65,23 @@ def no_code_from_checkpoints() -> Iterator[None]:
             try:
                 with torch.serialization.safe_globals(classes):
                     return real(f, *args, **kwargs)
+            except torch.OutOfMemoryError:
+                raise
+            except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile) as e:  # not what torch.save writes
+                raise UnsafeCheckpoint(
+                    f"{f}: refused: not a file PyTorch reads without a full unpickler ({first_line(e)}); it is "
+                    "not what DeepSpeed wrote (use an earlier checkpoint you trust, or checkpoint.resume=never)"
+                ) from None
             except pickle.UnpicklingError as e:
                 found = re.search(r"GLOBAL (\S+)|Unsupported global: (?:GLOBAL )?(\S+)", str(e))
-                asked = f"it asks for {found.group(1) or found.group(2)}" if found else str(e).splitlines()[0][:120]
+                said = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(e))
+                asked = (
+                    f"it asks for {found.group(1) or found.group(2)}"
+                    if found
+                    else f"the restricted unpickler says: {said.group(1).strip()[:120]}"
+                    if said
+                    else str(e).splitlines()[0][:120]
+                )
                 raise UnsafeCheckpoint(
                     f"{f}: refused: reading it would need a full unpickler ({asked}), which can run code that "
                     "whoever wrote the file chose; distsft reads only tensors and DeepSpeed's own classes from "
