@@ -198,3 +198,76 @@ def test_duplicate_keys_alias_bombs_and_other_encodings_are_one_line(tmp_path):
     latin.write_bytes(b"train:\n  lr: 1e-4  # caf\xe9\n")
     with pytest.raises(ConfigError, match=r"latin.yaml:2: not UTF-8 text"):
         load_config(latin)
+
+
+TRL_STYLE = """\
+model_name_or_path: demo
+learning_rate: 1.0e-4
+num_train_epochs: 2
+per_device_train_batch_size: 2
+gradient_accumulation_steps: 4
+warmup_ratio: 0.03
+lr_scheduler_type: constant_with_warmup
+weight_decay: 0.01
+adam_beta2: 0.999
+adam_epsilon: 1.0e-6
+logging_steps: 5
+save_steps: 50
+save_total_limit: 3
+max_length: 512
+assistant_only_loss: true
+bf16: true
+train:
+  seed: 7
+"""
+
+
+def test_a_migrating_teams_names_are_read_as_ours_each_with_one_notice(tmp_path, capsys):
+    p = tmp_path / "sft.yaml"
+    p.write_text(TRL_STYLE)
+    cfg = load_config(p)
+    t = cfg.train
+    assert (t.lr, t.epochs, t.micro_batch_size, t.grad_accum_steps, t.warmup_ratio) == (1e-4, 2.0, 2, 4, 0.03)
+    assert (t.lr_scheduler, t.weight_decay, t.adam_betas, t.adam_eps, t.log_every) == (
+        "constant", 0.01, (0.9, 0.999), 1e-6, 5
+    )  # fmt: skip
+    assert (cfg.checkpoint.every_steps, cfg.checkpoint.keep_last, cfg.data.max_seq_len) == (50, 3, 512)
+    assert (cfg.data.train_on, cfg.model.dtype, cfg.model.path, t.seed) == ("assistant", "bfloat16", "demo", 7)
+    assert cfg.output_dir == "runs/sft"  # its own, from the file's name: never the demo's runs/demo
+    notices = capsys.readouterr().err.splitlines()
+    assert len(notices) == 16 and f"config: {p}:2: learning_rate (TrainingArguments) read as train.lr" in notices
+    assert (
+        f"config: {p}:4: per_device_train_batch_size (TrainingArguments) read as train.micro_batch_size" in (notices[3])
+    )
+
+
+def test_foreign_names_without_an_equal_or_set_twice_are_refused_in_one_line_each(tmp_path):
+    p = tmp_path / "sft.yaml"
+    p.write_text("learning_rate: 1.0e-4\ntrain:\n  lr: 2.0e-5\n  optim: adamw_torch\nreport_to: wandb\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    said = str(e.value)
+    assert said.startswith("3 problems:\n")
+    assert f"{p}:1: learning_rate (TrainingArguments's name for train.lr) and train.lr are both set" in said
+    assert f"{p}:4: train.optim has no equal in distsft: distsft trains with AdamW" in said
+    assert f"{p}:5: report_to has no equal in distsft: logging.tensorboard" in said
+    # a value of the wrong type is named at the alias's own line
+    p.write_text("learning_rate: fast\n")
+    with pytest.raises(ConfigError, match=rf"^{p}:1: train.lr = 'fast' is invalid: expected a number$"):
+        load_config(p)
+
+
+def test_the_schedules_and_warmup_ratio_mean_what_hugging_face_means():
+    from distsft.training.engine import lr_lambda, warmup_steps
+
+    cfg = load_config(None, ["train.warmup_ratio=0.1", "train.warmup_steps=0"])  # the demo warms up by steps
+    assert warmup_steps(cfg, 95) == 10  # ceil(9.5), as transformers' get_warmup_steps
+    cos, lin, const = (lr_lambda(11, 1, 0.0, s) for s in ("cosine", "linear", "constant"))
+    assert [round(lin(s), 6) for s in range(11)] == [1.0, 1.0, 0.888889, 0.777778, 0.666667, 0.555556, 0.444444,
+                                                     0.333333, 0.222222, 0.111111, 0.0]  # fmt: skip
+    cos = lr_lambda(12, 1, 0.0, "cosine")
+    assert cos(0) == 1.0 and abs(cos(6) - 0.5) < 1e-9 and cos(11) == 0.0
+    assert [const(s) for s in (0, 5, 10)] == [1.0, 1.0, 1.0]
+    assert lr_lambda(11, 1, 0.1, "linear")(10) == pytest.approx(0.1)  # ours floors at min_lr_ratio
+    with pytest.raises(ConfigError, match="train.warmup_ratio: set together with train.warmup_steps"):
+        load_config(None, ["train.warmup_ratio=0.1", "train.warmup_steps=5"])

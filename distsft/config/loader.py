@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import sys
 import types
 import typing
 from pathlib import Path
@@ -17,6 +18,8 @@ from typing import Any, Literal
 
 import yaml
 
+from distsft.config.aliases import Renamed, set_dotted
+from distsft.config.aliases import apply as apply_aliases
 from distsft.config.schema import DEMO_CONFIG, Config, combination_problems
 from distsft.config.secrets import looks_secret
 from distsft.errors import ConfigError
@@ -24,7 +27,18 @@ from distsft.errors import ConfigError
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Load ``path`` (the bundled demo config when None), apply ``key=value`` overrides, validate."""
-    return load_typed(Config, path if path is not None else DEMO_CONFIG, overrides, combined=combination_problems)
+    def own_output_dir(raw: dict[str, Any]) -> None:  # never the demo's runs/demo: a run of one's own
+        if path is not None:
+            raw.setdefault("output_dir", f"runs/{Path(path).stem}")
+
+    return load_typed(
+        Config,
+        path if path is not None else DEMO_CONFIG,
+        overrides,
+        combined=combination_problems,
+        aliases=True,
+        fill=own_output_dir,
+    )
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -60,21 +74,42 @@ def load_typed(
     path: str | Path,
     overrides: list[str] | tuple[str, ...] = (),
     combined: typing.Callable[[Any], list[tuple[str, str]]] | None = None,
+    aliases: bool = False,
+    fill: typing.Callable[[dict[str, Any]], None] | None = None,
 ) -> Any:
     """Load any of our YAML files (run configs, cluster files) into the frozen dataclass ``cls``;
-    ``combined(obj)`` lists the keys whose values do not fit with the others, and why. Every problem of
-    the file is reported at once, one line each."""
+    ``combined(obj)`` lists the keys whose values do not fit with the others, and why. With ``aliases``
+    the names other trainers use are read as ours, each said once on stderr (``aliases.py``); ``fill``
+    sets defaults that depend on the file. Every problem of the file is reported at once, one line each."""
     raw, lines = _read_yaml(Path(path))
     for item in overrides:
         key, value = parse_override(item)
-        _set_dotted(raw, key, value)
+        set_dotted(raw, key, value)
         lines[key] = None
-    problems: list[str] = []
+    renamed = Renamed([], [])
+    if aliases:
+        renamed = apply_aliases(raw, _keys_by_section(cls), lambda key: _where(str(path), lines, key), lines)
+    if fill is not None:  # defaults that depend on the file (after the aliases: output_dir has none)
+        fill(raw)
+    problems: list[str] = list(renamed.problems)
     obj = _build(cls, raw, "", str(path), lines, problems)
     if not problems and combined is not None:
         problems = [f"{_where(str(path), lines, key)}: {key}: {why}" for key, why in combined(obj)]
     _raise_all(problems)
+    for notice in renamed.notices:
+        print(f"config: {notice}", file=sys.stderr)
     return obj
+
+
+def _keys_by_section(cls: type) -> dict[str, set[str]]:
+    """The keys of ``cls`` (""), and of each of its sections."""
+    fields = dataclasses.fields(cls)
+    hints = typing.get_type_hints(cls)
+    out = {"": {f.name for f in fields}}
+    for f in fields:
+        if dataclasses.is_dataclass(hints[f.name]):
+            out[f.name] = {g.name for g in dataclasses.fields(hints[f.name])}
+    return out
 
 
 def _raise_all(problems: list[str]) -> None:
@@ -143,18 +178,6 @@ def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, int | None]]:
     walk(node, "")
     data = yaml.safe_load(text)
     return data, lines
-
-
-def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
-    parts = key.split(".")
-    d = raw
-    for p in parts[:-1]:
-        nxt = d.get(p)
-        if not isinstance(nxt, dict):
-            nxt = {}
-            d[p] = nxt
-        d = nxt
-    d[parts[-1]] = value
 
 
 def _where(source: str, lines: dict[str, int | None], key: str) -> str:

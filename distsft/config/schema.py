@@ -139,10 +139,20 @@ class TrainConfig:
     min_lr_ratio: float = checked(0.1, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")
     """The cosine schedule decays to ``lr * min_lr_ratio``."""
     warmup_steps: int = checked(0, lambda v: v >= 0, "an integer >= 0")
+    warmup_ratio: float = checked(0.0, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
+    """Warmup as a share of the run's optimizer steps (``ceil(steps x ratio)``, as Hugging Face's
+    ``warmup_ratio``); set it or ``warmup_steps``, not both."""
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    """After the warmup: ``cosine`` or ``linear`` decay to ``lr x min_lr_ratio`` at the last step, or
+    ``constant``. Hugging Face's cosine and linear decay to 0: set ``min_lr_ratio: 0`` for theirs. Its
+    ``constant`` skips warmup and ``constant_with_warmup`` does not; here ``constant`` warms up when a
+    warmup is set."""
     weight_decay: float = checked(0.0, lambda v: v >= 0, "a number >= 0")
     adam_betas: tuple[float, float] = checked(
         (0.9, 0.95), lambda v: all(0.0 <= b < 1.0 for b in v), "two numbers in [0, 1)"
     )
+    adam_eps: float = checked(1e-8, lambda v: v > 0, "a number > 0")
+    """AdamW's epsilon (Hugging Face's ``adam_epsilon``, the same default)."""
     max_grad_norm: float = checked(1.0, lambda v: v >= 0, "a number >= 0 (0 disables clipping)")
     seed: int = 42
     zero_stage: int | str = checked(
@@ -235,6 +245,8 @@ class LoggingConfig:
 @dataclass(frozen=True)
 class Config:
     output_dir: str = "runs/demo"
+    """Where the run writes its checkpoints, metrics, logs and ``final/`` model. A config file that does not
+    set it gets ``runs/<the file's name>`` (``configs/qwen3-8b.yaml``: ``runs/qwen3-8b``), never the demo's."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -324,6 +336,8 @@ def combination_problems(cfg: Config) -> list[tuple[str, str]]:
         problems.append(
             ("model.quantization", "quantised weights cannot be offloaded to CPU: use zero_stage 3 without offload")
         )
+    if cfg.train.warmup_ratio and cfg.train.warmup_steps:
+        problems.append(("train.warmup_ratio", "set together with train.warmup_steps: say the warmup one way"))
     if cfg.train.global_batch_size is not None and cfg.train.grad_accum_steps != 1:
         problems.append(
             (

@@ -151,6 +151,7 @@ def render_ds_config(
         "fp16.enabled": dtype == torch.float16,
         "optimizer.params.lr": cfg.train.lr,
         "optimizer.params.betas": list(cfg.train.adam_betas),
+        "optimizer.params.eps": cfg.train.adam_eps,
         "optimizer.params.weight_decay": cfg.train.weight_decay,
         # torch's AdamW everywhere but CPU offload (DeepSpeedCPUAdam, compiled on first use): fused on a
         # GPU, nothing for DeepSpeed to compile, where its FusedAdam needs nvcc and a matching toolkit.
@@ -218,17 +219,26 @@ def op_build_failure(error: BaseException) -> str | None:
     return f"DeepSpeed could not build its {name} op ({type(error).__name__}: {why}); {remedy}"
 
 
-def lr_lambda(total_steps: int, warmup_steps: int, min_ratio: float):
-    """Linear warmup to the peak, then cosine decay to ``min_ratio`` of it at the last step."""
+def lr_lambda(total_steps: int, warmup_steps: int, min_ratio: float, shape: str = "cosine"):
+    """Linear warmup to the peak, then ``shape``: cosine or linear decay to ``min_ratio`` of it at the last
+    step, or constant."""
 
     def f(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
+        if shape == "constant":
+            return 1.0
         span = max(1, total_steps - warmup_steps - 1)
         progress = min(1.0, (step - warmup_steps) / span)
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        left = 0.5 * (1 + math.cos(math.pi * progress)) if shape == "cosine" else 1 - progress
+        return min_ratio + (1 - min_ratio) * left
 
     return f
+
+
+def warmup_steps(cfg: Config, total_steps: int) -> int:
+    """``train.warmup_steps``, or ``train.warmup_ratio`` of the run's steps (rounded up, as Hugging Face does)."""
+    return cfg.train.warmup_steps or math.ceil(total_steps * cfg.train.warmup_ratio)
 
 
 def build_engine(
@@ -250,7 +260,7 @@ def build_engine(
         blocks = expert_blocks(model)
         if blocks:  # fetched whole, so ranks whose tokens chose different experts still run the same gathers
             set_z3_leaf_modules(model, blocks)
-    schedule = lr_lambda(total_steps, cfg.train.warmup_steps, cfg.train.min_lr_ratio)
+    schedule = lr_lambda(total_steps, warmup_steps(cfg, total_steps), cfg.train.min_lr_ratio, cfg.train.lr_scheduler)
     try:
         engine, _, _, _ = deepspeed.initialize(
             model=model,
