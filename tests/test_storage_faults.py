@@ -10,14 +10,14 @@ import json
 
 import pytest
 
-from distsft.checkpoint import storage, store
+from distsft.checkpoint import auth, storage, store
 
 
 def put(root, step: int, files: dict[str, bytes] | None = None):
     """A complete checkpoint of ``step`` under ``root`` (a directory or a bucket URI)."""
     files = files or {"ds/weights.pt": b"w" * (10 + step), "hf/config.json": b"{}"}
     ckpt = store.step_dir(root, step)
-    manifest = json.dumps({"step": step, "files": {k: len(v) for k, v in files.items()}})
+    manifest = json.dumps(auth.sign({"step": step, "files": {k: len(v) for k, v in files.items()}}))
     if storage.is_remote(root):
         bucket = storage.bucket(root)
         for rel, data in files.items():
