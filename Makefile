@@ -1,5 +1,5 @@
 # The two commands the README promises; both set everything up on a fresh machine.
-.PHONY: demo test lint setup
+.PHONY: demo test lint setup docs
 
 setup:
 	@scripts/setup.sh
@@ -16,3 +16,7 @@ test: setup
 lint: setup
 	.venv/bin/ruff check --fix distsft tests benchmarks scripts
 	.venv/bin/ruff format distsft tests benchmarks scripts
+
+# the docs site into site/ (reference pages generated from the code: docs/gen_reference.py)
+docs: setup
+	.venv/bin/mkdocs build --strict

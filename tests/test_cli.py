@@ -180,6 +180,7 @@ def test_checkpoints_another_run_wrote_under_a_shared_storage_path_are_refused(t
     must not resume from (or rotate away) the first one's checkpoints."""
     import json
 
+    from distsft.checkpoint import auth
     from distsft.config import load_config
     from distsft.errors import ConfigError
     from distsft.launcher.run import check_owner
@@ -188,7 +189,7 @@ def test_checkpoints_another_run_wrote_under_a_shared_storage_path_are_refused(t
     ckpt = root / "step-00000002"
     ckpt.mkdir(parents=True)
     manifest = {"step": 2, "files": {}, "config": {"output_dir": str(tmp_path / "exp1" / "run")}}
-    (ckpt / "MANIFEST.json").write_text(json.dumps(manifest))
+    (ckpt / "MANIFEST.json").write_text(json.dumps(auth.sign(manifest)))
     check_owner(load_config(None, [f"output_dir={tmp_path / 'exp1' / 'run'}"]), root, str(ckpt))
     with pytest.raises(ConfigError, match="belong to the run whose output_dir is"):
         check_owner(load_config(None, [f"output_dir={tmp_path / 'exp2' / 'run'}"]), root, str(ckpt))

@@ -10,14 +10,15 @@ import json
 
 import pytest
 
-from distsft.checkpoint import storage, store
+from distsft.checkpoint import auth, storage, store
+from distsft.training.distributed import upload_group
 
 
 def put(root, step: int, files: dict[str, bytes] | None = None):
     """A complete checkpoint of ``step`` under ``root`` (a directory or a bucket URI)."""
     files = files or {"ds/weights.pt": b"w" * (10 + step), "hf/config.json": b"{}"}
     ckpt = store.step_dir(root, step)
-    manifest = json.dumps({"step": step, "files": {k: len(v) for k, v in files.items()}})
+    manifest = json.dumps(auth.sign({"step": step, "files": {k: len(v) for k, v in files.items()}}))
     if storage.is_remote(root):
         bucket = storage.bucket(root)
         for rel, data in files.items():
@@ -180,7 +181,9 @@ def _save_with_a_slow_upload(rank: int, port: int, env: dict, slow_s: float, res
 
     storage.Bucket.upload = slow
     try:
-        final = store.save(_Engine(rank), "s3://ckpt/slow/checkpoints", 2, {}, 2, lambda d: d.mkdir())
+        final = store.save(
+            _Engine(rank), "s3://ckpt/slow/checkpoints", 2, {}, 2, lambda d: d.mkdir(), upload_group=upload_group
+        )
         result.put((rank, str(final)))
     except Exception as e:  # noqa: BLE001
         result.put((rank, f"failed: {e}"))

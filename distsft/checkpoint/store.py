@@ -29,7 +29,6 @@ from typing import Any
 from distsft.checkpoint import auth, storage
 from distsft.errors import ConfigError
 from distsft.host import fsync_dir, write_atomic
-from distsft.training.distributed import upload_group
 
 PREFIX = "step-"
 MANIFEST = "MANIFEST.json"
@@ -248,10 +247,13 @@ def save(
     keep_last: int,
     write_hf: Callable[[Path], None],
     frozen_base: bool = False,
+    upload_group: Callable[[], Any] | None = None,
 ) -> Location:
     """Collective: every rank calls it. Rank 0 calls ``write_hf(dir)`` for what export needs besides the
     weights (model config, tokenizer, ...). With a frozen base (LoRA) only what trains is saved: the base
-    comes from ``model.path`` again on resume."""
+    comes from ``model.path`` again on resume. ``upload_group()``: the process group on which ranks wait
+    for the slowest upload to an object store, bounded apart from the training collectives (default: the
+    world group)."""
     import torch.distributed as dist
 
     rank = dist.get_rank()
@@ -304,7 +306,7 @@ def save(
     _maybe_die_in_save(step)
     every = [None] * dist.get_world_size()
     # After an upload the ranks wait for the slowest one's on a group bounded by upload_timeout_s.
-    group = upload_group() if remote and dist.get_world_size() > 1 else None
+    group = upload_group() if upload_group is not None and remote and dist.get_world_size() > 1 else None
     dist.all_gather_object(every, (sent, sums), group=group)
     if rank == 0:
         if remote:

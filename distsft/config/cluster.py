@@ -19,8 +19,12 @@ from distsft.errors import ConfigError
 @dataclass(frozen=True)
 class WorkerResources:
     cpus: float = checked(1.0, lambda v: v > 0, "a number > 0")
+    """CPUs Ray reserves for each worker (its bundle's ``CPU``)."""
     gpus: float = checked(0.0, lambda v: v >= 0, "a number >= 0")
+    """GPUs Ray reserves for each worker; 0 trains on CPUs (gloo). With ``workers_per_node: 0`` on a machine with GPUs,
+    at least 1."""
     memory_gb: float | None = checked(None, lambda v: v is None or v > 0, "a number > 0")
+    """Host memory, GiB, Ray reserves for each worker (a scheduling reservation, not a limit); ``null``: none."""
     accelerator_type: str | None = None
     """Ray's accelerator type label, e.g. ``A100-80G`` or ``H100``: workers only go to such nodes."""
 
@@ -31,9 +35,12 @@ class ClusterConfig:
     """``null``: start a Ray instance on this machine; ``auto``: join the one running here (``ray start``);
     ``ray://head:10001``: a remote cluster through Ray Client; or ``head:6379``."""
     num_nodes: int = checked(1, lambda v: v >= 1, "an integer >= 1")
+    """Nodes the workers are placed on; workers = ``num_nodes x workers_per_node``. More than one needs a
+    ``storage_path`` every node sees."""
     workers_per_node: int = checked(0, lambda v: v >= 0, "an integer >= 0 (0: one per local GPU, or 2 on CPU)")
     """0: one per GPU of this machine, or 2 CPU workers where it has none (local Ray only)."""
     resources_per_worker: WorkerResources = field(default_factory=WorkerResources)
+    """What Ray reserves for each worker: one placement-group bundle per worker."""
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     """Ray placement-group strategy for the workers' bundles; PACK fills a node before the next."""
     storage_path: str | None = None
@@ -70,6 +77,7 @@ class ClusterConfig:
     """How long a checkpoint read, listing or upload that fails transiently (S3 throttling and 5xx, timeouts,
     NFS EIO/ESTALE) is retried before the run stops with one line; ``DISTSFT_STORAGE_RETRY_S`` overrides it."""
     backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """The torch.distributed backend: ``auto`` is ``nccl`` when workers have GPUs, else ``gloo``."""
     dashboard_host: str = "127.0.0.1"
     """For a Ray instance distsft starts: where its dashboard listens (loopback unless you open it)."""
     allow_remote_dashboard: bool = False

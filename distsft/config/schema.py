@@ -50,8 +50,15 @@ class ModelConfig:
     """``auto``: the fastest implementation the model class declares and the device runs (flash-attention
     on GPU when installed, then sdpa, flex_attention, eager); see ``distsft/traits.py``."""
     trust_remote_code: bool = False
+    """Run Python code shipped with a hub model or directory (its ``auto_map``): needed for a model whose class
+    transformers does not have; that code runs with your permissions."""
     gradient_checkpointing: bool = False
+    """Activation checkpointing: keep each layer's input and recompute the rest in the backward pass (non-reentrant, so
+    the packing mask passes through): less memory for one more forward pass per step. Off by default, as in Hugging
+    Face's TrainingArguments; TRL's SFTConfig turns it on by default."""
     revision: str | None = None
+    """A branch, tag or commit of a hub ``path`` (and ``tokenizer``); checked before the run starts, so a missing
+    revision fails in seconds. ``null``: the default branch."""
     quantization: Literal["none", "4bit", "8bit"] = "none"
     """Hold the frozen base in 4 bits (NF4, double quantisation: QLoRA) or 8 bits; needs ``lora.r > 0``."""
     tiled_mlp: bool = False
@@ -72,7 +79,10 @@ class DataSource:
     """One entry of ``data.path`` when it needs its own format: ``{path: x.jsonl, format: alpaca}``."""
 
     path: str
+    """What this entry reads: a file, a directory, a dataset saved with ``save_to_disk``, a hub dataset
+    ``hf://owner/name`` or ``demo``, as for ``data.path``."""
     format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"] = "auto"
+    """This entry's row format, instead of ``data.format``; ``auto`` recognises each row by its keys."""
     split: str = "train"
     """For hub datasets and saved ``DatasetDict`` directories: which split to read."""
     weight: float | None = checked(None, lambda v: v is None or v > 0, "a number > 0 (a share of tokens)")
@@ -93,8 +103,16 @@ class DataConfig:
     """A file, a directory, a dataset saved with ``save_to_disk``, a hub dataset ``hf://owner/name``, ``demo``,
     or a list of these (entries may be ``{path, format, split}`` mappings)."""
     format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"] = "auto"
+    """The row format of every source that names none: ``messages`` (OpenAI chat), ``sharegpt`` (``conversations`` with
+    ``from``/``value``), ``alpaca`` (``instruction``/``input``/``output``), ``prompt_completion``, ``text`` (raw text);
+    ``auto`` recognises each row by its keys."""
     max_seq_len: int = checked(1024, lambda v: v >= 8, "an integer >= 8")
+    """Tokens per packed row, hence the longest example (longer ones follow ``too_long``); it may not exceed the model's
+    ``max_position_embeddings``. The same 1024 as TRL's ``max_length``."""
     packing: bool = True
+    """Pack several examples into each row (best-fit decreasing), with position ids restarting at every example and
+    attention kept inside it, so a packed step's loss and gradients equal the unpacked step's. On by default, unlike TRL
+    (``packing=False``). Models with recurrent layers must train with ``false``."""
     train_on: Literal["assistant", "last_assistant", "all"] = "assistant"
     """Which tokens carry labels: every assistant turn, only the last one, or the whole conversation."""
     template: Literal["chat", "none"] = "chat"
@@ -108,9 +126,18 @@ class DataConfig:
     """Learn an assistant turn's reasoning (``reasoning_content``, rendered by the template as a thinking
     block) with its answer; ``false`` keeps it in the sequence as context only."""
     too_long: Literal["drop", "truncate"] = "drop"
+    """An example longer than ``max_seq_len``: ``drop`` it (counted, and reported by ``distsft prepare``), or
+    ``truncate`` it to its first ``max_seq_len`` tokens (dropped if nothing learnt is left). TRL truncates by default;
+    here nothing is cut unless asked."""
     on_error: Literal["fail", "skip"] = "fail"
+    """A bad row (invalid JSON, no assistant turn, a role the template refuses, ...): ``fail`` reports every one as
+    ``file:line: reason`` and trains nothing; ``skip`` writes them with their reasons to ``output_dir/rejected.jsonl``
+    and goes on."""
     eval_path: str | list[str | DataSource] | None = None
+    """Held-out data for ``eval_loss``, in the same forms as ``path``; when set, ``eval_fraction`` is not used."""
     eval_fraction: float = checked(0.0, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
+    """Share of the training examples held out for ``eval_loss`` (a seeded choice) when there is no ``eval_path``; 0: no
+    evaluation."""
     num_proc: int = checked(1, lambda v: v >= 1, "an integer >= 1")
     """Processes that prepare the data with the ``local`` engine."""
     engine: Literal["auto", "local", "ray"] = "auto"
@@ -127,18 +154,26 @@ class TrainConfig:
     max_steps: int = checked(-1, lambda v: v == -1 or v >= 1, "-1 (use epochs) or an integer >= 1")
     """Optimizer steps to run; -1 means ``epochs`` full passes over the data."""
     epochs: float = checked(1.0, lambda v: v > 0, "a number > 0")
+    """Passes over the data when ``max_steps`` is -1; a fraction runs part of a pass. 1, where Hugging Face's
+    TrainingArguments and TRL default to 3."""
     micro_batch_size: int = checked(1, lambda v: v >= 1, "an integer >= 1")
     """Rows per worker per forward pass (a row is one packed sequence of up to ``max_seq_len`` tokens)."""
     grad_accum_steps: int = checked(1, lambda v: v >= 1, "an integer >= 1")
+    """Micro-batches per worker per optimizer step. With ``global_batch_size`` set it is derived from the worker count:
+    leave it at 1."""
     global_batch_size: int | None = checked(None, lambda v: v is None or v >= 1, "an integer >= 1, or null")
     """Rows per optimizer step whatever the worker count: gradient accumulation is derived from the workers
     present (``global_batch_size / (micro_batch_size x data-parallel workers)``), so a run resumed or
     restarted on another number of workers goes on as the same run. ``null``: ``micro_batch_size x
     grad_accum_steps x data-parallel workers``."""
     lr: float = checked(2e-5, lambda v: v > 0, "a number > 0")
+    """Peak AdamW learning rate, reached after the warmup, then ``lr_scheduler``'s decay (cosine by default) to
+    ``lr * min_lr_ratio`` (0.1 x lr by default, where Hugging Face's default schedule decays linearly to 0). The same 2e-5 as TRL's SFTConfig (Hugging
+    Face's TrainingArguments: 5e-5)."""
     min_lr_ratio: float = checked(0.1, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")
-    """The cosine schedule decays to ``lr * min_lr_ratio``."""
+    """The cosine and linear schedules decay to ``lr * min_lr_ratio``; 0 gives Hugging Face's (to 0)."""
     warmup_steps: int = checked(0, lambda v: v >= 0, "an integer >= 0")
+    """Steps of linear warmup from ``lr / warmup_steps`` to ``lr``, before the decay; 0: start at ``lr``."""
     warmup_ratio: float = checked(0.0, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
     """Warmup as a share of the run's optimizer steps (``ceil(steps x ratio)``, as Hugging Face's
     ``warmup_ratio``); set it or ``warmup_steps``, not both."""
@@ -148,13 +183,21 @@ class TrainConfig:
     ``constant`` skips warmup and ``constant_with_warmup`` does not; here ``constant`` warms up when a
     warmup is set."""
     weight_decay: float = checked(0.0, lambda v: v >= 0, "a number >= 0")
+    """AdamW's decoupled weight decay, applied to every trainable parameter, biases and norm weights included (Hugging
+    Face's Trainer exempts those); 0, as there."""
     adam_betas: tuple[float, float] = checked(
         (0.9, 0.95), lambda v: all(0.0 <= b < 1.0 for b in v), "two numbers in [0, 1)"
     )
+    """AdamW's (beta1, beta2). The default beta2 0.95 (what Llama was trained with) differs from Hugging
+    Face's and TRL's (0.9, 0.999)."""
     adam_eps: float = checked(1e-8, lambda v: v > 0, "a number > 0")
     """AdamW's epsilon (Hugging Face's ``adam_epsilon``, the same default)."""
     max_grad_norm: float = checked(1.0, lambda v: v >= 0, "a number >= 0 (0 disables clipping)")
+    """Clip the global gradient norm to this; 0: no clipping (the norm is still measured and logged as ``grad_norm``).
+    The same 1.0 as Hugging Face's TrainingArguments."""
     seed: int = 42
+    """Seeds the data order, the eval hold-out, a weighted mixture's sampling, the LoRA adapters' initialisation and the
+    demo model's weights; the same rows and starting point on any worker count."""
     zero_stage: int | str = checked(
         2,
         lambda v: v in (0, 1, 2, 3, "3_offload") or (isinstance(v, str) and v.endswith(".json")),
@@ -162,7 +205,11 @@ class TrainConfig:
     )
     """0, 1, 2, 3, ``3_offload``, or a path to a DeepSpeed JSON config (``"auto"`` values are filled in)."""
     eval_every: int = checked(0, lambda v: v >= 0, "an integer >= 0")
+    """Compute ``eval_loss`` every N optimizer steps; 0: only at the last step. Either way only when there is held-out
+    data (``data.eval_path`` or ``data.eval_fraction``)."""
     log_every: int = checked(1, lambda v: v >= 1, "an integer >= 1")
+    """Read the steps' figures from the device (one host sync) and print a plain progress line every N steps;
+    ``metrics.jsonl`` still gets every step. 1, where Hugging Face's ``logging_steps`` is 500 and TRL's 10."""
     router_aux_loss_coef: float | None = checked(
         None, lambda v: v is None or v >= 0, "a number >= 0, or null for the model's own"
     )
@@ -186,9 +233,12 @@ class LoraConfig:
     """Low-rank adapters (peft) on a frozen base; ``r: 0`` is full fine-tuning."""
 
     r: int = checked(0, lambda v: v >= 0, "an integer >= 0 (0: full fine-tuning)")
+    """Adapter rank; 0 (the default) is full fine-tuning, with no adapters: LoRA is on only when ``r`` is set. peft's
+    ``LoraConfig`` defaults to r 8 and alpha 8 (scale 1); here ``alpha`` defaults to ``2 * r`` (scale 2)."""
     alpha: float | None = checked(None, lambda v: v is None or v > 0, "a number > 0, or null for 2 * r")
     """Scale ``alpha / r`` of the adapters' output; default ``2 * r``."""
     dropout: float = checked(0.0, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
+    """Dropout on the adapters' input (peft's ``lora_dropout``); 0, as in peft."""
     target_modules: str | list[str] = "all-linear"
     """``all-linear`` (every linear layer but the output layer) or a list of module names (``q_proj``, ...)."""
     modules_to_save: list[str] = field(default_factory=list)
@@ -200,6 +250,8 @@ class CheckpointConfig:
     every_steps: int = checked(0, lambda v: v >= 0, "an integer >= 0")
     """Save every N optimizer steps; 0 saves only at the end (and on SIGTERM/SIGINT)."""
     keep_last: int = checked(2, lambda v: v >= 1, "an integer >= 1")
+    """Complete checkpoints kept; an older one is deleted only after a newer one is complete. Hugging Face's Trainer
+    keeps every checkpoint by default (``save_total_limit=None``)."""
     resume: str = "auto"
     """``auto``: continue from the latest complete checkpoint if there is one; ``never``; or a path to a
     checkpoint (``.../checkpoints/step-00000100``) or a run directory, which must exist and be complete."""
@@ -226,6 +278,8 @@ class LoggingConfig:
     """Log to Weights & Biases under this project (needs ``pip install wandb``; the key comes from the
     environment or ``wandb login``, never from this file)."""
     wandb_entity: str | None = None
+    """The Weights & Biases team or user to log under (default: your W&B default entity); used with
+    ``wandb_project``."""
     mlflow_experiment: str | None = None
     """Log to MLflow under this experiment (needs ``pip install mlflow``)."""
     mlflow_tracking_uri: str | None = None
@@ -245,14 +299,26 @@ class LoggingConfig:
 @dataclass(frozen=True)
 class Config:
     output_dir: str = "runs/demo"
-    """Where the run writes its checkpoints, metrics, logs and ``final/`` model. A config file that does not
-    set it gets ``runs/<the file's name>`` (``configs/qwen3-8b.yaml``: ``runs/qwen3-8b``), never the demo's."""
+    """The run's directory: ``config.yaml`` (the resolved config), ``metrics.jsonl``, ``summary.json``, ``loss.png``,
+    ``logs/``, ``checkpoints/`` (unless the cluster file's ``storage_path`` holds them) and ``final/``, the exported
+    model. One launch at a time: a second one into a busy directory is refused. A config file that does not set
+    it gets ``runs/<the file's name>`` (``configs/qwen3-8b.yaml``: ``runs/qwen3-8b``), never the demo's."""
     model: ModelConfig = field(default_factory=ModelConfig)
+    """What to fine-tune: the model and tokenizer, chat template, precision, attention, quantisation and memory
+    savers."""
     data: DataConfig = field(default_factory=DataConfig)
+    """What to train on: sources and their formats, what is learnt (masking), packing, length and error policies,
+    held-out data, and where the data is prepared and cached."""
     train: TrainConfig = field(default_factory=TrainConfig)
+    """How to train: length, batch, optimizer and schedule, ZeRO stage, evaluation and logging cadence, loss kernel,
+    sequence parallelism."""
     lora: LoraConfig = field(default_factory=LoraConfig)
+    """Low-rank adapters (LoRA, and QLoRA with ``model.quantization``); off while ``lora.r`` is 0."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """When checkpoints are saved and kept, how a run resumes, and whether checkpoints are signed."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """What the driver shows and writes beyond ``metrics.jsonl``: progress, TensorBoard, W&B, MLflow, MFU's peak, the
+    loss plot, profiling."""
 
     def batch_plan(self, world_size: int) -> BatchPlan:
         t = self.train

@@ -58,6 +58,7 @@ from distsft.training.distributed import (
     init_distributed,
     pick_device,
     seed_everything,
+    upload_group,
 )
 from distsft.training.engine import (
     DeepSpeedPlan,
@@ -335,7 +336,9 @@ def _saver(cfg: Config, ctx: WorkerContext, engine: Any, tokenizer: Any) -> Call
             save_adapter_config(module, out, base_path(cfg.model, cfg.train.seed))
 
     def save(step: int) -> None:
-        checkpoint.save(engine, ctx.checkpoint_dir, step, meta, cfg.checkpoint.keep_last, write_hf, adapters)
+        checkpoint.save(
+            engine, ctx.checkpoint_dir, step, meta, cfg.checkpoint.keep_last, write_hf, adapters, upload_group
+        )
 
     return save
 
