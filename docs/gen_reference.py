@@ -216,7 +216,31 @@ data-parallel groups x `train.sequence_parallel` (one place: `Config.batch_plan`
 files (`ds_configs/`, or your own through `train.zero_stage`) keep DeepSpeed's own knobs (buckets, overlap,
 offload); the values that must agree with this config (batch sizes, lr, betas, weight decay, clipping, precision)
 are `"auto"` there and filled in by distsft."""
-    return keys_page("Run config reference", intro, run_config_keys())
+    return keys_page("Run config reference", intro, run_config_keys()) + "\n" + aliases_section()
+
+
+def aliases_section() -> str:
+    """The names of other trainers that a run config accepts (``distsft/config/aliases.py``), and those it
+    refuses with what to write instead."""
+    from distsft.config.aliases import ALIASES, INSTEAD
+
+    lines = [
+        "## Names from other trainers {#aliases}",
+        "",
+        "A run config also takes these names from Hugging Face `TrainingArguments`, TRL, axolotl, LLaMA-Factory",
+        "and peft, at the top level or in a section where they are not one of ours; each is read as ours and said",
+        "once on stderr (`config: FILE:LINE: learning_rate (TrainingArguments) read as train.lr`). Setting one",
+        "together with our key is refused. Generated from `distsft/config/aliases.py`.",
+        "",
+        "| their name | from | read as | note |",
+        "|---|---|---|---|",
+    ]
+    for name, a in ALIASES.items():
+        lines.append(f"| `{name}` | {a.origin} | `{a.ours}` | {a.note} |")
+    lines += ["", "These have no one-to-one equal here and are refused, with what to write instead:", ""]
+    lines += ["| their name | instead |", "|---|---|"]
+    lines += [f"| `{name}` | {why} |" for name, why in INSTEAD.items()]
+    return "\n".join(lines) + "\n"
 
 
 def cluster_page() -> str:
