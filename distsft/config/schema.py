@@ -168,8 +168,8 @@ class TrainConfig:
     grad_accum_steps x data-parallel workers``."""
     lr: float = checked(2e-5, lambda v: v > 0, "a number > 0")
     """Peak AdamW learning rate, reached after the warmup, then ``lr_scheduler``'s decay (cosine by default) to
-    ``lr * min_lr_ratio`` (0.1 x lr by default, where Hugging Face's default schedule decays linearly to 0). The same 2e-5 as TRL's SFTConfig (Hugging
-    Face's TrainingArguments: 5e-5)."""
+    ``lr * min_lr_ratio`` (0.1 x lr by default, where Hugging Face's default schedule decays linearly to 0).
+    The same 2e-5 as TRL's SFTConfig (Hugging Face's TrainingArguments: 5e-5)."""
     min_lr_ratio: float = checked(0.1, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")
     """The cosine and linear schedules decay to ``lr * min_lr_ratio``; 0 gives Hugging Face's (to 0)."""
     warmup_steps: int = checked(0, lambda v: v >= 0, "an integer >= 0")

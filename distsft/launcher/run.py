@@ -281,7 +281,7 @@ def _finish(
         )
     elif cfg.checkpoint.final:
         check_out(out / "final", latest, [] if storage.is_remote(root) else [Path(root)], same_run=True)
-        export(latest, out / "final")
+        export(latest, out / "final", dtype=summary.get("dtype", "fp32"))  # bf16 from a bf16 run, as on the hub
         summary["final_dir"] = str(out / "final")
     summary["wall_s"] = time.perf_counter() - t0
     add_run_figures(summary, read_metrics(out), out, start_step, plot=cfg.logging.plot)

@@ -193,6 +193,8 @@ class Run:
             "device": device_name,
             "attention": attn,
             "loss_kernel": self.loss.kernel,
+            # what the final export is written in: the training's compute dtype, as a hub checkpoint would be
+            "dtype": {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.precision.compute, "fp32"),
         }
 
     def close(self) -> None:
