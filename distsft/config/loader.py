@@ -27,6 +27,7 @@ from distsft.errors import ConfigError
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Load ``path`` (the bundled demo config when None), apply ``key=value`` overrides, validate."""
+
     def own_output_dir(raw: dict[str, Any]) -> None:  # never the demo's runs/demo: a run of one's own
         if path is not None:
             raw.setdefault("output_dir", f"runs/{Path(path).stem}")
