@@ -73,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run's output_dir (also while it is still running)")
     p.add_argument("--png", help="where to draw the loss curve (default: RUN_DIR/loss.png)")
 
+    p = sub.add_parser("recipes", help="list the shipped recipes, or copy one (with its cluster file) to start from")
+    p.add_argument("name", nargs="?", metavar="NAME", help="the recipe to copy (as `distsft recipes` lists it)")
+    p.add_argument("--out", default=".", help="where to copy it (default: here); existing files are never overwritten")
+
     p = sub.add_parser("generate", help="chat with a trained model directory")
     p.add_argument("--model", required=True, help="a Hugging Face model directory, e.g. runs/demo/final")
     p.add_argument("prompt", help="the user message")
@@ -213,6 +217,25 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_recipes(args: argparse.Namespace) -> int:
+    """Without NAME, the listing; with NAME, the recipe and the files its command needs, copied under --out
+    in the layout the command expects, so it runs there as written."""
+    from pathlib import Path
+
+    from distsft import recipes
+
+    if args.name is None:
+        print("\n".join(recipes.table(recipes.recipes())))
+        return 0
+    recipe = recipes.find(args.name)
+    out = Path(args.out)
+    for path, written in recipes.copy(recipe, out):
+        print(f"wrote {path}" if written else f"kept  {path} (already there, the same)")
+    where = "" if out.resolve() == Path.cwd().resolve() else f"in {out}: "
+    print(f"{where}{recipe.command} --dry-run   (check the plan; then without --dry-run to train)")
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from distsft.model.generate import generate
 
@@ -236,6 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "eval": cmd_eval,
         "export": cmd_export,
         "report": cmd_report,
+        "recipes": cmd_recipes,
         "generate": cmd_generate,
     }[args.command]
     try:

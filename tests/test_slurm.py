@@ -149,8 +149,9 @@ def slurm(tmp_path):
 
 def submit(slurm: Slurm, out: Path, cluster: Path, **env: str) -> str:
     sets = [a for s in [f"output_dir={out}", *SETS] for a in ("--set", s)]
-    run = slurm.cmd("sbatch", "--parsable", "--nodes=2", str(SCRIPT), "--cluster", str(cluster), *sets,
-                    DISTSFT_ENV=sys.prefix, **env)  # fmt: skip
+    # --gpus-per-node=0: these nodes have no GPUs (the option overrides the script's #SBATCH line, as a user's would)
+    run = slurm.cmd("sbatch", "--parsable", "--nodes=2", "--gpus-per-node=0", str(SCRIPT), "--cluster", str(cluster),
+                    *sets, DISTSFT_ENV=sys.prefix, **env)  # fmt: skip
     assert run.returncode == 0, run.stdout + run.stderr
     slurm.jobs.append(run.stdout.strip().split(";")[0])
     return slurm.jobs[-1]

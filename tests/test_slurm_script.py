@@ -73,3 +73,15 @@ def test_a_stop_reaches_the_launcher_then_ray_and_only_the_time_limit_requeues(t
     assert calls[7:] == (["scontrol requeue 42"] if sig == signal.SIGUSR1 else []), calls
     assert "launch ended with status 0" in out and "secret-token" not in out
     assert ("requeueing job 42" in out) == (sig == signal.SIGUSR1), out
+
+
+def test_the_script_asks_slurm_for_the_gpus_its_cluster_file_uses():
+    """Without a GPU request SLURM gives the job no GPUs (and Ray on its nodes finds none): the script's
+    ``#SBATCH --gpus-per-node`` is what the cluster file it is written for uses on a node."""
+    import re
+
+    from distsft.config.cluster import load_cluster
+
+    asked = re.findall(r"^#SBATCH --gpus-per-node=(\d+)$", SCRIPT.read_text(), re.M)
+    cluster = load_cluster(SCRIPT.parent / "cluster.yaml")
+    assert asked == [str(int(cluster.workers_per_node * cluster.resources_per_worker.gpus))]
