@@ -447,9 +447,33 @@ def metrics_page() -> str:
     return "\n".join(lines)
 
 
+def recipes_page() -> str:
+    """The shipped recipes, from their headers (``distsft/recipes``): what ``distsft recipes`` lists."""
+    from distsft import recipes
+
+    lines = [
+        "# Recipes",
+        "",
+        "Run configs shipped in the package (`distsft/recipes/configs`, `configs/` in a checkout). `distsft recipes`",
+        "lists them; `distsft recipes NAME --out DIR` copies one, with the cluster file and architecture file its",
+        "command needs, so the command runs in DIR as written. The memory per GPU is what `--dry-run` prints",
+        "(distsft's estimate, checked for every recipe in CI by `tests/test_recipes.py`), not a GPU measurement.",
+        "Generated from the recipes' headers by `docs/gen_reference.py`.",
+        "",
+        "| recipe | what | model | cluster file | dry run, per GPU |",
+        "|---|---|---|---|---|",
+    ]
+    for r in recipes.recipes():
+        lines.append(f"| `{r.name}` | {r.description} | `{r.model}` | `{r.cluster or '-'}` | {r.memory or '-'} |")
+    lines += ["", "Launch commands:", "", "```bash"]
+    lines += [f"{r.command:<90} # {r.name}" for r in recipes.recipes()]
+    return "\n".join([*lines, "```", ""])
+
+
 # --- the MkDocs hook ---------------------------------------------------------------------------------------
 
 PAGES = {
+    "reference/recipes.md": recipes_page,
     "reference/config.md": config_page,
     "reference/cluster.md": cluster_page,
     "reference/cli.md": cli_page,
