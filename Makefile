@@ -1,5 +1,5 @@
 # The two commands the README promises; both set everything up on a fresh machine.
-.PHONY: demo test lint setup docs
+.PHONY: demo test check lint setup docs
 
 setup:
 	@scripts/setup.sh
@@ -9,13 +9,19 @@ demo: setup
 
 test: setup
 	@scripts/test-hosts.sh
-	.venv/bin/ruff check --no-cache distsft tests benchmarks scripts
-	.venv/bin/ruff format --no-cache --check distsft tests benchmarks scripts
-	.venv/bin/python -m pytest -q -W ignore::FutureWarning -W ignore::DeprecationWarning --durations=25
+	.venv/bin/ruff check --no-cache distsft tests benchmarks scripts docs
+	.venv/bin/ruff format --no-cache --check distsft tests benchmarks scripts docs
+	.venv/bin/python -m pytest -q --durations=25
+
+# the fast tier for contributors: lint and every test not marked slow (no Ray launch, no multi-host)
+check: setup
+	.venv/bin/ruff check --no-cache distsft tests benchmarks scripts docs
+	.venv/bin/ruff format --no-cache --check distsft tests benchmarks scripts docs
+	.venv/bin/python -m pytest -q -m "not slow" --durations=10
 
 lint: setup
-	.venv/bin/ruff check --fix distsft tests benchmarks scripts
-	.venv/bin/ruff format distsft tests benchmarks scripts
+	.venv/bin/ruff check --fix distsft tests benchmarks scripts docs
+	.venv/bin/ruff format distsft tests benchmarks scripts docs
 
 # the docs site into site/ (reference pages generated from the code: docs/gen_reference.py)
 docs: setup
