@@ -69,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="export a checkpoint whose manifest your checkpoint key did not sign (someone else's run)",
     )
 
+    p = sub.add_parser("verify", help="prove an export loads and holds what training held (weights, logits, template)")
+    p.add_argument("--export", required=True, metavar="DIR", help="a model directory distsft exported")
+    p.add_argument("--checkpoint", help="compare with this checkpoint (default: the one the export's marker names)")
+    p.add_argument("--no-authenticate", action="store_true", help="the checkpoint's manifest need not be signed")
+
     p = sub.add_parser("report", help="summarise a run from its metrics.jsonl and redraw its loss curve")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run's output_dir (also while it is still running)")
     p.add_argument("--png", help="where to draw the loss curve (default: RUN_DIR/loss.png)")
@@ -250,6 +255,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Load the export as a server would, in this fresh process, and compare it with its checkpoint: exit 1
+    when a check fails (each check one line)."""
+    from pathlib import Path
+
+    from distsft.checkpoint import auth, proof
+
+    if args.no_authenticate:
+        auth.turn_off()
+    ok = proof.report(proof.prove(Path(args.export), args.checkpoint))
+    return 0 if ok else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {
@@ -260,6 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "export": cmd_export,
         "report": cmd_report,
         "recipes": cmd_recipes,
+        "verify": cmd_verify,
         "generate": cmd_generate,
     }[args.command]
     try:

@@ -31,7 +31,7 @@ from distsft.config.cluster import ClusterConfig, is_loopback
 from distsft.config.schema import is_inline_template
 from distsft.data.prepare import PreparedData
 from distsft.data.sampler import total_steps
-from distsft.errors import ConfigError
+from distsft.errors import ConfigError, DistsftError
 from distsft.host import BusyError, DirectoryLock, write_atomic
 from distsft.launcher.prepare import choose_data_runner, prepare_data
 from distsft.launcher.ray_session import RaySession
@@ -283,12 +283,39 @@ def _finish(
         check_out(out / "final", latest, [] if storage.is_remote(root) else [Path(root)], same_run=True)
         export(latest, out / "final", dtype=summary.get("dtype", "fp32"))  # bf16 from a bf16 run, as on the hub
         summary["final_dir"] = str(out / "final")
+        summary["export_verified"] = verify_final(out / "final", latest)
     summary["wall_s"] = time.perf_counter() - t0
     add_run_figures(summary, read_metrics(out), out, start_step, plot=cfg.logging.plot)
     write_atomic(out / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
     if not summary.get("stopped_at"):
         print(format_summary(summary), flush=True)
     return summary
+
+
+def verify_final(final: Path, ckpt: Location) -> bool | None:
+    """The final export loaded as a server loads it and compared with its checkpoint (``checkpoint/proof``),
+    here on the driver, which never built the model; one line per check. A model too large for a quarter of
+    this machine's free memory (two copies are built) is left to ``distsft verify --export`` elsewhere.
+    Broken weights or logits fail the launch (after everything is saved); a template or stop-token
+    finding is said."""
+    import psutil
+
+    from distsft.checkpoint import proof
+
+    size = sum(f.stat().st_size for f in final.glob("*.safetensors"))
+    if 4 * size > psutil.virtual_memory().available:
+        print(f"verify: skipped ({size / 2**30:.1f} GiB): run distsft verify --export {final}", flush=True)
+        return None
+    findings = proof.prove(final, ckpt)
+    proof.report(findings, final.parent / "verify-export.json")
+    broken = [f for f in findings if not f.ok and f.name in ("weights", "logits")]
+    if broken:
+        raise ExportBroken(f"the final export {final} does not hold what training held: {broken[0].detail}")
+    return all(f.ok for f in findings)
+
+
+class ExportBroken(DistsftError):
+    """The final export loads wrongly or not at all (``distsft verify --export`` says how)."""
 
 
 def checkpoint_root(cfg: Config, cluster: ClusterConfig | None) -> Location:

@@ -1,0 +1,210 @@
+"""An export proven to load as a server would load it, and to hold what training held.
+
+``distsft verify --export DIR`` (a fresh process), and the launch after its final export, load the directory
+with ``AutoModelForCausalLM.from_pretrained`` and check four things:
+
+- ``weights``: every tensor the model class expects is in the files, none is left over, none of another
+  shape (what goes wrong when a tied weight is written under the wrong name, or a shard is missing);
+- ``logits``: on probe conversations, the loaded model's logits equal those of the model class built from
+  the checkpoint the export came from (the consolidated fp32 weights DeepSpeed trained, cast to the
+  export's dtype), computed in the same dtype: the same weights give the same numbers, so the tolerance is
+  tight (1e-5 of the largest logit in fp32, 1e-2 in bf16/fp16, where summation order may differ);
+- ``template``: the exported tokenizer's chat template renders each probe, and the text tokenises back to
+  itself (no token lost or merged across a special token);
+- ``stops``: the token that ends an assistant turn in that template is an end-of-sequence token of the
+  generation config, so a server stops there instead of running on.
+
+A LoRA export (an adapter directory, or ``--merge``d) is loaded and its template and stop checked; its
+logits are not compared, since the frozen base is not in the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from distsft.checkpoint import storage
+from distsft.checkpoint import store as checkpoint
+from distsft.errors import ConfigError, first_line
+
+PROBES: list[list[dict[str, str]]] = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [
+        {"role": "user", "content": "List three prime numbers."},
+        {"role": "assistant", "content": "2, 3 and 5."},
+        {"role": "user", "content": "And the next one? Answer in one word."},
+    ],
+    [{"role": "user", "content": "Écris « bonjour » en japonais, s'il te plaît: 你好?"}],
+]
+"""Conversations rendered through the export's own chat template (plain text for a base model)."""
+
+REPLY = "Paris is the capital of France."
+"""An assistant turn appended to a probe, to see which token ends a turn in the template."""
+
+TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-2, "float16": 1e-2}
+"""Largest |difference| of logits, as a share of the largest |logit|, for equal weights in that dtype."""
+
+
+@dataclass
+class Finding:
+    name: str
+    ok: bool
+    detail: str
+
+    def line(self) -> str:
+        return f"verify: {self.name:<9} {'ok' if self.ok else 'FAILED'}: {self.detail}"
+
+
+def prove(export_dir: Path, ckpt: checkpoint.Location | None = None) -> list[Finding]:
+    """The four checks on ``export_dir``; ``ckpt``: the checkpoint it came from (default: the one its
+    marker names)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from distsft.checkpoint.export import MARKER
+    from distsft.model.loading import NO_HUB_KERNELS
+    from distsft.model.lora import adapter_base, is_adapter_dir, with_adapter
+
+    export_dir = Path(export_dir)
+    if not export_dir.is_dir():
+        raise ConfigError(f"--export {export_dir}: no such directory")
+    tokenizer = AutoTokenizer.from_pretrained(str(export_dir))
+    adapter = is_adapter_dir(export_dir)
+    findings = []
+    try:
+        if adapter:
+            base = AutoModelForCausalLM.from_pretrained(adapter_base(export_dir), **NO_HUB_KERNELS)
+            model, info = with_adapter(base, export_dir), {}
+        else:
+            model, info = AutoModelForCausalLM.from_pretrained(
+                str(export_dir), dtype="auto", output_loading_info=True, **NO_HUB_KERNELS
+            )
+    except Exception as e:  # noqa: BLE001 - what a server would meet: said, not raised
+        return [Finding("weights", False, f"transformers cannot load it: {first_line(e)}")]
+    model.eval()
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    wrong = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+    count = sum(1 for _ in model.state_dict())
+    findings.append(
+        Finding("weights", not wrong, f"{count} tensors in {dtype}, none missing, left over or misshapen")
+        if not wrong
+        else Finding("weights", False, "; ".join(f"{k.replace('_', ' ')}: {sorted(v)[:5]}" for k, v in wrong.items()))
+    )
+    rows = [_ids(tokenizer, probe) for probe in PROBES]
+    if adapter or (export_dir / "adapter_config.json").exists():
+        findings.append(
+            Finding("logits", True, "not compared: a LoRA export (the frozen base is not in the checkpoint)")
+        )
+    else:
+        marker = json.loads((export_dir / MARKER).read_text()) if (export_dir / MARKER).is_file() else {}
+        source = ckpt or marker.get("checkpoint")
+        if source is None:
+            findings.append(Finding("logits", False, f"no checkpoint to compare with ({MARKER} names none)"))
+        elif not wrong:
+            findings.append(_compare_logits(model, rows, source, dtype))
+    findings += _template_and_stop(tokenizer, export_dir)
+    return findings
+
+
+def _ids(tokenizer: Any, conversation: list[dict[str, str]]) -> list[int]:
+    if tokenizer.chat_template:
+        text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+    else:
+        text = "\n".join(m["content"] for m in conversation)
+    return tokenizer(text, add_special_tokens=tokenizer.chat_template is None).input_ids
+
+
+def _compare_logits(model: Any, rows: list[list[int]], source: str, dtype: str) -> Finding:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from distsft.checkpoint.export import consolidated_state
+    from distsft.checkpoint.safe_load import no_code_from_checkpoints
+
+    local = checkpoint.fetch(source) if storage.is_remote(source) else Path(source)
+    try:
+        with no_code_from_checkpoints():
+            state, _aliases = consolidated_state(local)
+            want = getattr(torch, dtype)
+            weights = {}
+            for k, v in state.items():  # one tensor at a time (ZeRO's are read lazily)
+                t = v.contiguous()
+                weights[k] = t.to(want) if t.dtype.is_floating_point else t
+        reference = AutoModelForCausalLM.from_config(model.config, dtype=want)
+        missing, unexpected = reference.load_state_dict(weights, strict=False)
+        reference.tie_weights()
+        del state, weights
+    finally:
+        if storage.is_remote(source):
+            storage.remove(local)
+    tied = {n for n, _ in reference.named_parameters(remove_duplicate=False)} - set(dict(reference.named_parameters()))
+    if unexpected or set(missing) - tied:
+        return Finding("logits", False, f"the checkpoint's weights do not fit the exported config: {missing[:3]}")
+    reference.eval()
+    worst, scale = 0.0, 0.0
+    with torch.no_grad():
+        for ids in rows:
+            x = torch.tensor([ids])
+            a, b = model(input_ids=x).logits.float(), reference(input_ids=x).logits.float()
+            worst, scale = max(worst, (a - b).abs().max().item()), max(scale, b.abs().max().item())
+    share = worst / max(scale, 1e-12)
+    ok = share <= TOLERANCE.get(dtype, 1e-2)
+    detail = (
+        f"{len(rows)} probes ({sum(map(len, rows))} tokens): max |diff| {worst:.3g} = {share:.2g} of max |logit| "
+        f"{scale:.3g} against checkpoint {storage.name(source)}'s weights in {dtype} (tolerance {TOLERANCE.get(dtype)})"
+    )
+    return Finding("logits", ok, detail)
+
+
+def _template_and_stop(tokenizer: Any, export_dir: Path) -> list[Finding]:
+    from transformers import GenerationConfig
+
+    if not tokenizer.chat_template:
+        return [Finding("template", True, "no chat template (a base model's export): probes are plain text")]
+    bad = []
+    for probe in PROBES:
+        text = tokenizer.apply_chat_template([*probe, {"role": "assistant", "content": REPLY}], tokenize=False)
+        back = tokenizer.decode(tokenizer(text, add_special_tokens=False).input_ids)
+        if back != text:
+            at = next(
+                (i for i, (p, q) in enumerate(zip(text, back, strict=False)) if p != q), min(len(text), len(back))
+            )
+            bad.append(
+                f"probe {PROBES.index(probe)} differs at character {at}: "
+                f"{text[at : at + 30]!r} -> {back[at : at + 30]!r}"
+            )
+    findings = [
+        Finding(
+            "template",
+            not bad,
+            "; ".join(bad) if bad else f"renders and tokenises back exactly ({len(PROBES)} conversations)",
+        )
+    ]
+    text = tokenizer.apply_chat_template([*PROBES[0], {"role": "assistant", "content": REPLY}], tokenize=False)
+    after = text.split(REPLY, 1)[1] if REPLY in text else ""
+    ids = tokenizer(after, add_special_tokens=False).input_ids
+    if not ids:
+        return [*findings, Finding("stops", False, "the template puts no token after an assistant turn")]
+    end = ids[0]
+    try:
+        gen = GenerationConfig.from_pretrained(str(export_dir))
+        eos, where = gen.eos_token_id, "generation_config.json"
+    except OSError:
+        eos, where = tokenizer.eos_token_id, "the tokenizer (no generation_config.json)"
+    eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    name = tokenizer.convert_ids_to_tokens(end)
+    ok = end in eos
+    detail = f"the turn ends with {name!r} (id {end}), " + (
+        f"an end-of-sequence token of {where}" if ok else f"which is not among {where}'s eos ids {sorted(eos)}"
+    )
+    return [*findings, Finding("stops", ok, detail)]
+
+
+def report(findings: list[Finding], out: Path | None = None) -> bool:
+    """Print the lines; with ``out``, also write them as JSON. True when every check passed."""
+    for f in findings:
+        print(f.line(), flush=True)
+    if out is not None:
+        out.write_text(json.dumps([asdict(f) for f in findings], indent=1) + "\n")
+    return all(f.ok for f in findings)
