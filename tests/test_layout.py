@@ -16,6 +16,7 @@ FORBIDDEN = {
     "metrics": ("distsft.launcher", "distsft.cli", "distsft.training", "ray"),
     "model": ("distsft.launcher", "distsft.cli", "distsft.training", "torch.distributed", "deepspeed", "ray"),
     "data": ("distsft.launcher", "distsft.cli", "distsft.training", "distsft.model", "torch.distributed", "ray"),
+    "recipes": ("distsft.launcher", "distsft.cli", "distsft.training", "distsft.model", "distsft.data", "ray"),
     "config": ("distsft.launcher", "distsft.cli", "distsft.training", "distsft.model", "distsft.data", "ray"),
 }
 

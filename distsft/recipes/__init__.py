@@ -8,6 +8,8 @@ header (its leading comment lines) says what it is (first line), the one command
 lists them, and ``distsft recipes NAME --out DIR`` copies one with its cluster and architecture files into DIR
 in the layout its command expects (``configs/NAME.yaml``, ``cluster/X.yaml``, ``configs/models/...``), so that
 the command runs there as written.
+
+Imports only ``errors`` of distsft (and yaml): data files and their headers, nothing that trains.
 """
 
 from __future__ import annotations
