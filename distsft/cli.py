@@ -73,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export", required=True, metavar="DIR", help="a model directory distsft exported")
     p.add_argument("--checkpoint", help="compare with this checkpoint (default: the one the export's marker names)")
     p.add_argument("--no-authenticate", action="store_true", help="the checkpoint's manifest need not be signed")
+    p.add_argument("--trust-remote-code", action="store_true", help="run the model's own code (it ships some)")
 
     p = sub.add_parser("report", help="summarise a run from its metrics.jsonl and redraw its loss curve")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run's output_dir (also while it is still running)")
@@ -264,7 +265,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     if args.no_authenticate:
         auth.turn_off()
-    ok = proof.report(proof.prove(Path(args.export), args.checkpoint))
+    ok = proof.report(proof.prove(Path(args.export), args.checkpoint, args.trust_remote_code))
     return 0 if ok else 1
 
 

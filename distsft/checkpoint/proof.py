@@ -57,9 +57,9 @@ class Finding:
         return f"verify: {self.name:<9} {'ok' if self.ok else 'FAILED'}: {self.detail}"
 
 
-def prove(export_dir: Path, ckpt: checkpoint.Location | None = None) -> list[Finding]:
+def prove(export_dir: Path, ckpt: checkpoint.Location | None = None, trust_remote_code: bool = False) -> list[Finding]:
     """The four checks on ``export_dir``; ``ckpt``: the checkpoint it came from (default: the one its
-    marker names)."""
+    marker names). ``trust_remote_code``: the model ships its own code and the run was told to run it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from distsft.checkpoint.export import MARKER
@@ -69,16 +69,17 @@ def prove(export_dir: Path, ckpt: checkpoint.Location | None = None) -> list[Fin
     export_dir = Path(export_dir)
     if not export_dir.is_dir():
         raise ConfigError(f"--export {export_dir}: no such directory")
-    tokenizer = AutoTokenizer.from_pretrained(str(export_dir))
+    remote = {"trust_remote_code": trust_remote_code}
+    tokenizer = AutoTokenizer.from_pretrained(str(export_dir), **remote)
     adapter = is_adapter_dir(export_dir)
     findings = []
     try:
         if adapter:
-            base = AutoModelForCausalLM.from_pretrained(adapter_base(export_dir), **NO_HUB_KERNELS)
+            base = AutoModelForCausalLM.from_pretrained(adapter_base(export_dir), **remote, **NO_HUB_KERNELS)
             model, info = with_adapter(base, export_dir), {}
         else:
             model, info = AutoModelForCausalLM.from_pretrained(
-                str(export_dir), dtype="auto", output_loading_info=True, **NO_HUB_KERNELS
+                str(export_dir), dtype="auto", output_loading_info=True, **remote, **NO_HUB_KERNELS
             )
     except Exception as e:  # noqa: BLE001 - what a server would meet: said, not raised
         return [Finding("weights", False, f"transformers cannot load it: {first_line(e)}")]
@@ -102,7 +103,7 @@ def prove(export_dir: Path, ckpt: checkpoint.Location | None = None) -> list[Fin
         if source is None:
             findings.append(Finding("logits", False, f"no checkpoint to compare with ({MARKER} names none)"))
         elif not wrong:
-            findings.append(_compare_logits(model, rows, source, dtype))
+            findings.append(_compare_logits(model, rows, source, dtype, trust_remote_code))
     findings += _template_and_stop(tokenizer, export_dir)
     return findings
 
@@ -115,7 +116,7 @@ def _ids(tokenizer: Any, conversation: list[dict[str, str]]) -> list[int]:
     return tokenizer(text, add_special_tokens=tokenizer.chat_template is None).input_ids
 
 
-def _compare_logits(model: Any, rows: list[list[int]], source: str, dtype: str) -> Finding:
+def _compare_logits(model: Any, rows: list[list[int]], source: str, dtype: str, trust_remote_code: bool) -> Finding:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -131,7 +132,7 @@ def _compare_logits(model: Any, rows: list[list[int]], source: str, dtype: str) 
             for k, v in state.items():  # one tensor at a time (ZeRO's are read lazily)
                 t = v.contiguous()
                 weights[k] = t.to(want) if t.dtype.is_floating_point else t
-        reference = AutoModelForCausalLM.from_config(model.config, dtype=want)
+        reference = AutoModelForCausalLM.from_config(model.config, dtype=want, trust_remote_code=trust_remote_code)
         missing, unexpected = reference.load_state_dict(weights, strict=False)
         reference.tie_weights()
         del state, weights

@@ -260,6 +260,9 @@ class CheckpointConfig:
     final: bool = True
     """Save a checkpoint at the end and export it to ``output_dir/final``; ``false`` for throughput
     measurements and sweeps that keep nothing (checkpoints every ``every_steps`` are still saved)."""
+    verify_export: bool = True
+    """After the final export, load it as a server would and compare its logits with the checkpoint's
+    (``distsft verify --export``); broken weights or logits fail the launch. ``false`` skips it."""
     authenticate: bool = True
     """Sign every manifest with a key only you hold (``$DISTSFT_CHECKPOINT_KEY``, else
     ``~/.config/distsft/checkpoint.key``, made at first use) and use no checkpoint it did not sign: one

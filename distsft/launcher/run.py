@@ -283,7 +283,8 @@ def _finish(
         check_out(out / "final", latest, [] if storage.is_remote(root) else [Path(root)], same_run=True)
         export(latest, out / "final", dtype=summary.get("dtype", "fp32"))  # bf16 from a bf16 run, as on the hub
         summary["final_dir"] = str(out / "final")
-        summary["export_verified"] = verify_final(out / "final", latest)
+        if cfg.checkpoint.verify_export:
+            summary["export_verified"] = verify_final(out / "final", latest, cfg.model.trust_remote_code)
     summary["wall_s"] = time.perf_counter() - t0
     add_run_figures(summary, read_metrics(out), out, start_step, plot=cfg.logging.plot)
     write_atomic(out / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
@@ -292,7 +293,7 @@ def _finish(
     return summary
 
 
-def verify_final(final: Path, ckpt: Location) -> bool | None:
+def verify_final(final: Path, ckpt: Location, trust_remote_code: bool = False) -> bool | None:
     """The final export loaded as a server loads it and compared with its checkpoint (``checkpoint/proof``),
     here on the driver, which never built the model; one line per check. A model too large for a quarter of
     this machine's free memory (two copies are built) is left to ``distsft verify --export`` elsewhere.
@@ -306,7 +307,7 @@ def verify_final(final: Path, ckpt: Location) -> bool | None:
     if 4 * size > psutil.virtual_memory().available:
         print(f"verify: skipped ({size / 2**30:.1f} GiB): run distsft verify --export {final}", flush=True)
         return None
-    findings = proof.prove(final, ckpt)
+    findings = proof.prove(final, ckpt, trust_remote_code)
     proof.report(findings, final.parent / "verify-export.json")
     broken = [f for f in findings if not f.ok and f.name in ("weights", "logits")]
     if broken:
