@@ -216,8 +216,36 @@ def test_a_template_that_cannot_render_what_a_row_holds_refuses_the_row():
     chat = to_conversation(json.loads(json.dumps(ROWS["tool_call"])))
     with pytest.raises(RowError, match="the row offers tools but the chat template does not render tools"):
         tokenize_turns(tokenizer_for(read("llama3")), chat.turns, tools=chat.tools)
-    with pytest.raises(RowError, match=r"turn 1 \(assistant\): the chat template drops its tool calls \(get_weather\)"):
-        tokenize_turns(tokenizer_for(read("lfm2")), chat.turns, tools=chat.tools)
+    for name in ("lfm2", "lfm2_training"):  # v1 renders no tool_calls: a call-only turn would be learnt empty
+        with pytest.raises(
+            RowError, match=r"turn 1 \(assistant\): the chat template drops its tool calls \(get_weather\)"
+        ):
+            tokenize_turns(tokenizer_for(read(name)), chat.turns, tools=chat.tools)
+
+
+def test_generation_markers_around_a_users_turn_refuse_the_row_instead_of_learning_it():
+    """A template that marks every message (not only the assistant's) would teach the model its prompts."""
+    tok = copy.copy(tokenizer_for(read("qwen2_5")))
+    every = "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+    tok.chat_template = (
+        "{%- for m in messages -%}{%- if m['role'] == 'system' -%}"
+        + every
+        + "{%- else -%}{% generation %}"
+        + every
+        + "{% endgeneration %}{%- endif -%}{%- endfor -%}"
+        "{%- if add_generation_prompt -%}<|im_start|>assistant\n{%- endif -%}"
+    )
+    chat = to_conversation({"messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello"},
+        {"role": "user", "content": "Bye now"}, {"role": "assistant", "content": "See you"},
+    ]})  # fmt: skip
+    with pytest.raises(
+        RowError, match=r"turn 1 \(user\): the chat template's \{% generation %\} markers wrap its text"
+    ):
+        tokenize_turns(tok, chat.turns)
+    tok.chat_template = tok.chat_template.replace("{% generation %}" + every + "{% endgeneration %}", every)
+    assert tokenize_turns(tok, chat.turns).num_supervised  # the same template unmarked: the assistant's turns
 
 
 def test_tool_results_system_and_user_text_are_never_learnt():

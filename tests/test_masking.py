@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 from templating import FAMILIES, family_tokenizer, supervised_spans
 
-from distsft.data.formats import to_turns
+from distsft.data.formats import RowError, to_turns
 from distsft.data.packing import pack
 from distsft.data.tokenize import IGNORE_INDEX, tokenize_turns
 
@@ -285,7 +285,7 @@ MARKED = [n for n in _trl_templates() if n.endswith("_training")]
 def test_a_template_with_generation_markers_is_masked_by_exactly_its_markers(name):
     """TRL's training templates (``{% generation %}`` around what the model writes), as model.chat_template:
     our labels are transformers' own assistant mask, token for token; a turn flagged ``train: false`` loses
-    exactly its block."""
+    exactly its block; a template that leaves a turn's content out of its blocks refuses the row."""
     tok = copy.copy(family_tokenizer("qwen2"))
     tok.chat_template = open(_trl_templates()[name]).read()
     turns = CONVERSATIONS[1]
@@ -299,6 +299,11 @@ def test_a_template_with_generation_markers_is_masked_by_exactly_its_markers(nam
         or len(supervised_spans(ids, [t if m else IGNORE_INDEX for t, m in zip(ids, mask, strict=True)])) != 2
     ):
         pytest.skip(f"{name} marks no generation block per assistant turn here")
+    if any(t["content"] not in tok.decode(ids) for t in turns if t["role"] == "assistant"):
+        # idefics3 renders only list-of-parts content: plain strings become empty turns, refused
+        with pytest.raises(RowError, match=r"turn 2 \(assistant\): .* markers leave out its content"):
+            tokenize_turns(tok, turns)
+        return
     ex = tokenize_turns(tok, turns)
     assert ex.input_ids == ids
     assert ex.labels == [IGNORE_INDEX] + [t if m else IGNORE_INDEX for t, m in zip(ids[1:], mask[1:], strict=True)]

@@ -94,6 +94,7 @@ def turn_spans(
     if texts[0] != full:
         raise RowError("the chat template renders differently when asked for its {% generation %} blocks")
     by_turn = _blocks_by_turn(turns, full, [(int(a), int(b)) for a, b in indices[0]])
+    _attest_blocks(tokenizer, turns, full, by_turn, tools)
     dropped = 0
     for turn, blocks in zip([t for t in turns if t["role"] == "assistant"], by_turn, strict=True):
         reasoning = (turn.get("reasoning_content") or "").strip()
@@ -107,6 +108,47 @@ def turn_spans(
             cut = answer if answer >= 0 else r + len(reasoning)
             blocks[:] = [(max(a, cut), b) for a, b in blocks if b > cut]
     return Spans(by_turn, dropped)
+
+
+def _attest_blocks(
+    tokenizer: Any, turns: list[Turn], full: str, by_turn: list[list[tuple[int, int]]], tools: Any
+) -> None:
+    """What a template's markers learn must be the assistant's own turn, all of it. A block over a user's,
+    system's or tool's text would teach the model to write its prompts; an assistant turn whose content or
+    tool calls the template leaves out of its blocks (LFM2 v1's training variant renders a call-only turn as
+    an empty one) would teach it to answer with nothing. Both refuse the row, naming the turn."""
+    blocks = [b for turn in by_turn for b in turn]
+    cursor = 0
+    for j, t in enumerate(turns):
+        text = (t.get("content") or "").strip()
+        if t["role"] == "assistant" or not text:
+            continue
+        try:  # this turn's text starts after what the conversation before it renders to
+            before = render(tokenizer, turns[:j], tools=tools) if j else ""
+            cursor = max(cursor, len(os.path.commonprefix([before, full])))
+        except RowError:
+            pass
+        pos = full.find(text, cursor)
+        if pos < 0:
+            continue
+        if any(a < pos + len(text) and pos < b for a, b in blocks):
+            raise RowError(
+                f"turn {j} ({t['role']}): the chat template's {{% generation %}} markers wrap its text, which "
+                "would be learnt; fix the template's markers (only assistant turns)"
+            )
+        cursor = pos + len(text)
+    assistant = [(i, t) for i, t in enumerate(turns) if t["role"] == "assistant"]
+    for (i, t), mine in zip(assistant, by_turn, strict=True):
+        marked = full[mine[0][0] : mine[-1][1]] if mine else ""
+        content = (t.get("content") or "").strip()
+        if content and content not in marked:
+            raise RowError(
+                f"turn {i} (assistant): the chat template's {{% generation %}} markers leave out its content"
+            )
+        names = [c["function"]["name"] for c in t.get("tool_calls", [])]
+        missing = [n for n in names if n not in marked]
+        if missing:
+            raise RowError(f"turn {i} (assistant): the chat template drops its tool calls ({', '.join(missing)})")
 
 
 def _blocks_by_turn(turns: list[Turn], full: str, blocks: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
