@@ -69,9 +69,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="export a checkpoint whose manifest your checkpoint key did not sign (someone else's run)",
     )
 
-    p = sub.add_parser("verify", help="prove an export loads and holds what training held (weights, logits, template)")
-    p.add_argument("--export", required=True, metavar="DIR", help="a model directory distsft exported")
-    p.add_argument("--checkpoint", help="compare with this checkpoint (default: the one the export's marker names)")
+    p = sub.add_parser(
+        "verify",
+        help="prove a setup trains what it should (a few steps against variants that must agree, the masks), "
+        "or with --export that an export holds what training held",
+    )
+    _add_config_args(p)
+    p.add_argument("--cluster", help="run the checks on this cluster (default: in this process, one worker)")
+    p.add_argument("--steps", type=int, default=3, help="optimizer steps of each run (default: 3)")
+    p.add_argument(
+        "--check",
+        default="masks,packing,split,sequence_parallel",
+        help="which checks, comma-separated (default: all of masks,packing,split,sequence_parallel)",
+    )
+    p.add_argument("--rows", type=int, default=1000, help="rows whose masks are attested (default: the first 1000)")
+    p.add_argument("--out", help="where the runs and verify.json go (default: OUTPUT_DIR/verify)")
+    p.add_argument("--export", metavar="DIR", help="instead: prove this exported model directory")
+    p.add_argument("--checkpoint", help="with --export: compare with this checkpoint (default: the export's own)")
     p.add_argument("--no-authenticate", action="store_true", help="the checkpoint's manifest need not be signed")
     p.add_argument("--trust-remote-code", action="store_true", help="run the model's own code (it ships some)")
 
@@ -257,16 +271,29 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    """Load the export as a server would, in this fresh process, and compare it with its checkpoint: exit 1
-    when a check fails (each check one line)."""
+    """A setup against the variants that must agree with it, or (``--export``) an export loaded as a server
+    would, in this fresh process, against its checkpoint: exit 1 when a check fails (each check one line)."""
     from pathlib import Path
 
     from distsft.checkpoint import auth, proof
 
     if args.no_authenticate:
         auth.turn_off()
-    ok = proof.report(proof.prove(Path(args.export), args.checkpoint, args.trust_remote_code))
-    return 0 if ok else 1
+    if args.export:
+        ok = proof.report(proof.prove(Path(args.export), args.checkpoint, args.trust_remote_code))
+        return 0 if ok else 1
+    from distsft.config import load_config
+    from distsft.config.cluster import load_cluster
+    from distsft.launcher.verify import verify_setup
+
+    cfg = load_config(args.config, args.overrides)
+    cluster = load_cluster(args.cluster) if args.cluster else None
+    out = Path(args.out) if args.out else Path(cfg.output_dir) / "verify"
+    checks = tuple(c.strip() for c in args.check.split(",") if c.strip())
+    outcomes = verify_setup(cfg, cluster, out, args.steps, checks, args.rows)
+    count = {v: sum(o.verdict == v for o in outcomes) for v in ("pass", "FAIL", "skipped")}
+    print(f"verify: {count['pass']} passed, {count['FAIL']} failed, {count['skipped']} skipped; {out / 'verify.json'}")
+    return 1 if count["FAIL"] else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -8,7 +8,6 @@ import pytest
 import torch
 from raytest import run_cfg
 
-from distsft.launcher.prepare import prepare_data
 from distsft.launcher.run import launch_local
 
 pytestmark = pytest.mark.slow
@@ -63,33 +62,7 @@ def test_zero_stages_give_the_same_weights_as_stage_2(tmp_path, stage):
     assert la == pytest.approx(lb, rel=1e-5)
 
 
-def test_packed_and_unpacked_step_agree(tmp_path):
-    """One optimizer step over the whole data set: packing must not change loss or gradient."""
-    records = {}
-    for packing in (True, False):
-        probe = small_cfg(tmp_path / f"p{packing}", f"data.packing={str(packing).lower()}")
-        n_rows = len(prepare_data(probe).train)
-        cfg = small_cfg(
-            tmp_path / f"p{packing}",
-            f"data.packing={str(packing).lower()}",
-            "train.max_steps=1",
-            f"train.micro_batch_size={n_rows}",
-        )
-        launch_local(cfg, quiet=True)
-        records[packing] = metrics(tmp_path / f"p{packing}")[0]
-    assert records[True]["tokens"] == records[False]["tokens"]
-    assert records[True]["loss"] == pytest.approx(records[False]["loss"], rel=1e-5)
-    assert records[True]["grad_norm"] == pytest.approx(records[False]["grad_norm"], rel=1e-5)
-
-
-def test_grad_accumulation_split_does_not_change_the_step(tmp_path):
-    """Same global batch, micro 4 x accum 1 vs micro 1 x accum 4: exact token-weighted normalisation."""
-    a, b = tmp_path / "a", tmp_path / "b"
-    launch_local(small_cfg(a, "train.micro_batch_size=4", "train.grad_accum_steps=1"), quiet=True)
-    launch_local(small_cfg(b, "train.micro_batch_size=1", "train.grad_accum_steps=4"), quiet=True)
-    for ra, rb in zip(metrics(a), metrics(b), strict=True):
-        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5)
-        assert ra["grad_norm"] == pytest.approx(rb["grad_norm"], rel=1e-5)
+# Packed = unpacked and micro-batch x accumulation splits: tests/test_verify.py, through `distsft verify`.
 
 
 def test_compiled_model_takes_the_same_steps_as_eager(tmp_path):

@@ -118,25 +118,12 @@ def _attest_blocks(
     tool calls the template leaves out of its blocks (LFM2 v1's training variant renders a call-only turn as
     an empty one) would teach it to answer with nothing. Both refuse the row, naming the turn."""
     blocks = [b for turn in by_turn for b in turn]
-    cursor = 0
-    for j, t in enumerate(turns):
-        text = (t.get("content") or "").strip()
-        if t["role"] == "assistant" or not text:
-            continue
-        try:  # this turn's text starts after what the conversation before it renders to
-            before = render(tokenizer, turns[:j], tools=tools) if j else ""
-            cursor = max(cursor, len(os.path.commonprefix([before, full])))
-        except RowError:
-            pass
-        pos = full.find(text, cursor)
-        if pos < 0:
-            continue
-        if any(a < pos + len(text) and pos < b for a, b in blocks):
+    for j, (s, e) in turn_texts(tokenizer, turns, full, tools):
+        if turns[j]["role"] != "assistant" and any(a < e and s < b for a, b in blocks):
             raise RowError(
-                f"turn {j} ({t['role']}): the chat template's {{% generation %}} markers wrap its text, which "
-                "would be learnt; fix the template's markers (only assistant turns)"
+                f"turn {j} ({turns[j]['role']}): the chat template's {{% generation %}} markers wrap its text, "
+                "which would be learnt; fix the template's markers (only assistant turns)"
             )
-        cursor = pos + len(text)
     assistant = [(i, t) for i, t in enumerate(turns) if t["role"] == "assistant"]
     for (i, t), mine in zip(assistant, by_turn, strict=True):
         marked = full[mine[0][0] : mine[-1][1]] if mine else ""
@@ -149,6 +136,28 @@ def _attest_blocks(
         missing = [n for n in names if n not in marked]
         if missing:
             raise RowError(f"turn {i} (assistant): the chat template drops its tool calls ({', '.join(missing)})")
+
+
+def turn_texts(tokenizer: Any, turns: list[Turn], full: str, tools: Any = None) -> list[tuple[int, tuple[int, int]]]:
+    """(turn index, character span) of each turn's text in ``full``, searched after what the turns before
+    it render to (so a short reply is not found inside an earlier turn); a turn whose text the template
+    rewrites is not found and is left out."""
+    out: list[tuple[int, tuple[int, int]]] = []
+    cursor = 0
+    for j, t in enumerate(turns):
+        text = (t.get("content") or "").strip()
+        if not text:
+            continue
+        try:
+            before = render(tokenizer, turns[:j], tools=tools) if j else ""
+            cursor = max(cursor, len(os.path.commonprefix([before, full])))
+        except RowError:  # a template that refuses this prefix (a conversation must end with a user turn)
+            pass
+        pos = full.find(text, cursor)
+        if pos >= 0:
+            out.append((j, (pos, pos + len(text))))
+            cursor = pos + len(text)
+    return out
 
 
 def _blocks_by_turn(turns: list[Turn], full: str, blocks: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:

@@ -45,14 +45,18 @@ from distsft.model.loading import materialize_demo
 from distsft.training.engine import deepspeed_plan
 
 
-def launch_local(cfg: Config, quiet: bool = False, verbose: bool = False) -> dict[str, Any]:
+def launch_local(
+    cfg: Config, quiet: bool = False, verbose: bool = False, rows: PreparedData | None = None
+) -> dict[str, Any]:
+    """``rows``: train on these prepared rows rather than preparing ``cfg.data`` (``distsft verify`` gives
+    each variant the very rows it compares)."""
     import torch
 
     from distsft.training.loop import WorkerContext, train
 
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     with run_lock(Path(cfg.output_dir)), driver_log(Path(cfg.output_dir), verbose):
-        out, data, t0 = _start(cfg, quiet, device_type, 1, choose_data_runner(cfg, None))
+        out, data, t0 = _start(cfg, quiet, device_type, 1, choose_data_runner(cfg, None), rows=rows)
         root = checkpoint_root(cfg, None)
         resume = decide_resume(cfg, root, 1, data)
         steps = total_steps(len(data.train), cfg.batch_plan(1), cfg.train.max_steps, cfg.train.epochs)
@@ -75,7 +79,9 @@ def launch_local(cfg: Config, quiet: bool = False, verbose: bool = False) -> dic
         return _finish(cfg, out, root, summary, data, t0, resume.step)
 
 
-def launch_ray(cfg: Config, cluster: ClusterConfig, quiet: bool = False, verbose: bool = False) -> dict[str, Any]:
+def launch_ray(
+    cfg: Config, cluster: ClusterConfig, quiet: bool = False, verbose: bool = False, rows: PreparedData | None = None
+) -> dict[str, Any]:
     from distsft.launcher.ray_train import Launch, check_storage, run_elastic, run_workers
 
     cfg = absolute_paths(cfg)  # workers run in their own directories
@@ -106,7 +112,7 @@ def launch_ray(cfg: Config, cluster: ClusterConfig, quiet: bool = False, verbose
         if runner == "ray":  # the instance that prepares the rows is the one that trains on them
             session.ensure()
         device_type = "cuda" if cluster.use_gpu else "cpu"  # the workers' device: never touched from here
-        out, data, t0 = _start(cfg, quiet, device_type, cluster.num_workers, runner, probe=False)
+        out, data, t0 = _start(cfg, quiet, device_type, cluster.num_workers, runner, probe=False, rows=rows)
         root = checkpoint_root(cfg, cluster)
         resume = decide_resume(cfg, root, cluster.num_workers, data)
         steps = total_steps(len(data.train), cfg.batch_plan(cluster.num_workers), cfg.train.max_steps, cfg.train.epochs)
@@ -174,7 +180,13 @@ def check_owner(cfg: Config, root: Location, ckpt: str) -> None:
 
 
 def _start(
-    cfg: Config, quiet: bool, device_type: str, world_size: int, runner: str, probe: bool = True
+    cfg: Config,
+    quiet: bool,
+    device_type: str,
+    world_size: int,
+    runner: str,
+    probe: bool = True,
+    rows: PreparedData | None = None,
 ) -> tuple[Path, PreparedData, float]:
     """What every launch does first, in this order: the config saved and its changes said, the batch plan
     and the model checked (no weights; ``probe=False``: without touching a GPU here), the data prepared
@@ -191,7 +203,7 @@ def _start(
     if cfg.model.path == "demo":
         materialize_demo(cfg.train.seed)  # once here, rather than by every worker at the same time
     t0 = time.perf_counter()
-    data = prepare_data(cfg, runner)
+    data = rows if rows is not None else prepare_data(cfg, runner)
     s = data.stats.as_dict()
     print(
         f"data: {s['rows_read']} rows read, {s['kept']} kept, {s['rejected']} rejected, {s['too_long']} too long; "
