@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
         "or with --export that an export holds what training held",
     )
     _add_config_args(p)
-    p.add_argument("--cluster", help="run the checks on this cluster (default: in this process, one worker)")
+    p.add_argument("--cluster", help="cluster file, as for launch (default: a local Ray instance)")
+    p.add_argument("--local", action="store_true", help="run the checks in this process, one worker, no Ray")
     p.add_argument("--steps", type=int, default=3, help="optimizer steps of each run (default: 3)")
     p.add_argument(
         "--check",
@@ -287,7 +288,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from distsft.launcher.verify import verify_setup
 
     cfg = load_config(args.config, args.overrides)
-    cluster = load_cluster(args.cluster) if args.cluster else None
+    if args.local and args.cluster:
+        raise DistsftError("--local runs without Ray, so it takes no --cluster file")
+    cluster = None if args.local else load_cluster(args.cluster)
     out = Path(args.out) if args.out else Path(cfg.output_dir) / "verify"
     checks = tuple(c.strip() for c in args.check.split(",") if c.strip())
     outcomes = verify_setup(cfg, cluster, out, args.steps, checks, args.rows)

@@ -18,7 +18,7 @@ TINY = [f"data.path={SMALL}", "data.max_seq_len=256", "data.eval_fraction=0", "t
 def verify(cli, tmp_path, *args: str) -> tuple[int, str, list[dict]]:
     out = tmp_path / "v"
     tiny = [a for s in TINY for a in ("--set", s)]  # before the test's own: a later --set wins
-    code, stdout, err = cli("verify", "--out", str(out), "--steps", "2", *tiny, *args)
+    code, stdout, err = cli("verify", "--local", "--out", str(out), "--steps", "2", *tiny, *args)
     assert "Traceback" not in err, err
     return code, stdout, json.loads((out / "verify.json").read_text())
 
@@ -37,7 +37,7 @@ def test_a_correct_setup_holds_every_invariant_with_its_figures(cli, tmp_path):
         fig = by[name]["figures"]
         assert fig["tokens"]["a"] == fig["tokens"]["b"] and fig["tokens"]["a"][0] > 0
         assert max(fig["loss"]["rel_diff"]) <= 1e-5 and max(fig["grad_norm"]["rel_diff"]) <= 1e-4
-        assert fig["weights"]["rel_l2"] <= 1e-6
+        assert fig["weights"]["rel_l2"] <= 1e-5
     assert len(by["split"]["figures"]["loss"]["a"]) == 2 and len(by["packing"]["figures"]["loss"]["a"]) == 1
     assert "verify split: pass: micro-batch 2 x accumulation 1 vs 1 x 2; loss per step" in out
     assert "verify: 3 passed, 0 failed, 1 skipped" in out
