@@ -55,10 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="token-weighted loss of a model directory on data.eval_path (else data.path)")
     _add_config_args(p)
     p.add_argument("--model", required=True, help="a Hugging Face model directory, e.g. runs/demo/final")
+    p.add_argument("--eval", metavar="NAME", help="the named eval set data.evals.NAME instead")
 
     p = sub.add_parser("export", help="consolidate a checkpoint's ZeRO shards into a Hugging Face model directory")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run's output_dir, its checkpoints/ dir, or one step-N dir")
     p.add_argument("--step", type=int, help="the checkpoint of this step (default: the latest complete one)")
+    p.add_argument(
+        "--best", action="store_true", help="the checkpoint with the lowest loss on checkpoint.best_by's eval set"
+    )
     p.add_argument("--out", help="output directory (default: RUN_DIR/export-step-N)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     p.add_argument("--max-shard-size", default="5GB", help="split the safetensors weights above this size")
@@ -186,7 +190,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from distsft.training.evaluate import evaluate_dir
 
     cfg = load_config(args.config, args.overrides)
-    print(json.dumps(evaluate_dir(cfg, args.model)))
+    print(json.dumps(evaluate_dir(cfg, args.model, args.eval)))
     return 0
 
 
@@ -199,7 +203,18 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     if args.no_authenticate:
         auth.turn_off()
+    if args.best and args.step is not None:
+        raise DistsftError("--best and --step each choose the checkpoint: give one")
     ckpt = checkpoint.resolve(args.run_dir)
+    if args.best:
+        best = checkpoint.best_checkpoint(storage.parent(ckpt))
+        if best is None:
+            raise DistsftError(
+                f"--best: no best checkpoint recorded under {storage.parent(ckpt)} (the run needs "
+                "checkpoint.best_by and held-out data)"
+            )
+        print(f"best: step {best.step}, {best.metric} {best.value:.4f}")
+        ckpt = best.location
     if args.step is not None:
         ckpt = checkpoint.step_dir(storage.parent(ckpt), args.step)
         if checkpoint.read_manifest(ckpt) is None:
@@ -223,6 +238,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from distsft.metrics.jsonl import METRICS_FILE, read_metrics
+    from distsft.metrics.samples import format_samples, latest_samples
     from distsft.metrics.summary import add_run_figures, format_summary
 
     run = Path(args.run_dir)
@@ -235,6 +251,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     png = Path(args.png) if args.png else None
     add_run_figures(summary, records, run, int(summary.get("start_step") or 0), png=png)
     print(format_summary(summary, heading="done" if finished else f"so far (step {records[-1]['step']})"))
+    for line in format_samples(latest_samples(run), width=200):
+        print(line)
     return 0
 
 

@@ -350,7 +350,12 @@ METRIC_FIELDS: dict[str, str] = {
     "aux_loss": "Mixture-of-experts models with a router loss coefficient above 0: the router's load-balancing "
     "loss, the mean over every micro-batch of the global batch, before the coefficient.",
     "eval_loss": "Token-weighted loss on the held-out data: on steps that are multiples of `train.eval_every`, "
-    "and on the last step. Absent on other steps.",
+    "and on the last step. Absent on other steps. The default set's (`data.eval_path` or the `data.eval_fraction` "
+    "hold-out), or, when there is none, the first set of `data.evals`.",
+    "eval_loss/<name>": "The same loss on the named set `data.evals.<name>`, at the same steps "
+    "(TensorBoard, W&B, MLflow: `eval/loss/<name>`).",
+    "samples_s": "Seconds the eval step spent generating its samples (`train.samples`); the replies themselves "
+    "are in `samples.jsonl`, not here.",
     "tokens": "Supervised tokens (those with a label) of the global batch: the loss's denominator.",
     "input_tokens": "Every token of the global batch's rows, supervised or not (padding not counted).",
     "flops": "Model FLOPs of the step over all workers (6N per token plus attention over each token's own "
@@ -412,7 +417,12 @@ def metric_keys_in_code() -> set[str]:
         n.value for n in ast.walk(merge) if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "drop"
     )
     dropped = {e.value for e in drop.elts}
-    return (per_rank - dropped) | _written_keys(merge, {"merged"})
+    families = {k for k, (rel, made) in KEY_FAMILIES.items() if made in (ROOT / "distsft" / rel).read_text()}
+    return (per_rank - dropped) | _written_keys(merge, {"merged"}) | families
+
+
+KEY_FAMILIES = {"eval_loss/<name>": ("training/evaluate.py", 'sets[f"{DEFAULT}/{name}"]')}
+"""Fields whose names are made at run time (one per named eval set), found by the code that makes them."""
 
 
 def metrics_page() -> str:
@@ -441,7 +451,8 @@ def metrics_page() -> str:
     lines += [
         "",
         "`workers.json` beside it says where each rank runs (node, device, pid); `summary.json` holds the "
-        "end-of-run summary ([Monitoring](../guides/monitoring.md)).",
+        "end-of-run summary ([Monitoring](../guides/monitoring.md)); `samples.jsonl` the replies of each eval "
+        "step (`step`, `eval`: the set its prompt came from, `prompt`, `reply`).",
         "",
     ]
     return "\n".join(lines)

@@ -8,7 +8,9 @@ from distsft.checkpoint.reshard import convert_for, make_portable, needs_reshard
 from distsft.checkpoint.resume import CONTINUATION_KEYS, ResumePlan, check_continuation, decide_resume
 from distsft.checkpoint.store import (
     MANIFEST,
+    Best,
     Location,
+    best_checkpoint,
     fetch,
     find_latest,
     load,
@@ -19,7 +21,8 @@ from distsft.checkpoint.store import (
 )
 
 __all__ = [
-    "CONTINUATION_KEYS", "MANIFEST", "Location", "ResumePlan", "check_continuation", "convert_for", "decide_resume",
+    "CONTINUATION_KEYS", "MANIFEST", "Best", "Location", "best_checkpoint",
+    "ResumePlan", "check_continuation", "convert_for", "decide_resume",
     "fetch",
     "find_latest", "load", "make_portable", "needs_reshard", "read_manifest", "resolve", "resume_engine", "save",
     "step_dir",

@@ -107,7 +107,7 @@ CONTINUATION_KEYS = [
     "train.zero_stage",
     "train.router_aux_loss_coef",
 ]
-IGNORED_DATA_KEYS = ("num_proc", "cache_dir", "on_error")
+IGNORED_DATA_KEYS = ("num_proc", "cache_dir", "on_error", "evals")  # evals: held out, never trained on
 
 
 def check_continuation(

@@ -23,6 +23,7 @@ import re
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -248,12 +249,13 @@ def save(
     write_hf: Callable[[Path], None],
     frozen_base: bool = False,
     upload_group: Callable[[], Any] | None = None,
+    best_by: str | None = None,
 ) -> Location:
     """Collective: every rank calls it. Rank 0 calls ``write_hf(dir)`` for what export needs besides the
     weights (model config, tokenizer, ...). With a frozen base (LoRA) only what trains is saved: the base
     comes from ``model.path`` again on resume. ``upload_group()``: the process group on which ranks wait
     for the slowest upload to an object store, bounded apart from the training collectives (default: the
-    world group)."""
+    world group). ``best_by``: the eval metric whose best checkpoint rotation keeps (``best_checkpoint``)."""
     import torch.distributed as dist
 
     rank = dist.get_rank()
@@ -338,7 +340,7 @@ def save(
             os.rename(tmp, final)
             fsync_dir(Path(root))
             write_atomic(Path(root) / LATEST, storage.name(final), durable=True)
-        _purge(root, keep_last, keep=final)
+        _purge(root, keep_last, keep=final, best_by=best_by)
     dist.barrier(group=group)
     return final
 
@@ -385,20 +387,25 @@ def _maybe_die_in_save(step: int, moment: str = "shards") -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _purge(root: Location, keep_last: int, keep: Location) -> None:
+def _purge(root: Location, keep_last: int, keep: Location, best_by: str | None = None) -> None:
     """Old complete checkpoints beyond ``keep_last`` and leftovers of crashed saves (proven incomplete: their
-    manifest is missing or does not match the files listed); never ``keep``, and never a checkpoint that
-    could not be read, which is kept and named once. A checkpoint is deleted manifest first, so it stops
-    counting before it loses a file. It runs between two collectives: no retries here, a doubt keeps."""
+    manifest is missing or does not match the files listed); never ``keep``, never the best by ``best_by``
+    among the complete ones, and never a checkpoint that could not be read, which is kept and named once.
+    A checkpoint is deleted manifest first, so it stops counting before it loses a file. It runs between two
+    collectives: no retries here, a doubt keeps."""
     try:
         steps = _step_dirs(root, budget_s=0)
     except storage.StorageError as e:
         print(f"checkpoint: no old checkpoint removed: {e}", flush=True)
         return
     complete, incomplete, unread, unsigned = [], [], [], []
+    manifests: dict[str, dict[str, Any]] = {}
     for d in steps:
         try:
-            (complete if read_manifest(d, budget_s=0) is not None else incomplete).append(d)
+            manifest = read_manifest(d, budget_s=0)
+            (complete if manifest is not None else incomplete).append(d)
+            if manifest is not None:
+                manifests[str(d)] = manifest
         except UnsignedCheckpoint:
             unsigned.append(storage.name(d))
         except storage.StorageError:
@@ -409,7 +416,9 @@ def _purge(root: Location, keep_last: int, keep: Location) -> None:
     _said.update(f"kept {n}" for n in unsigned)
     if unsigned:
         print(f"checkpoint: kept {', '.join(unsigned)}: not signed with this run's key, not ours to remove", flush=True)
-    stale = [d for d in complete[:-keep_last] if d != keep] + [d for d in incomplete if d != keep]
+    best = _best_of(manifests, best_by) if best_by else None
+    kept = {str(keep), best.location if best else ""}
+    stale = [d for d in complete[:-keep_last] if str(d) not in kept] + [d for d in incomplete if d != keep]
     if storage.is_remote(root):
         for d in stale:
             storage.bucket(root).delete(d)
@@ -419,6 +428,49 @@ def _purge(root: Location, keep_last: int, keep: Location) -> None:
         shutil.rmtree(d, ignore_errors=True)
     for d in Path(root).glob(".tmp-*"):
         shutil.rmtree(d, ignore_errors=True)
+
+
+# --- the best checkpoint ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Best:
+    location: str
+    step: int
+    metric: str
+    value: float
+
+
+def _best_of(manifests: dict[str, dict[str, Any]], metric: str | None) -> Best | None:
+    """The lowest ``metric`` among complete checkpoints' manifests (``{location: manifest}``); the earliest
+    wins a tie (a later equal loss saves nothing). Without ``metric``: the one the newest manifest that names
+    one names (``best_by``)."""
+    if metric is None:
+        named = [m["best_by"] for _, m in sorted(manifests.items()) if m.get("best_by")]
+        metric = named[-1] if named else None
+    scored = [
+        Best(loc, int(m["step"]), metric, float(m["evals"][metric]))
+        for loc, m in manifests.items()
+        if metric is not None and isinstance(m.get("evals"), dict) and m["evals"].get(metric) is not None
+    ]
+    return min(scored, key=lambda b: (b.value, b.step), default=None)
+
+
+def best_checkpoint(root: Location, metric: str | None = None) -> Best | None:
+    """The complete checkpoint under ``root`` with the lowest ``metric`` (an eval loss recorded in its
+    manifest at save; default: the metric the run kept its best by). Its value is read from the signed
+    manifest, so a checkpoint someone else wrote can never become the best: a manifest this run's key did
+    not sign is skipped, as ``find_latest`` skips it. None when no checkpoint records the metric."""
+    manifests = {}
+    for d in _step_dirs(root):
+        try:
+            manifest = read_manifest(d)
+        except UnsignedCheckpoint as e:
+            if str(d) not in _said:
+                _said.add(str(d))
+                print(f"checkpoint: skipped {storage.name(d)}: {e.why}", flush=True)
+            continue
+        if manifest is not None:
+            manifests[str(d)] = manifest
+    return _best_of(manifests, metric)
 
 
 # --- load --------------------------------------------------------------------------------------------

@@ -135,6 +135,11 @@ class DataConfig:
     and goes on."""
     eval_path: str | list[str | DataSource] | None = None
     """Held-out data for ``eval_loss``, in the same forms as ``path``; when set, ``eval_fraction`` is not used."""
+    evals: dict[str, str | list[str | DataSource]] = field(default_factory=dict)
+    """Named held-out sets, ``{name: path or list of sources}`` (the forms of ``path``), each evaluated beside
+    ``eval_path`` / ``eval_fraction`` and logged as ``eval_loss/<name>``, so one run says how it does on several
+    kinds of data. ``eval_loss`` stays the loss of the default set (``eval_path`` or the ``eval_fraction``
+    hold-out), or, without one, of the first named set. Each set is prepared and cached on its own."""
     eval_fraction: float = checked(0.0, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
     """Share of the training examples held out for ``eval_loss`` (a seeded choice) when there is no ``eval_path``; 0: no
     evaluation."""
@@ -147,6 +152,21 @@ class DataConfig:
     cache_dir: str | None = None
     """Where prepared data is cached; defaults to ``~/.cache/distsft``. With several nodes and the ``ray``
     engine (or workers reading the rows from it), a directory every node sees."""
+
+
+@dataclass(frozen=True)
+class SamplesConfig:
+    """``train.samples``: greedy replies written at eval steps (``train.eval_every`` and the last step)."""
+
+    count: int = checked(2, lambda v: v >= 0, "an integer >= 0 (0: off)")
+    """Prompts answered at each eval; 0 turns samples off. 2 by default: enough to see what the model says,
+    and cheap (each reply is up to ``max_new_tokens`` forward passes of the model on every worker)."""
+    path: str | None = None
+    """A JSONL file of prompts: ``{"prompt": "..."}`` or ``{"messages": [...]}`` (chat messages; a trailing
+    assistant turn is dropped). Default: the first ``count`` conversations of the eval data, up to their last
+    assistant turn."""
+    max_new_tokens: int = checked(64, lambda v: v >= 1, "an integer >= 1")
+    """The longest reply, in tokens; a reply also ends at the chat template's end-of-turn token or EOS."""
 
 
 @dataclass(frozen=True)
@@ -206,7 +226,7 @@ class TrainConfig:
     """0, 1, 2, 3, ``3_offload``, or a path to a DeepSpeed JSON config (``"auto"`` values are filled in)."""
     eval_every: int = checked(0, lambda v: v >= 0, "an integer >= 0")
     """Compute ``eval_loss`` every N optimizer steps; 0: only at the last step. Either way only when there is held-out
-    data (``data.eval_path`` or ``data.eval_fraction``)."""
+    data (``data.eval_path``, ``data.eval_fraction`` or ``data.evals``)."""
     log_every: int = checked(1, lambda v: v >= 1, "an integer >= 1")
     """Read the steps' figures from the device (one host sync) and print a plain progress line every N steps;
     ``metrics.jsonl`` still gets every step. 1, where Hugging Face's ``logging_steps`` is 500 and TRL's 10."""
@@ -223,6 +243,9 @@ class TrainConfig:
     """Workers that share one sequence (Ulysses sequence parallelism, ``distsft/sequence_parallel.py``):
     each holds ``1/sequence_parallel`` of every row's tokens, and attention exchanges heads for tokens
     across the group. Workers = data-parallel groups x this; 1 is off."""
+    samples: SamplesConfig = field(default_factory=SamplesConfig)
+    """Greedy replies to a few prompts at every eval (``samples.jsonl``, TensorBoard, W&B, MLflow, the console):
+    what the model says, beside what its loss says."""
     compile: bool = False
     """``torch.compile`` the model through DeepSpeed (``engine.compile``); packed rows vary in width, so the
     graph is compiled with dynamic shapes. Measure before turning it on: see benchmarks/throughput.py."""
@@ -263,6 +286,10 @@ class CheckpointConfig:
     verify_export: bool = True
     """After the final export, load it as a server would and compare its logits with the checkpoint's
     (``distsft verify --export``); broken weights or logits fail the launch. ``false`` skips it."""
+    best_by: str | None = None
+    """Keep the checkpoint with the lowest loss on this eval set (``eval_loss``, or a name of ``data.evals``)
+    beyond ``keep_last``; ``distsft export RUN_DIR --best`` exports it. An eval that sets a new best saves a
+    checkpoint at that step, so the best step always has one. ``null``: no best is kept."""
     authenticate: bool = True
     """Sign every manifest with a key only you hold (``$DISTSFT_CHECKPOINT_KEY``, else
     ``~/.config/distsft/checkpoint.key``, made at first use) and use no checkpoint it did not sign: one
@@ -429,6 +456,7 @@ def combination_problems(cfg: Config) -> list[tuple[str, str]]:
     if cfg.lora.modules_to_save and cfg.lora.r == 0:
         problems.append(("lora.modules_to_save", "only means something with adapters: set lora.r > 0"))
     problems += mixture_problems(cfg.data.path)
+    problems += eval_problems(cfg)
     for entry in cfg.data.path if isinstance(cfg.data.path, list) else []:
         if isinstance(entry, DataSource) and entry.tools and not Path(entry.tools).expanduser().is_file():
             problems.append(("data.path", f"{entry.path}: tools {entry.tools}: no such file"))
@@ -440,6 +468,26 @@ def combination_problems(cfg: Config) -> list[tuple[str, str]]:
         problems.append(
             ("model.chat_template", f"{template}: no such file (give a Jinja file, or the template inline)")
         )
+    return problems
+
+
+def eval_problems(cfg: Config) -> list[tuple[str, str]]:
+    """Named eval sets need names that read as a metric's suffix; ``checkpoint.best_by`` names an eval
+    that runs; a samples file exists."""
+    problems = []
+    for name in cfg.data.evals:
+        if not name or not all(c.isalnum() or c in "-_." for c in name):
+            problems.append(("data.evals", f"{name!r}: a name of letters, digits, '-', '_' or '.' (it names a metric)"))
+    path = cfg.train.samples.path
+    if path and not Path(path).expanduser().is_file():
+        problems.append(("train.samples.path", f"{path}: no such file (a JSONL file of prompts)"))
+    by = cfg.checkpoint.best_by
+    has_default = cfg.data.eval_path is not None or cfg.data.eval_fraction > 0
+    if by == "eval_loss" and not (has_default or cfg.data.evals):
+        problems.append(("checkpoint.best_by", "eval_loss needs held-out data: data.eval_path, eval_fraction or evals"))
+    elif by is not None and by != "eval_loss" and by not in cfg.data.evals:
+        names = ", ".join(["eval_loss", *cfg.data.evals])
+        problems.append(("checkpoint.best_by", f"{by!r} is not an eval of this run; one of: {names}"))
     return problems
 
 

@@ -76,6 +76,8 @@ class PreparedData:
     cache_hit: bool = False
     work_peak_rss_mb: float | None = None
     """Largest peak resident memory of the processes that tokenised and packed (when built now)."""
+    evals: dict[str, PreparedData] = field(default_factory=dict)
+    """``data.evals``: each named set prepared on its own (its rows in ``.train``), in its own cache entry."""
 
 
 def cache_root(cfg: DataConfig) -> Path:
@@ -91,7 +93,8 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 
 
 def fingerprint(cfg: DataConfig, sources: list[Source], eval_sources: list[Source], tokenizer: Any, seed: int) -> str:
-    where_and_how = ("path", "eval_path", "num_proc", "engine", "cache_dir")  # not what the rows are
+    # not what the rows are; named eval sets have cache entries of their own (``named_eval_config``)
+    where_and_how = ("path", "eval_path", "evals", "num_proc", "engine", "cache_dir")
     relevant = {k: v for k, v in asdict(cfg).items() if k not in where_and_how}
     h = hashlib.blake2b(digest_size=16)
     h.update(f"v{PIPELINE_VERSION}|seed={seed}|{json.dumps(relevant, sort_keys=True, default=str)}".encode())
@@ -123,7 +126,15 @@ def prepare(
         runner = runner or LocalRunner(cfg.num_proc)
         data = _build(cfg, tokenizer, seed, sources, eval_sources, cache, runner)
     _handle_rejected(cfg, data.rejected, output_dir)
+    for name, path in cfg.evals.items():  # each set its own entry: one set changed rebuilds only that one
+        data.evals[name] = prepare(named_eval_config(cfg, path), tokenizer, seed, None, runner)
     return data
+
+
+def named_eval_config(cfg: DataConfig, path: Any) -> DataConfig:
+    """The data config that prepares one named eval set as a data set of its own: all of it, nothing held out,
+    packed and masked as the training rows are (its rows are then the set's ``train`` rows)."""
+    return dataclasses.replace(cfg, path=path, eval_path=None, eval_fraction=0.0, evals={})
 
 
 def _build(cfg: DataConfig, tokenizer: Any, seed: int, sources: list[Source], eval_sources: list[Source],

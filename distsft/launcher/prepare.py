@@ -39,6 +39,7 @@ def choose_data_runner(cfg: Config, cluster: ClusterConfig | None) -> str:
 
     sources = resolve_sources(cfg.data.path, cfg.data.format)
     sources += resolve_sources(cfg.data.eval_path, cfg.data.format) if cfg.data.eval_path else []
+    sources += [s for path in cfg.data.evals.values() for s in resolve_sources(path, cfg.data.format)]
     if any(s.kind not in ("jsonl", "parquet", "saved") for s in sources):
         return "local"
     size = sum(f.stat().st_size for s in sources for f in _files(Path(s.path)))

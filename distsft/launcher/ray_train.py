@@ -275,10 +275,12 @@ def rows_for_workers(data: PreparedData, cluster: ClusterConfig, runner: str) ->
     import ray
 
     if data.cache_dir is not None and (cluster.address in (None, "local") or runner == "ray"):
-        return {"rows_dir": str(Path(data.cache_dir).resolve())}
+        named = {name: str(Path(d.cache_dir).resolve()) for name, d in data.evals.items() if d.cache_dir}
+        return {"rows_dir": str(Path(data.cache_dir).resolve()), "eval_dirs": named}
     return {
         "train": ray.put(_arrow(data.train)),
         "eval": ray.put(_arrow(data.eval)) if len(data.eval) else None,
+        "evals": {name: ray.put(_arrow(d.train)) for name, d in data.evals.items()},
     }
 
 

@@ -52,6 +52,7 @@ def launch_local(
     each variant the very rows it compares)."""
     import torch
 
+    from distsft.training.evaluate import eval_sets
     from distsft.training.loop import WorkerContext, train
 
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
@@ -73,7 +74,8 @@ def launch_local(
                     wait=sender.wait,
                     should_stop=stop.is_set,
                 )
-                summary = {"workers": 1, **train(cfg, data.train, data.eval, ctx)}
+                evals = eval_sets(data.eval, {name: d.train for name, d in data.evals.items()})
+                summary = {"workers": 1, **train(cfg, data.train, evals, ctx)}
         finally:
             display.close()
         return _finish(cfg, out, root, summary, data, t0, resume.step)
@@ -349,4 +351,6 @@ def absolute_paths(cfg: Config) -> Config:
     template = template if template is None or is_inline_template(template) else fix(template)
     model = dataclasses.replace(cfg.model, path=fix(cfg.model.path), tokenizer=fix(cfg.model.tokenizer))
     model = dataclasses.replace(model, chat_template=template)
-    return dataclasses.replace(cfg, output_dir=str(Path(cfg.output_dir).resolve()), model=model)
+    samples = dataclasses.replace(cfg.train.samples, path=fix(cfg.train.samples.path))  # read by the workers
+    train = dataclasses.replace(cfg.train, samples=samples)
+    return dataclasses.replace(cfg, output_dir=str(Path(cfg.output_dir).resolve()), model=model, train=train)

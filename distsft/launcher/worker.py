@@ -29,6 +29,7 @@ def ray_worker_loop(config: dict[str, Any]) -> None:
     from distsft.checkpoint import ResumePlan
     from distsft.data.prepare import load_prepared
     from distsft.metrics.records import RecordSender
+    from distsft.training.evaluate import eval_sets
     from distsft.training.loop import WorkerContext, train
 
     ctx = ray.train.get_context()
@@ -46,11 +47,16 @@ def ray_worker_loop(config: dict[str, Any]) -> None:
             )
         prepared = load_prepared(rows)
         train_rows, eval_rows = prepared.train, prepared.eval
+        named = {name: load_prepared(Path(d)).train for name, d in config.get("eval_dirs", {}).items()}
     else:  # through the object store: an explicit fingerprint skips datasets' hashing of the table
         train_rows = datasets.Dataset(InMemoryTable(ray.get(config["train"])), fingerprint="distsft-train")
         eval_rows = []
         if config["eval"] is not None:
             eval_rows = datasets.Dataset(InMemoryTable(ray.get(config["eval"])), fingerprint="distsft-eval")
+        named = {
+            name: datasets.Dataset(InMemoryTable(ray.get(ref)), fingerprint=f"distsft-eval-{name}")
+            for name, ref in config.get("evals", {}).items()
+        }
     node_id = ray.get_runtime_context().get_node_id()
     local_rank = ctx.get_local_rank()
     device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
@@ -71,7 +77,7 @@ def ray_worker_loop(config: dict[str, Any]) -> None:
         resume=ResumePlan(**config["resume"]),
     )
     try:
-        summary = train(cfg, train_rows, eval_rows, wctx)
+        summary = train(cfg, train_rows, eval_sets(eval_rows, named), wctx)
         if rank == 0:  # what the run was (parameters, device, attention, loss): the driver's summary.json
             ray.get(sink.finish.remote(summary))
     except DistsftError as e:  # says what to change: one line, no traceback

@@ -20,6 +20,7 @@ from typing import Any, TextIO
 
 from distsft.config import Config, LoggingConfig, flatten
 from distsft.errors import ConfigError
+from distsft.metrics.samples import format_samples, read_samples
 
 # metrics.jsonl key -> TensorBoard / W&B / MLflow tag
 SCALARS = {
@@ -34,7 +35,17 @@ SCALARS = {
     "tflops_per_device": "perf/tflops_per_device",
     "step_time_s": "perf/step_time_s",
     "peak_mem_mb": "perf/peak_mem_mb",
+    "samples_s": "eval/samples_s",
 }
+
+
+def scalars(rec: dict[str, Any]) -> dict[str, float]:
+    """A record's figures by tag: ``SCALARS``, and each named eval set's ``eval_loss/<name>`` as
+    ``eval/loss/<name>``."""
+    out = {tag: rec[k] for k, tag in SCALARS.items() if rec.get(k) is not None}
+    prefix = "eval_loss/"
+    out.update({f"eval/loss/{k[len(prefix) :]}": v for k, v in rec.items() if k.startswith(prefix) and v is not None})
+    return out
 
 
 def check_logging(cfg: LoggingConfig) -> None:
@@ -133,6 +144,14 @@ class Progress:
                 line += f"  eta {format_duration(eta)}"
             print(line, file=self.out, flush=True)
 
+    def samples(self, step: int, rows: list[dict[str, Any]]) -> None:
+        """The first sample of an eval step, one line: a glimpse; ``samples.jsonl`` has them all."""
+        (line,) = format_samples(rows[:1])
+        if self._bar is not None:
+            self._bar.write(line, file=self.out)
+        elif self.mode == "lines":
+            print(line, file=self.out, flush=True)
+
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
@@ -154,9 +173,12 @@ class TensorBoardSink:
         self.writer = SummaryWriter(log_dir=str(output_dir), purge_step=start_step + 1 if start_step else None)
 
     def __call__(self, rec: dict[str, Any]) -> None:
-        for key, tag in SCALARS.items():
-            if rec.get(key) is not None:
-                self.writer.add_scalar(tag, rec[key], rec["step"])
+        for tag, value in scalars(rec).items():
+            self.writer.add_scalar(tag, value, rec["step"])
+
+    def samples(self, step: int, rows: list[dict[str, Any]]) -> None:
+        text = "\n\n".join(f"**{r['eval']}**\n\n```\n{r['prompt']}\n```\n\n{r['reply']}" for r in rows)
+        self.writer.add_text("samples", text, step)
 
     def close(self) -> None:
         self.writer.close()
@@ -183,7 +205,12 @@ class WandbSink:
         )
 
     def __call__(self, rec: dict[str, Any]) -> None:
-        self.run.log({tag: rec[k] for k, tag in SCALARS.items() if rec.get(k) is not None}, step=rec["step"])
+        self.run.log(scalars(rec), step=rec["step"])
+
+    def samples(self, step: int, rows: list[dict[str, Any]]) -> None:
+        columns = ["step", "eval", "prompt", "reply"]
+        table = self.wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])
+        self.run.log({"samples": table}, step=step)
 
     def close(self) -> None:
         self.run.finish()
@@ -201,8 +228,11 @@ class MlflowSink:
         mlflow.log_params({k: str(v)[:500] for k, v in flatten(cfg.to_dict()).items()})
 
     def __call__(self, rec: dict[str, Any]) -> None:
-        metrics = {tag.replace("/", "_"): rec[k] for k, tag in SCALARS.items() if rec.get(k) is not None}
+        metrics = {tag.replace("/", "_"): v for tag, v in scalars(rec).items()}
         self.mlflow.log_metrics(metrics, step=rec["step"])
+
+    def samples(self, step: int, rows: list[dict[str, Any]]) -> None:
+        self.mlflow.log_dict({"step": step, "samples": rows}, f"samples/step-{step:08d}.json")
 
     def close(self) -> None:
         self.mlflow.end_run()
@@ -212,7 +242,7 @@ class Display:
     """The driver's sinks for merged records: progress display, TensorBoard, W&B, MLflow."""
 
     def __init__(self, cfg: Config, total_steps: int, start_step: int, out: TextIO | None = None) -> None:
-        output_dir = Path(cfg.output_dir)
+        self.output_dir = output_dir = Path(cfg.output_dir)
         lc = cfg.logging
         self.sinks: list[Any] = []
         if lc.progress != "none":
@@ -231,9 +261,12 @@ class Display:
                 print(f"warning: {name} logging is off: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
 
     def __call__(self, rec: dict[str, Any]) -> None:
+        samples = read_samples(self.output_dir, rec["step"]) if "samples_s" in rec else []
         for sink in list(self.sinks):
             try:
                 sink(rec)
+                if samples and hasattr(sink, "samples"):
+                    sink.samples(rec["step"], samples)
             except Exception as e:  # noqa: BLE001
                 self.sinks.remove(sink)
                 print(f"warning: {type(sink).__name__} switched off: {e}", file=sys.stderr, flush=True)

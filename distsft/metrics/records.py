@@ -18,6 +18,11 @@ from typing import Any
 
 from distsft.host import write_atomic
 from distsft.metrics.jsonl import MetricsLog
+from distsft.metrics.samples import SamplesLog
+
+SAMPLES = "samples"
+"""The field of rank 0's record that carries an eval step's samples: written to ``samples.jsonl`` by the sink,
+never to ``metrics.jsonl``."""
 
 WORKERS_FILE = "workers.json"
 """Where each rank runs (node, device, pid), rewritten as workers start or restart; the console follows it."""
@@ -30,6 +35,7 @@ class RecordSink:
         self, output_dir: str, world_size: int, keep_through: int, on_record: Callable[[dict], None] | None = None
     ) -> None:
         self.log = MetricsLog(output_dir, keep_through=keep_through, on_record=on_record)
+        self.samples = SamplesLog(output_dir, keep_through=keep_through)
         self.world_size = world_size
         self.resumed_from = keep_through
         self.pending: dict[int, dict[int, dict[str, Any]]] = {}
@@ -49,6 +55,7 @@ class RecordSink:
             start = rec.get("resumed_from", self.resumed_from)
             if start != self.resumed_from:  # a restarted worker group continues from an earlier checkpoint
                 self.log.truncate(start)
+                self.samples.truncate(start)
                 self.pending = {s: r for s, r in self.pending.items() if s <= start}
                 self.resumed_from = self.last_step = start
             self.pending.setdefault(rec["step"], {})[rank] = rec
@@ -59,7 +66,11 @@ class RecordSink:
             if len(self.pending[step]) < self.world_size:
                 break  # ranks deliver in step order, so no later step can be complete either
             by_rank = self.pending.pop(step)
-            self.log.append(merge([by_rank[r] for r in sorted(by_rank)]))
+            merged = merge([by_rank[r] for r in sorted(by_rank)])
+            samples = merged.pop(SAMPLES, None)
+            if samples:  # before the step's line: whoever reads the line finds them
+                self.samples.append(step, samples)
+            self.log.append(merged)
             self.last_step = step
         return self.last_step
 

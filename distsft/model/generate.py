@@ -8,14 +8,8 @@ from typing import Any
 from distsft.errors import DistsftError, first_line
 
 
-def generate(
-    model_dir: str,
-    prompt: str,
-    system: str | None = None,
-    max_new_tokens: int = 128,
-    trust_remote_code: bool = False,
-) -> str:
-    import torch
+def load_for_generation(model_dir: str, trust_remote_code: bool = False) -> tuple[Any, Any]:
+    """(model, tokenizer) of an exported directory (a LoRA run's adapter on its base), as a server loads it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -33,23 +27,42 @@ def generate(
         model = AutoModelForCausalLM.from_pretrained(base, trust_remote_code=trust_remote_code, **NO_HUB_KERNELS)
     except (OSError, ValueError, KeyError) as e:  # a broken config.json, missing weights or tokenizer files
         raise DistsftError(f"--model {model_dir}: cannot be loaded ({first_line(e)})") from None
-    model = (with_adapter(model, model_dir) if adapter else model).eval()
+    return (with_adapter(model, model_dir) if adapter else model).eval(), tokenizer
+
+
+def greedy_reply(model: Any, tokenizer: Any, ids: list[int], max_new_tokens: int) -> str:
+    """The greedy reply to prompt ``ids`` (the generation prompt included), up to a stop token."""
+    import torch
+
+    input_ids = torch.tensor([ids], dtype=torch.long)
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=stop_ids(model, tokenizer),
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    return tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True).strip()
+
+
+def generate(
+    model_dir: str,
+    prompt: str,
+    system: str | None = None,
+    max_new_tokens: int = 128,
+    trust_remote_code: bool = False,
+) -> str:
+    model, tokenizer = load_for_generation(model_dir, trust_remote_code)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     if not tokenizer.chat_template:
         from distsft.data.tokenize import DEFAULT_CHAT_TEMPLATE
 
         tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")
-    with torch.no_grad():
-        out = model.generate(
-            **ids,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=stop_ids(model, tokenizer),
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return greedy_reply(model, tokenizer, ids, max_new_tokens)
 
 
 def stop_ids(model: Any, tokenizer: Any) -> list[int]:

@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from distsft.config import BatchPlan, Config
 from distsft.data.collate import collate
-from distsft.data.prepare import prepare
+from distsft.data.prepare import named_eval_config, prepare
 from distsft.errors import DistsftError
 from distsft.model.traits import varlen
 from distsft.training.loss import token_loss_sum
@@ -31,8 +31,25 @@ def evaluate_model(model: Any, rows: Any, pad_id: int, batch_size: int, device: 
     return {"loss": loss_sum / max(tokens, 1), "tokens": tokens}
 
 
-def evaluate_dir(cfg: Config, model_dir: str) -> dict[str, Any]:
-    """Evaluate ``data.eval_path`` when set, else all of ``data.path``, with the model's own tokenizer."""
+DEFAULT = "eval_loss"
+"""The metric of the default eval set; a named set ``x`` of ``data.evals`` is logged as ``eval_loss/x``."""
+
+
+def eval_sets(default_rows: Any, named: dict[str, Any]) -> dict[str, Any]:
+    """``{metric: rows}`` of a run's eval sets, the default first: ``eval_loss`` is the default set
+    (``data.eval_path`` or the ``eval_fraction`` hold-out), or without one the first named set, whose rows
+    then appear under both names (and are evaluated once)."""
+    sets = {DEFAULT: default_rows} if len(default_rows) else {}
+    for name, rows in named.items():
+        if not sets:
+            sets[DEFAULT] = rows
+        sets[f"{DEFAULT}/{name}"] = rows
+    return sets
+
+
+def evaluate_dir(cfg: Config, model_dir: str, eval_name: str | None = None) -> dict[str, Any]:
+    """Evaluate ``data.eval_path`` when set, else all of ``data.path``, with the model's own tokenizer;
+    ``eval_name``: the named set ``data.evals[eval_name]`` instead."""
     from distsft.model.loading import load_model, load_tokenizer, resolve_dtype, traits_and_attention
     from distsft.model.lora import adapter_base, is_adapter_dir, with_adapter
     from distsft.model.traits import check_training_fit
@@ -46,8 +63,10 @@ def evaluate_dir(cfg: Config, model_dir: str) -> dict[str, Any]:
     traits, attn = traits_and_attention(model_cfg, device)
     check_training_fit(traits, cfg.data.packing, None)
     tokenizer = load_tokenizer(model_cfg)
-    target = cfg.data.eval_path or cfg.data.path
-    data_cfg = dataclasses.replace(cfg.data, path=target, eval_path=None, eval_fraction=0.0)
+    if eval_name is not None and eval_name not in cfg.data.evals:
+        raise DistsftError(f"--eval {eval_name}: not a name of data.evals ({', '.join(cfg.data.evals) or 'none'})")
+    target = cfg.data.evals[eval_name] if eval_name else cfg.data.eval_path or cfg.data.path
+    data_cfg = named_eval_config(cfg.data, target)
     data = prepare(data_cfg, tokenizer, seed=cfg.train.seed)
     if not len(data.train):
         raise DistsftError("eval: no rows to evaluate")
@@ -62,7 +81,7 @@ def evaluate_dir(cfg: Config, model_dir: str) -> dict[str, Any]:
 def evaluate(
     engine: Any, rows: Any, plan: BatchPlan, rank: int, to_device: Callable[[list[dict]], dict], device: torch.device
 ) -> float:
-    """Token-weighted loss over every eval row; rows are dealt round-robin so data-parallel groups share the
+    """Token-weighted loss over every row of one eval set; rows are dealt round-robin so data-parallel groups share the
     work (the workers of a sequence-parallel group each take their slice of the same rows).
 
     Every rank runs the same number of forward passes (a rank short of rows repeats an empty-label batch),

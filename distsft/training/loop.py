@@ -38,7 +38,9 @@ from distsft import checkpoint
 from distsft.checkpoint import Location, ResumePlan
 from distsft.config import BatchPlan, Config
 from distsft.data.collate import collate
+from distsft.data.prompts import Prompt, prompts_from_file, prompts_from_rows
 from distsft.data.sampler import total_steps
+from distsft.metrics.records import SAMPLES
 from distsft.model.flops import flops_model, peak_flops
 from distsft.model.loading import (
     base_path,
@@ -68,9 +70,10 @@ from distsft.training.engine import (
     deepspeed_plan,
     render_ds_config,
 )
-from distsft.training.evaluate import evaluate
+from distsft.training.evaluate import DEFAULT, evaluate
 from distsft.training.loss import LossChoice, add_loss_targets, choose_loss_kernel, head_fusable
 from distsft.training.profiling import StepProfiler, phase
+from distsft.training.samples import generate_samples
 from distsft.training.step import (
     Diverged,
     HangWatch,
@@ -112,11 +115,11 @@ class Run:
     """One worker's run: ``__init__`` sets it up once (device, process group, model, DeepSpeed engine,
     input pipeline, the resume point, the loss kernel); ``run_steps`` runs the optimizer steps."""
 
-    def __init__(self, cfg: Config, train_rows: Any, eval_rows: Any, ctx: WorkerContext) -> None:
+    def __init__(self, cfg: Config, train_rows: Any, evals: dict[str, Any], ctx: WorkerContext) -> None:
         # DeepSpeed calls torch.distributed APIs that torch now marks deprecated, once per bucket per step.
         warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
-        self.cfg, self.ctx, self.eval_rows = cfg, ctx, eval_rows
+        self.cfg, self.ctx, self.evals = cfg, ctx, evals
         self.device = device = pick_device(ctx.local_rank)
         init_distributed(device)
         seed_everything(cfg.train.seed)
@@ -183,7 +186,13 @@ class Run:
         self.peak_flops = peak_flops(device_name, cfg.logging.peak_tflops)
         profile_dir = Path(cfg.output_dir) / "profile"
         self.profiler = StepProfiler(cfg.logging.profile_steps, profile_dir, ctx.rank, device.type == "cuda")
-        self.save = _saver(cfg, ctx, self.engine, tokenizer)
+        self.best_by = best_metric(cfg)
+        self.save = _saver(cfg, ctx, self.engine, tokenizer, self.best_by)
+        # the best so far, from the checkpoints' signed manifests: a resumed run goes on comparing with it
+        best = checkpoint.best_checkpoint(ctx.checkpoint_dir, self.best_by) if resume_from and self.best_by else None
+        self.best = best.value if best else math.inf
+        self.tokenizer, self.prompts = tokenizer, self._prompts(tokenizer, sp is not None)
+        self.synced = ds.stage == 3 and ctx.world_size > 1
         self.stop_poll = StopPoll(ctx.should_stop, ctx.rank, ctx.world_size)
         self.last_saved = f"step {self.start_step}" if resume_from is not None else None
         self.summary: dict[str, Any] = {
@@ -196,6 +205,49 @@ class Run:
             # what the final export is written in: the training's compute dtype, as a hub checkpoint would be
             "dtype": {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.precision.compute, "fp32"),
         }
+
+    def _prompts(self, tokenizer: Any, sequence_parallel: bool) -> list[Prompt]:
+        """What samples answer: ``train.samples.path``'s prompts, else the eval sets' first ones."""
+        samples = self.cfg.train.samples
+        if not samples.count or not self.evals:
+            return []
+        if sequence_parallel:  # a sequence is split across the group's ranks: generation would need the same
+            if self.ctx.rank == 0:
+                print("train.samples: off under sequence parallelism", flush=True)
+            return []
+        if samples.path:
+            return prompts_from_file(samples.path, tokenizer, samples.count)
+        unique: dict[int, tuple[str, Any]] = {}
+        for key, rows in self.evals.items():  # a set under two names goes by its own (eval_loss/<name>)
+            unique[id(rows)] = (key, rows)
+        return prompts_from_rows(dict(unique.values()), samples.count)
+
+    def _evaluate(self, record: dict[str, Any]) -> dict[str, float]:
+        """Every eval set's loss (a set under two names is evaluated once), then the samples, into ``record``;
+        returns the losses by metric."""
+        scores: dict[str, float] = {}
+        done: dict[int, float] = {}
+        for key, rows in self.evals.items():
+            if id(rows) not in done:
+                done[id(rows)] = evaluate(self.engine, rows, self.plan, self.ctx.rank, self.to_device, self.device)
+            scores[key] = done[id(rows)]
+        record["eval_loss"] = scores[DEFAULT]
+        record.update({k: v for k, v in scores.items() if k != DEFAULT})  # eval_loss/<name>
+        if self.prompts:
+            autocast = self.precision.compute if self.precision.autocast else None
+            samples, seconds = generate_samples(
+                self.engine,
+                self.prompts,
+                self.tokenizer,
+                self.cfg.train.samples.max_new_tokens,
+                self.device,
+                autocast,
+                self.synced,
+            )
+            record["samples_s"] = seconds
+            if self.ctx.rank == 0:  # the record sink writes them to samples.jsonl, not metrics.jsonl
+                record[SAMPLES] = samples
+        return scores
 
     def close(self) -> None:
         self.feed.close()
@@ -250,15 +302,18 @@ class Run:
             if profile:
                 print(f"profile of steps {self.profiler.first}-{self.profiler.last}: {profile}", flush=True)
             every, every_eval, last = cfg.checkpoint.every_steps, cfg.train.eval_every, done == self.steps
-            wants_eval = bool(len(self.eval_rows)) and (bool(every_eval and done % every_eval == 0) or last)
+            wants_eval = bool(self.evals) and (bool(every_eval and done % every_eval == 0) or last)
             saves = (last and cfg.checkpoint.final) or bool(every and done % every == 0)
             stopping = self.stop_poll.poll()  # a stop request within two steps, whatever log_every is
             if not (done % cfg.train.log_every == 0 or wants_eval or saves or last or stopping):
                 continue
             records = read_pending(pending, clock, plan, self.aux_coef, self.device, start)
             pending.clear()
-            if wants_eval:
-                records[-1]["eval_loss"] = evaluate(engine, self.eval_rows, plan, ctx.rank, self.to_device, self.device)
+            scores = self._evaluate(records[-1]) if wants_eval else {}
+            # a new best is saved at once (every rank sees the same all-reduced losses): its weights exist
+            new_best = self.best_by in scores and scores[self.best_by] < self.best
+            if new_best:
+                self.best = scores[self.best_by]
             for r in records:
                 ctx.report(r)
             ctx.flush()
@@ -268,22 +323,23 @@ class Run:
                 raise Diverged(diverged)
             summary["last"] = records[-1]
             stop = stopping or agree(ctx.should_stop(), ctx.rank, self.device)  # every rank: the same step
-            if stop or saves:
+            if stop or saves or new_best:
                 ctx.wait()
-                self.save(done)
+                self.save(done, scores)
                 self.last_saved = f"step {done}"
             if stop:
                 summary["stopped_at"] = done
                 return summary
-        if len(self.eval_rows) and "last" in summary:
+        if self.evals and "last" in summary:
             summary["eval_loss"] = summary["last"].get("eval_loss")
         ctx.wait()
         return summary
 
 
-def train(cfg: Config, train_rows: Any, eval_rows: Any, ctx: WorkerContext) -> dict[str, Any]:
-    """Train on this worker's share of ``train_rows``; returns the run's summary (the same on every rank)."""
-    run = Run(cfg, train_rows, eval_rows, ctx)
+def train(cfg: Config, train_rows: Any, evals: dict[str, Any], ctx: WorkerContext) -> dict[str, Any]:
+    """Train on this worker's share of ``train_rows``; returns the run's summary (the same on every rank).
+    ``evals``: the eval sets by metric (``evaluate.eval_sets``)."""
+    run = Run(cfg, train_rows, evals, ctx)
     try:
         return run.run_steps()
     finally:
@@ -322,8 +378,17 @@ def _engine(
     return build_engine(cfg, ds, ds_config, build_model, total_steps=steps)
 
 
-def _saver(cfg: Config, ctx: WorkerContext, engine: Any, tokenizer: Any) -> Callable[[int], None]:
-    """``save(step)``: a complete checkpoint of the engine, with what export needs beside the weights."""
+def best_metric(cfg: Config) -> str | None:
+    """The metric ``checkpoint.best_by`` names (``eval_loss`` or ``eval_loss/<name>``)."""
+    by = cfg.checkpoint.best_by
+    return None if by is None else DEFAULT if by == DEFAULT else f"{DEFAULT}/{by}"
+
+
+def _saver(
+    cfg: Config, ctx: WorkerContext, engine: Any, tokenizer: Any, best_by: str | None
+) -> Callable[[int, dict[str, float]], None]:
+    """``save(step, scores)``: a complete checkpoint of the engine, with what export needs beside the weights,
+    and the step's eval losses in its (signed) manifest, which is where the best checkpoint is read from."""
     adapters = cfg.lora.r > 0
     meta = {**ctx.resume.manifest_meta(), "config": cfg.to_dict()}
 
@@ -337,9 +402,18 @@ def _saver(cfg: Config, ctx: WorkerContext, engine: Any, tokenizer: Any) -> Call
 
             save_adapter_config(module, out, base_path(cfg.model, cfg.train.seed))
 
-    def save(step: int) -> None:
+    def save(step: int, scores: dict[str, float]) -> None:
+        evals = {"evals": scores, "best_by": best_by} if scores and best_by else {"evals": scores} if scores else {}
         checkpoint.save(
-            engine, ctx.checkpoint_dir, step, meta, cfg.checkpoint.keep_last, write_hf, adapters, upload_group
+            engine,
+            ctx.checkpoint_dir,
+            step,
+            {**meta, **evals},
+            cfg.checkpoint.keep_last,
+            write_hf,
+            adapters,
+            upload_group,
+            best_by=best_by,
         )
 
     return save
