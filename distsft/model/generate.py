@@ -16,6 +16,26 @@ def generate(
     trust_remote_code: bool = False,
 ) -> str:
     import torch
+
+    model, tokenizer = load_for_inference(model_dir, trust_remote_code)
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    ensure_chat_template(tokenizer)
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(
+            **ids,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=stop_ids(model, tokenizer),
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+
+
+def load_for_inference(model_dir: str, trust_remote_code: bool = False) -> tuple[Any, Any]:
+    """A finished model directory's model (in eval mode) and tokenizer, from local files only. An adapter
+    directory (a LoRA run's export) loads on the base it names."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -33,23 +53,15 @@ def generate(
         model = AutoModelForCausalLM.from_pretrained(base, trust_remote_code=trust_remote_code, **NO_HUB_KERNELS)
     except (OSError, ValueError, KeyError) as e:  # a broken config.json, missing weights or tokenizer files
         raise DistsftError(f"--model {model_dir}: cannot be loaded ({first_line(e)})") from None
-    model = (with_adapter(model, model_dir) if adapter else model).eval()
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    return (with_adapter(model, model_dir) if adapter else model).eval(), tokenizer
+
+
+def ensure_chat_template(tokenizer: Any) -> None:
+    """A tokenizer without a chat template gets the one distsft trains such models with."""
     if not tokenizer.chat_template:
         from distsft.data.tokenize import DEFAULT_CHAT_TEMPLATE
 
         tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")
-    with torch.no_grad():
-        out = model.generate(
-            **ids,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=stop_ids(model, tokenizer),
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
 
 def stop_ids(model: Any, tokenizer: Any) -> list[int]:
