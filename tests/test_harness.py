@@ -185,17 +185,19 @@ def test_generation_exact_match_counts_the_rows_whose_answer_is_the_models_greed
 
 def test_the_shipped_examples_run_and_a_lora_adapter_is_compared_with_its_base(cli, tmp_path, models):
     """An adapter directory (how distsft exports a LoRA run) loads on the base it names, which is then the
-    default --base; an adapter initialised to zero scores exactly as its base."""
+    default --base; that base is bare weights (as the demo's is), so it is read with the adapter's tokenizer.
+    An adapter initialised to zero scores exactly as its base."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    base, _ = models
+    base = tmp_path / "bare"
+    AutoModelForCausalLM.from_pretrained(str(models[0])).save_pretrained(base)  # no tokenizer files
     adapter = tmp_path / "adapter"
     peft_model = get_peft_model(
         AutoModelForCausalLM.from_pretrained(str(base)), LoraConfig(r=2, target_modules=["q_proj"])
     )
     peft_model.save_pretrained(adapter)
-    AutoTokenizer.from_pretrained(str(base)).save_pretrained(adapter)
+    AutoTokenizer.from_pretrained(str(models[0])).save_pretrained(adapter)
     code, stdout, err = cli("eval", "--model", str(adapter), "--tasks", "distsft_support_mc,distsft_support_gen")
     assert code == 0, err
     assert f"base: {base}" in err

@@ -13,6 +13,7 @@ import logging
 import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from distsft.harness.compare import Row, compare
@@ -68,9 +69,12 @@ class _DropPassedModelNotes(logging.Filter):
         return not record.getMessage().startswith(self.NOTES)
 
 
-def run_tasks(model_dir: str, tasks: list[dict[str, Any]], options: HarnessOptions) -> dict[str, Any]:
-    """lm-eval's results for ``tasks`` (configs from ``harness.tasks.resolve``) on the model in ``model_dir``:
-    its ``results`` (metric values and stderrs per task) and ``n-samples``."""
+def run_tasks(
+    model_dir: str, tasks: list[dict[str, Any]], options: HarnessOptions, tokenizer_dir: str | None = None
+) -> dict[str, Any]:
+    """lm-eval's results for ``tasks`` (configs from ``harness.tasks.resolve``) on the model in ``model_dir``
+    (with ``tokenizer_dir``'s tokenizer when given): its ``results`` (metric values and stderrs per task) and
+    ``n-samples``."""
     import datasets
     import torch
     from lm_eval import simple_evaluate
@@ -85,7 +89,7 @@ def run_tasks(model_dir: str, tasks: list[dict[str, Any]], options: HarnessOptio
     datasets.disable_progress_bars()  # "Generating test split" per task; lm-eval's own bars stay
     try:
         with offline():
-            model, tokenizer = load_for_inference(model_dir, options.trust_remote_code)
+            model, tokenizer = load_for_inference(model_dir, options.trust_remote_code, tokenizer_dir)
             if options.chat_template:
                 ensure_chat_template(tokenizer)
             model = model.to("cuda" if torch.cuda.is_available() else "cpu")
@@ -105,6 +109,14 @@ def run_tasks(model_dir: str, tasks: list[dict[str, Any]], options: HarnessOptio
     return {"results": out["results"], "n-samples": out.get("n-samples", {})}
 
 
+def base_tokenizer(base_dir: str, model_dir: str) -> str | None:
+    """None (the base's own) when the base directory holds a tokenizer, else the fine-tuned model's: the
+    base a LoRA adapter names may be bare weights (the demo's initialisation, a hub id's cached snapshot), and
+    the fine-tuned tokenizer then renders the same prompts for both."""
+    here = Path(base_dir)
+    return None if (here / "tokenizer_config.json").is_file() or (here / "tokenizer.json").is_file() else model_dir
+
+
 def benchmark(
     model_dir: str, base_dir: str | None, names: list[str], include_paths: list[str], options: HarnessOptions
 ) -> tuple[list[Row], dict[str, Any]]:
@@ -117,7 +129,7 @@ def benchmark(
 
     configs = tasks.resolve(names, include_paths)
     tuned = run_tasks(model_dir, configs, options)
-    base = run_tasks(base_dir, configs, options) if base_dir else None
+    base = run_tasks(base_dir, configs, options, base_tokenizer(base_dir, model_dir)) if base_dir else None
     rows = compare(tuned, base)
     return rows, {
         "model": model_dir,

@@ -33,9 +33,11 @@ def generate(
     return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
 
-def load_for_inference(model_dir: str, trust_remote_code: bool = False) -> tuple[Any, Any]:
-    """A finished model directory's model (in eval mode) and tokenizer, from local files only. An adapter
-    directory (a LoRA run's export) loads on the base it names."""
+def load_for_inference(
+    model_dir: str, trust_remote_code: bool = False, tokenizer_dir: str | None = None
+) -> tuple[Any, Any]:
+    """A finished model directory's model (in eval mode) and tokenizer (``tokenizer_dir``'s when given). An
+    adapter directory (a LoRA run's export) loads on the base it names."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -48,7 +50,7 @@ def load_for_inference(model_dir: str, trust_remote_code: bool = False) -> tuple
     if not adapter and not (Path(model_dir) / "config.json").is_file():
         raise DistsftError(f"--model {model_dir}: not a model directory (no config.json nor adapter_config.json)")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or model_dir, trust_remote_code=trust_remote_code)
         base = adapter_base(model_dir) if adapter else model_dir
         model = AutoModelForCausalLM.from_pretrained(base, trust_remote_code=trust_remote_code, **NO_HUB_KERNELS)
     except (OSError, ValueError, KeyError) as e:  # a broken config.json, missing weights or tokenizer files
