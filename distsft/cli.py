@@ -52,10 +52,42 @@ def build_parser() -> argparse.ArgumentParser:
         "--dump", metavar="FILE", help="write every packed row as JSON lines (input_ids, labels, position_ids)"
     )
 
-    p = sub.add_parser("eval", help="token-weighted loss of a model directory on data.eval_path (else data.path)")
+    p = sub.add_parser(
+        "eval",
+        help="token-weighted loss of a model directory on data.eval_path (else data.path); with --tasks, "
+        "lm-evaluation-harness benchmarks beside a base model",
+    )
     _add_config_args(p)
     p.add_argument("--model", required=True, help="a Hugging Face model directory, e.g. runs/demo/final")
     p.add_argument("--eval", metavar="NAME", help="the named eval set data.evals.NAME instead")
+    g = p.add_argument_group("benchmarks (lm-evaluation-harness, offline; pip install 'distsft[eval]')")
+    g.add_argument(
+        "--tasks",
+        metavar="T1,T2",
+        help="run these lm-eval tasks (names or task YAML paths) instead of the loss; local task files only: "
+        "the shipped examples (distsft_support_mc, distsft_support_gen) and --include-path",
+    )
+    g.add_argument(
+        "--include-path",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a directory of lm-eval task YAMLs (repeatable)",
+    )
+    g.add_argument(
+        "--base",
+        metavar="BASE_DIR",
+        help="the model to compare with, side by side (default: a LoRA adapter's base; else none)",
+    )
+    g.add_argument("--limit", type=int, metavar="N", help="only the first N examples of each task")
+    g.add_argument(
+        "--chat-template",
+        action="store_true",
+        help="prompts as a user turn in each model's chat template (how an SFT model was trained to answer)",
+    )
+    g.add_argument("--batch-size", type=int, default=8, help="examples per forward pass (default: 8)")
+    g.add_argument("--out", metavar="FILE", help="also write the table's rows and lm-eval's results as JSON")
+    g.add_argument("--trust-remote-code", action="store_true", help="run code shipped with the model directories")
 
     p = sub.add_parser("export", help="consolidate a checkpoint's ZeRO shards into a Hugging Face model directory")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run's output_dir, its checkpoints/ dir, or one step-N dir")
@@ -183,14 +215,54 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+HARNESS_ONLY = ("include_path", "base", "limit", "chat_template", "out", "trust_remote_code")
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
     from distsft.config import load_config
     from distsft.training.evaluate import evaluate_dir
 
+    if args.tasks:
+        return cmd_benchmark(args)
+    given = [f"--{k.replace('_', '-')}" for k in HARNESS_ONLY if getattr(args, k) not in (None, False, [])]
+    if given:
+        raise DistsftError(f"{', '.join(given)} go with --tasks (the harness); without it eval measures the loss")
     cfg = load_config(args.config, args.overrides)
     print(json.dumps(evaluate_dir(cfg, args.model, args.eval)))
+    return 0
+
+
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    """``eval --tasks``: the table on stdout (and the report as JSON with --out)."""
+    import json
+    from pathlib import Path
+
+    from distsft.harness.tasks import require_lm_eval
+
+    if args.config or args.overrides:
+        raise DistsftError("--config/--set choose the loss evaluation's data; --tasks reads its task files")
+    for flag, value in (("--limit", args.limit), ("--batch-size", args.batch_size)):
+        if value is not None and value < 1:
+            raise DistsftError(f"{flag} {value}: must be at least 1")
+    require_lm_eval()
+    from distsft.harness.compare import table
+    from distsft.harness.runner import HarnessOptions, benchmark
+    from distsft.host import write_atomic
+    from distsft.model.lora import adapter_base, is_adapter_dir
+
+    base = args.base
+    if base is None and is_adapter_dir(args.model):
+        base = adapter_base(args.model)
+        print(f"base: {base} (the adapter's)", file=sys.stderr)
+    options = HarnessOptions(args.limit, args.chat_template, args.batch_size, args.trust_remote_code)
+    names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    rows, report = benchmark(args.model, base, names, args.include_path, options)
+    print(table(rows))
+    if args.out:
+        write_atomic(Path(args.out), json.dumps(report, indent=2, default=str) + "\n")
+        print(f"wrote {args.out}", file=sys.stderr)
     return 0
 
 

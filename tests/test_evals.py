@@ -75,7 +75,7 @@ def test_samples_are_the_eval_prompts_and_the_exported_models_greedy_replies(run
 
     from distsft.data.prompts import prompts_from_rows
     from distsft.launcher.prepare import prepare_data
-    from distsft.model.generate import greedy_reply, load_for_generation
+    from distsft.model.generate import greedy_reply, load_for_inference
     from distsft.model.loading import load_tokenizer, materialize_demo
     from distsft.training.evaluate import eval_sets
 
@@ -92,7 +92,7 @@ def test_samples_are_the_eval_prompts_and_the_exported_models_greedy_replies(run
     data = prepare_data(cfg)
     prompts = prompts_from_rows(eval_sets(data.eval, {n: d.train for n, d in data.evals.items()}), 2)
     assert [tokenizer.decode(p.ids) for p in prompts] == [r["prompt"] for r in rows[-2:]]
-    final, tok = load_for_generation(str(run / "final"))
+    final, tok = load_for_inference(str(run / "final"))
     for p, r in zip(prompts, rows[-2:], strict=True):
         assert greedy_reply(final, tok, p.ids, 12) == r["reply"]
     initial = AutoModelForCausalLM.from_pretrained(materialize_demo(cfg.train.seed)).eval()
@@ -156,7 +156,7 @@ def test_samples_under_zero3_lora_on_two_ranks_are_the_exported_models_replies(t
     from distsft.checkpoint.export import export
     from distsft.data.prompts import prompts_from_rows
     from distsft.launcher.prepare import prepare_data
-    from distsft.model.generate import greedy_reply, load_for_generation
+    from distsft.model.generate import greedy_reply, load_for_inference
     from distsft.training.evaluate import eval_sets
 
     overrides = ["train.micro_batch_size=2", "train.zero_stage=3", "lora.r=8", "train.lr=1e-2", "train.max_steps=1",
@@ -169,7 +169,7 @@ def test_samples_under_zero3_lora_on_two_ranks_are_the_exported_models_replies(t
     assert all(recs[-1]["samples_s"] > 0 for recs in by_rank) and "samples" not in by_rank[1][-1]
     (sample,) = by_rank[0][-1]["samples"]
     export(find_latest(tmp_path / "checkpoints"), tmp_path / "final")
-    model, tok = load_for_generation(str(tmp_path / "final"))
+    model, tok = load_for_inference(str(tmp_path / "final"))
     (prompt,) = prompts_from_rows(eval_sets(data.eval, {}), 1)
     assert sample["prompt"] == tok.decode(prompt.ids)
     assert greedy_reply(model, tok, prompt.ids, 12) == sample["reply"]

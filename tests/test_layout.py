@@ -17,6 +17,7 @@ FORBIDDEN = {
     "model": ("distsft.launcher", "distsft.cli", "distsft.training", "torch.distributed", "deepspeed", "ray"),
     "data": ("distsft.launcher", "distsft.cli", "distsft.training", "distsft.model", "torch.distributed", "ray"),
     "recipes": ("distsft.launcher", "distsft.cli", "distsft.training", "distsft.model", "distsft.data", "ray"),
+    "harness": ("distsft.launcher", "distsft.cli", "distsft.training", "torch.distributed", "deepspeed", "ray"),
     "config": ("distsft.launcher", "distsft.cli", "distsft.training", "distsft.model", "distsft.data", "ray"),
 }
 

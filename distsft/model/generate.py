@@ -8,28 +8,6 @@ from typing import Any
 from distsft.errors import DistsftError, first_line
 
 
-def load_for_generation(model_dir: str, trust_remote_code: bool = False) -> tuple[Any, Any]:
-    """(model, tokenizer) of an exported directory (a LoRA run's adapter on its base), as a server loads it."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-
-    from distsft.model.loading import NO_HUB_KERNELS
-    from distsft.model.lora import adapter_base, is_adapter_dir, with_adapter
-
-    adapter = is_adapter_dir(model_dir)
-    if not adapter and not (Path(model_dir) / "config.json").is_file():
-        raise DistsftError(f"--model {model_dir}: not a model directory (no config.json nor adapter_config.json)")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-        base = adapter_base(model_dir) if adapter else model_dir
-        model = AutoModelForCausalLM.from_pretrained(base, trust_remote_code=trust_remote_code, **NO_HUB_KERNELS)
-    except (OSError, ValueError, KeyError) as e:  # a broken config.json, missing weights or tokenizer files
-        raise DistsftError(f"--model {model_dir}: cannot be loaded ({first_line(e)})") from None
-    return (with_adapter(model, model_dir) if adapter else model).eval(), tokenizer
-
-
 def greedy_reply(model: Any, tokenizer: Any, ids: list[int], max_new_tokens: int) -> str:
     """The greedy reply to prompt ``ids`` (the generation prompt included), up to a stop token."""
     import torch
@@ -54,15 +32,45 @@ def generate(
     max_new_tokens: int = 128,
     trust_remote_code: bool = False,
 ) -> str:
-    model, tokenizer = load_for_generation(model_dir, trust_remote_code)
+    model, tokenizer = load_for_inference(model_dir, trust_remote_code)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    ensure_chat_template(tokenizer)
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return greedy_reply(model, tokenizer, ids, max_new_tokens)
+
+
+def load_for_inference(
+    model_dir: str, trust_remote_code: bool = False, tokenizer_dir: str | None = None
+) -> tuple[Any, Any]:
+    """A finished model directory's model (in eval mode) and tokenizer (``tokenizer_dir``'s when given). An
+    adapter directory (a LoRA run's export) loads on the base it names."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+    from distsft.model.loading import NO_HUB_KERNELS
+    from distsft.model.lora import adapter_base, is_adapter_dir, with_adapter
+
+    adapter = is_adapter_dir(model_dir)
+    if not adapter and not (Path(model_dir) / "config.json").is_file():
+        raise DistsftError(f"--model {model_dir}: not a model directory (no config.json nor adapter_config.json)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or model_dir, trust_remote_code=trust_remote_code)
+        base = adapter_base(model_dir) if adapter else model_dir
+        model = AutoModelForCausalLM.from_pretrained(base, trust_remote_code=trust_remote_code, **NO_HUB_KERNELS)
+    except (OSError, ValueError, KeyError) as e:  # a broken config.json, missing weights or tokenizer files
+        raise DistsftError(f"--model {model_dir}: cannot be loaded ({first_line(e)})") from None
+    return (with_adapter(model, model_dir) if adapter else model).eval(), tokenizer
+
+
+def ensure_chat_template(tokenizer: Any) -> None:
+    """A tokenizer without a chat template gets the one distsft trains such models with."""
     if not tokenizer.chat_template:
         from distsft.data.tokenize import DEFAULT_CHAT_TEMPLATE
 
         tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return greedy_reply(model, tokenizer, ids, max_new_tokens)
 
 
 def stop_ids(model: Any, tokenizer: Any) -> list[int]:
