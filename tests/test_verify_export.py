@@ -59,3 +59,23 @@ def test_the_final_export_is_checked_and_each_breakage_is_named(run, tmp_path, c
     (runs_on / "generation_config.json").write_text(json.dumps(gen))
     code, out, _ = cli("verify", "--export", str(runs_on))
     assert code == 1 and "verify: stops     FAILED: the turn ends with '<|im_end|>' (id 2), which is not" in out, out
+
+
+def test_a_lora_export_adapter_or_merged_is_compared_with_the_checkpoints_adapters_on_its_base(tmp_path, cli):
+    """The reference is built from the run's config and the checkpoint, never from the export's files: an
+    adapter whose weights were changed after export (or a merge gone wrong) answers differently."""
+    out = tmp_path / "lora"
+    launch_local(run_cfg(out, "train.max_steps=2", "lora.r=8", "train.lr=1e-2", "model.config_path=null"), quiet=True)
+    code, said, _ = cli("verify", "--export", str(out / "final"))
+    assert code == 0 and "verify: logits    ok: 3 probes" in said and "max |diff| 0 " in said, said
+    code, _, _ = cli("export", str(out), "--merge", "--out", str(tmp_path / "merged"))
+    code, said, _ = cli("verify", "--export", str(tmp_path / "merged"))
+    assert code == 0 and "verify: logits    ok: 3 probes" in said, said
+    shutil.copytree(out / "final", tmp_path / "bad")
+    state = load_file(tmp_path / "bad" / "adapter_model.safetensors")
+    name = next(k for k in state if "lora_B" in k)
+    assert state[name].abs().max() > 0  # trained: B starts at zero
+    state[name] = 2 * state[name]
+    save_file(state, tmp_path / "bad" / "adapter_model.safetensors", metadata={"format": "pt"})
+    code, said, _ = cli("verify", "--export", str(tmp_path / "bad"))
+    assert code == 1 and "verify: logits    FAILED: 3 probes" in said, said

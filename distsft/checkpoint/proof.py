@@ -14,8 +14,10 @@ with ``AutoModelForCausalLM.from_pretrained`` and check four things:
 - ``stops``: the token that ends an assistant turn in that template is an end-of-sequence token of the
   generation config, so a server stops there instead of running on.
 
-A LoRA export (an adapter directory, or ``--merge``d) is loaded and its template and stop checked; its
-logits are not compared, since the frozen base is not in the checkpoint.
+A LoRA export (an adapter directory loaded on its base as a server does, or ``--merge``d) is compared
+with a reference built independently of the export: the base the checkpoint names, the adapters the run's
+own config describes (rank, alpha, targets, trained embeddings where tokens were added) and the
+checkpoint's trained weights loaded into them, run unmerged.
 """
 
 from __future__ import annotations
@@ -93,17 +95,12 @@ def prove(export_dir: Path, ckpt: checkpoint.Location | None = None, trust_remot
         else Finding("weights", False, "; ".join(f"{k.replace('_', ' ')}: {sorted(v)[:5]}" for k, v in wrong.items()))
     )
     rows = [_ids(tokenizer, probe) for probe in PROBES]
-    if adapter or (export_dir / "adapter_config.json").exists():
-        findings.append(
-            Finding("logits", True, "not compared: a LoRA export (the frozen base is not in the checkpoint)")
-        )
-    else:
-        marker = json.loads((export_dir / MARKER).read_text()) if (export_dir / MARKER).is_file() else {}
-        source = ckpt or marker.get("checkpoint")
-        if source is None:
-            findings.append(Finding("logits", False, f"no checkpoint to compare with ({MARKER} names none)"))
-        elif not wrong:
-            findings.append(_compare_logits(model, rows, source, dtype, trust_remote_code))
+    marker = json.loads((export_dir / MARKER).read_text()) if (export_dir / MARKER).is_file() else {}
+    source = ckpt or marker.get("checkpoint")
+    if source is None:
+        findings.append(Finding("logits", False, f"no checkpoint to compare with ({MARKER} names none)"))
+    elif not wrong:
+        findings.append(_compare_logits(model, rows, source, dtype, trust_remote_code))
     findings += _template_and_stop(tokenizer, export_dir)
     return findings
 
@@ -122,26 +119,33 @@ def _compare_logits(model: Any, rows: list[list[int]], source: str, dtype: str, 
 
     from distsft.checkpoint.export import consolidated_state
     from distsft.checkpoint.safe_load import no_code_from_checkpoints
+    from distsft.model.lora import is_adapter_dir
 
     local = checkpoint.fetch(source) if storage.is_remote(source) else Path(source)
+    want = getattr(torch, dtype)
     try:
         with no_code_from_checkpoints():
-            state, _aliases = consolidated_state(local)
-            want = getattr(torch, dtype)
+            lora = is_adapter_dir(local / checkpoint.HF_DIR)
+            state, _aliases = consolidated_state(local, trainable_only=lora)
             weights = {}
             for k, v in state.items():  # one tensor at a time (ZeRO's are read lazily)
                 t = v.contiguous()
                 weights[k] = t.to(want) if t.dtype.is_floating_point else t
-        reference = AutoModelForCausalLM.from_config(model.config, dtype=want, trust_remote_code=trust_remote_code)
-        missing, unexpected = reference.load_state_dict(weights, strict=False)
-        reference.tie_weights()
+        if lora:
+            reference, problem = _lora_reference(local, weights, want, trust_remote_code)
+        else:
+            reference = AutoModelForCausalLM.from_config(model.config, dtype=want, trust_remote_code=trust_remote_code)
+            missing, unexpected = reference.load_state_dict(weights, strict=False)
+            reference.tie_weights()
+            named = {n for n, _ in reference.named_parameters(remove_duplicate=False)}
+            tied = named - set(dict(reference.named_parameters()))
+            problem = f"{(unexpected or sorted(set(missing) - tied))[:3]}" if unexpected or set(missing) - tied else ""
         del state, weights
     finally:
         if storage.is_remote(source):
             storage.remove(local)
-    tied = {n for n, _ in reference.named_parameters(remove_duplicate=False)} - set(dict(reference.named_parameters()))
-    if unexpected or set(missing) - tied:
-        return Finding("logits", False, f"the checkpoint's weights do not fit the exported config: {missing[:3]}")
+    if problem:
+        return Finding("logits", False, f"the checkpoint's weights do not fit the exported config: {problem}")
     reference.eval()
     worst, scale = 0.0, 0.0
     with torch.no_grad():
@@ -156,6 +160,37 @@ def _compare_logits(model: Any, rows: list[list[int]], source: str, dtype: str, 
         f"{scale:.3g} against checkpoint {storage.name(source)}'s weights in {dtype} (tolerance {TOLERANCE.get(dtype)})"
     )
     return Finding("logits", ok, detail)
+
+
+def _lora_reference(ckpt: Path, weights: dict[str, Any], dtype: Any, trust_remote_code: bool) -> tuple[Any, str]:
+    """The base the checkpoint names, under adapters made as the run made them (``model/lora.py`` from the
+    run's config, not from any adapter file), holding the checkpoint's trained weights; and what of those
+    did not fit ('' when all did)."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from distsft.config import build_config
+    from distsft.model.loading import NO_HUB_KERNELS
+    from distsft.model.lora import adapter_base, embedding_modules, peft_config
+
+    hf_logging.disable_progress_bar()
+    cfg = build_config(checkpoint.read_manifest(ckpt)["config"])
+    hf = ckpt / checkpoint.HF_DIR
+    base = AutoModelForCausalLM.from_pretrained(
+        adapter_base(hf), dtype=dtype, trust_remote_code=trust_remote_code, **NO_HUB_KERNELS
+    )
+    vocab = len(AutoTokenizer.from_pretrained(str(hf), trust_remote_code=trust_remote_code))
+    grown = vocab > base.get_input_embeddings().weight.shape[0]
+    if grown:  # the trained rows come from the checkpoint (its embedding layers trained whole)
+        base.resize_token_embeddings(vocab, mean_resizing=False)
+    extra = embedding_modules(base) if grown else []
+    tied = bool(getattr(base.config, "tie_word_embeddings", False))
+    reference = get_peft_model(base, peft_config(cfg.lora, extra, tied))
+    _missing, unexpected = reference.load_state_dict(weights, strict=False)
+    trained = {n for n, p in reference.named_parameters() if p.requires_grad}
+    absent = sorted(trained - set(weights))
+    return reference, f"{(unexpected or absent)[:3]}" if unexpected or absent else ""
 
 
 def _template_and_stop(tokenizer: Any, export_dir: Path) -> list[Finding]:
