@@ -59,6 +59,7 @@ def test_a_chosen_template_adds_its_markers_as_tokens_and_the_embeddings_grow_fr
 def test_a_base_model_trains_exports_reloads_and_stops_at_its_new_end_of_turn_token(base_model, tmp_path, lora):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from distsft.cli import main
     from distsft.model.generate import generate, stop_ids
 
     out = tmp_path / "run"
@@ -66,6 +67,17 @@ def test_a_base_model_trains_exports_reloads_and_stops_at_its_new_end_of_turn_to
     summary = launch_local(cfg, quiet=True)
     assert summary["steps_run"] == 3
     final = out / "final"
+    # the launch's own proof of final/: the grown embeddings' logits equal the checkpoint's (LoRA: base +
+    # the run's adapters with the trained embedding layers)
+    found = {f["name"]: f for f in json.loads((out / "verify-export.json").read_text())}
+    assert found["weights"]["ok"] and found["logits"]["ok"] and "max |diff| 0 " in found["logits"]["detail"], found
+    if lora:  # a server runs the adapter with the base's generation config, which knows no <|im_end|>
+        assert not found["stops"]["ok"] and "export with --merge" in found["stops"]["detail"], found
+        merged = tmp_path / "merged"
+        assert main(["export", str(out), "--merge", "--out", str(merged)]) == 0
+        assert main(["verify", "--export", str(merged)]) == 0  # weights, logits and the run's stops
+    else:
+        assert all(f["ok"] for f in found.values()), found
     tok = AutoTokenizer.from_pretrained(final)
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
     assert tok.encode("<|im_end|>", add_special_tokens=False) == [im_end] and tok.chat_template

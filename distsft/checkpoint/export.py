@@ -116,8 +116,9 @@ def export(
             state, _aliases = consolidated_state(ckpt, trainable_only=True)
             weights = {k: v.contiguous() for k, v in state.items()}
         write_adapter(weights, ckpt / checkpoint.HF_DIR, tmp, _torch_dtype(dtype))
-        for name in ("config.json", "generation_config.json"):  # the base's: peft's layout has adapter files only
-            (tmp / name).unlink(missing_ok=True)
+        # peft's layout: the base's config.json is not the adapter's; the generation config (the template's
+        # end-of-turn token among its stops) stays, for a merge and for loaders that read it from here
+        (tmp / "config.json").unlink(missing_ok=True)
         publish_dir(tmp, out)
         return out
     with no_code_from_checkpoints():  # DeepSpeed's zero_to_fp32 reads lazily, while the shards are written

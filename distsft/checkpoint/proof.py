@@ -223,9 +223,12 @@ def _template_and_stop(tokenizer: Any, export_dir: Path) -> list[Finding]:
     if not ids:
         return [*findings, Finding("stops", False, "the template puts no token after an assistant turn")]
     end = ids[0]
+    from distsft.model.lora import adapter_base, is_adapter_dir
+
+    adapter = is_adapter_dir(export_dir)  # a server runs an adapter with its base's generation config
     try:
-        gen = GenerationConfig.from_pretrained(str(export_dir))
-        eos, where = gen.eos_token_id, "generation_config.json"
+        gen = GenerationConfig.from_pretrained(adapter_base(export_dir) if adapter else str(export_dir))
+        eos, where = gen.eos_token_id, "the base's generation_config.json" if adapter else "generation_config.json"
     except OSError:
         eos, where = tokenizer.eos_token_id, "the tokenizer (no generation_config.json)"
     eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
@@ -234,6 +237,8 @@ def _template_and_stop(tokenizer: Any, export_dir: Path) -> list[Finding]:
     detail = f"the turn ends with {name!r} (id {end}), " + (
         f"an end-of-sequence token of {where}" if ok else f"which is not among {where}'s eos ids {sorted(eos)}"
     )
+    if adapter and not ok:
+        detail += f"; give the server {name!r} as a stop, or export with --merge (the run's stops go with it)"
     return [*findings, Finding("stops", ok, detail)]
 
 

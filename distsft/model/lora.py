@@ -163,15 +163,29 @@ def write_adapter(trainable: dict[str, torch.Tensor], hf_dir: Path, out: Path, d
     base_config = AutoConfig.from_pretrained(str(hf_dir))
     base_config._name_or_path = config.base_model_name_or_path
     with torch.device("meta"):
-        model = get_peft_model(AutoModelForCausalLM.from_config(base_config), config)
+        plain = AutoModelForCausalLM.from_config(base_config)
+        embeddings = embedding_modules(plain)
+        model = get_peft_model(plain, config)
     state = get_peft_model_state_dict(model, state_dict=trainable, save_embedding_layers=False)
+    saved = json.loads((hf_dir / ADAPTER_CONFIG).read_text())
+    if saved.get("ensure_weight_tying") and saved.get("modules_to_save") and base_config.tie_word_embeddings:
+        # peft writes the trained input embedding alone and, loading it, ties the output layer to it only
+        # when it knows one of the names (embed_tokens, lm_head): GPT-2's wte it does not, and the loaded
+        # model's output layer would keep the base's rows. The output layer named too, with its (tied)
+        # rows, loads right everywhere.
+        names = {id(m): n for n, m in plain.named_modules()}
+        key = "base_model.model.{}.weight".format
+        tied_in, tied_out = key(names[id(plain.get_input_embeddings())]), key(names[id(plain.get_output_embeddings())])
+        if tied_in in state and tied_out not in state:
+            state[tied_out] = state[tied_in].clone()
+            saved["modules_to_save"] = list(dict.fromkeys([*saved["modules_to_save"], *embeddings]))
     out.mkdir(parents=True, exist_ok=True)
     save_file(
         {k: v.contiguous().to(dtype) if v.is_floating_point() else v for k, v in state.items()},
         str(out / ADAPTER_WEIGHTS),
         metadata={"format": "pt"},
     )
-    shutil.copy(hf_dir / ADAPTER_CONFIG, out / ADAPTER_CONFIG)
+    (out / ADAPTER_CONFIG).write_text(json.dumps(saved, indent=2) + "\n")
 
 
 def merge(
@@ -194,6 +208,8 @@ def merge(
     tmp = scratch_beside(out)
     merged.save_pretrained(str(tmp), safe_serialization=True)
     AutoTokenizer.from_pretrained(str(adapter_dir)).save_pretrained(str(tmp))
+    if (Path(adapter_dir) / "generation_config.json").is_file():  # the run's stops, not the base's
+        shutil.copy(Path(adapter_dir) / "generation_config.json", tmp / "generation_config.json")
     for name, text in (extra or {}).items():
         (tmp / name).write_text(text)
     publish_dir(tmp, out)
