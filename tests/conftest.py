@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import secrets
 import sys
 import tempfile
 from pathlib import Path
@@ -53,14 +55,65 @@ def cli(capsys):
     return run
 
 
+@pytest.fixture(scope="session")
+def ray_head(tmp_path_factory):
+    """One Ray instance for the whole session's in-process launches (4 CPUs: 4 workers at most; no
+    dashboard): started once with ``ray start``, its processes found by its own temporary directory and
+    stopped by id at the end."""
+    import socket
+    import subprocess
+
+    import psutil
+
+    temp = tmp_path_factory.mktemp("ray-head")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray = str(Path(sys.executable).parent / "ray")
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}  # it listens beyond loopback
+    subprocess.run(
+        [ray, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=4",
+         "--include-dashboard=false", f"--temp-dir={temp}", "--disable-usage-stats"],
+        check=True, capture_output=True, timeout=120, env={**os.environ, **auth},
+    )  # fmt: skip
+    ours = [p for p in psutil.process_iter(["cmdline"]) if any(str(temp) in a for a in p.info["cmdline"] or [])]
+    try:
+        yield f"127.0.0.1:{port}", auth
+    finally:
+        procs = []
+        for p in ours:
+            try:
+                procs += [p, *p.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                pass
+        for p in procs:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+        psutil.wait_procs(procs, timeout=20)
+
+
 @pytest.fixture(scope="module")
-def ray_instance():
-    """A local Ray instance shared by one test module's in-process launches (4 CPUs: 4 workers at most)."""
+def ray_instance(ray_head):
+    """The session's Ray, connected for one test module's in-process launches and disconnected after."""
     import ray
 
-    ray.init(num_cpus=4, dashboard_host="127.0.0.1", logging_level="WARNING")
-    yield
-    ray.shutdown()
+    address, auth = ray_head
+    saved = {k: os.environ.get(k) for k in auth}
+    from ray._private.authentication_test_utils import reset_auth_token_state  # Ray reads them once
+
+    os.environ.update(auth)
+    reset_auth_token_state()
+    ray.init(address=address, logging_level="WARNING")
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        reset_auth_token_state()
 
 
 def python_exe() -> str:

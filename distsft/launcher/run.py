@@ -18,8 +18,9 @@ import contextlib
 import dataclasses
 import json
 import os
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -114,7 +115,12 @@ def launch_ray(
         if runner == "ray":  # the instance that prepares the rows is the one that trains on them
             session.ensure()
         device_type = "cuda" if cluster.use_gpu else "cpu"  # the workers' device: never touched from here
-        out, data, t0 = _start(cfg, quiet, device_type, cluster.num_workers, runner, probe=False, rows=rows)
+        # Ray's start (seconds: its processes) beside the config, model and data checks on this machine
+        started = Background(_start, cfg, quiet, device_type, cluster.num_workers, runner, False, rows)
+        with contextlib.suppress(Exception):  # a failing start-up is said by _start's own error first
+            session.ensure()  # Ray stays in the main thread, where it installs its signal handlers
+        out, data, t0 = started.result()
+        session.ensure()  # where Ray failed to start above, its own error now
         root = checkpoint_root(cfg, cluster)
         resume = decide_resume(cfg, root, cluster.num_workers, data)
         steps = total_steps(len(data.train), cfg.batch_plan(cluster.num_workers), cfg.train.max_steps, cfg.train.epochs)
@@ -137,6 +143,31 @@ def launch_ray(
             rows = read_metrics(out)
             summary["last"] = rows[-1] if rows else {}
         return _finish(cfg, out, root, summary, data, t0, resume.step)
+
+
+class Background:
+    """``fn(*args)`` in a daemon thread: a Ctrl-C of the main thread ends the launch at once, without
+    waiting for it (a pool's thread would be joined at exit); ``result()`` returns or raises what it did."""
+
+    def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
+        self._out: list[Any] = []
+        self._error: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                self._out.append(fn(*args))
+            except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+                self._error.append(e)
+
+        self._thread = threading.Thread(target=run, name="distsft-start", daemon=True)
+        self._thread.start()
+
+    def result(self) -> Any:
+        while self._thread.is_alive():
+            self._thread.join(0.2)  # in short waits, so that a Ctrl-C is taken at once
+        if self._error:
+            raise self._error[0]
+        return self._out[0]
 
 
 def decide_resume(cfg: Config, root: Location, world_size: int, data: PreparedData) -> ResumePlan:

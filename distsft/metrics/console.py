@@ -67,7 +67,8 @@ class _Tee(io.TextIOBase):
         self.log.flush()
 
     def isatty(self) -> bool:
-        return self.stream.isatty()
+        # asked after the run too: colorama's exit hook (Ray initialises it) keeps the stdout it first saw
+        return not getattr(self.stream, "closed", False) and self.stream.isatty()
 
     def fileno(self) -> int:
         return self.stream.fileno()
