@@ -229,6 +229,9 @@ class Runs:
                 "checkpoint.final": True,
                 "checkpoint.resume": "never",
                 "checkpoint.verify_export": False,
+                "checkpoint.best_by": None,  # no checkpoint beyond the last, no named evals, no samples: the
+                "data.evals": {},  # compared figures do not need them (held-out sets never change training)
+                "train.samples": dataclasses.replace(self.cfg.train.samples, count=0),
                 "logging.tensorboard": False,
                 "logging.plot": False,
                 "logging.wandb_project": None,
