@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import secrets
 import sys
@@ -61,35 +60,20 @@ def ray_head(tmp_path_factory):
     dashboard): started once with ``ray start``, its processes found by its own temporary directory and
     stopped by id at the end."""
     import socket
-    import subprocess
 
-    import psutil
+    from raytest import start_ray, stop_ray
 
     temp = tmp_path_factory.mktemp("ray-head")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ray = str(Path(sys.executable).parent / "ray")
     auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}  # it listens beyond loopback
-    subprocess.run(
-        [ray, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=4",
-         "--include-dashboard=false", f"--temp-dir={temp}", "--disable-usage-stats"],
-        check=True, capture_output=True, timeout=120, env={**os.environ, **auth},
-    )  # fmt: skip
-    ours = [p for p in psutil.process_iter(["cmdline"]) if any(str(temp) in a for a in p.info["cmdline"] or [])]
+    args = ["--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=4", "--include-dashboard=false"]
+    daemons = start_ray([*args, "--disable-usage-stats"], {**os.environ, **auth}, temp)
     try:
-        yield f"127.0.0.1:{port}", auth
+        yield f"127.0.0.1:{port}", auth, daemons
     finally:
-        procs = []
-        for p in ours:
-            try:
-                procs += [p, *p.children(recursive=True)]
-            except psutil.NoSuchProcess:
-                pass
-        for p in procs:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                p.kill()
-        psutil.wait_procs(procs, timeout=20)
+        stop_ray(daemons)
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +81,9 @@ def ray_instance(ray_head):
     """The session's Ray, connected for one test module's in-process launches and disconnected after."""
     import ray
 
-    address, auth = ray_head
+    address, auth, daemons = ray_head
+    # a head someone stopped would make ray.init wait for it until its timeout: say so at once
+    assert all(p.is_running() for p in daemons), "the session's Ray head is gone (a test ran `ray stop`?)"
     saved = {k: os.environ.get(k) for k in auth}
     from ray._private.authentication_test_utils import reset_auth_token_state  # Ray reads them once
 

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import socket
+import subprocess
 import sys
 
 import torch
@@ -69,3 +70,32 @@ def assert_same_run(a, b, rel: float = 1e-5, atol: float = 1e-5) -> None:
 
 def with_env(c: ClusterConfig, **env: str) -> ClusterConfig:
     return dataclasses.replace(c, env={**c.env, **env})
+
+
+def start_ray(args: list[str], env: dict[str, str], temp, address: str = "") -> list:
+    """``ray start ARGS --temp-dir=TEMP``; returns its daemons (found by TEMP, or the head's ``address``, in
+    their command lines), for ``stop_ray``. Never ``ray stop``: that stops every Ray process of the
+    machine, other tests' too."""
+    import psutil
+
+    subprocess.run([RAY, "start", *args, f"--temp-dir={temp}"], env=env, check=True, capture_output=True, timeout=120)
+    marks = [str(temp), *([address] if address else [])]
+    return [p for p in psutil.process_iter(["cmdline"]) if any(m in a for a in p.info["cmdline"] or [] for m in marks)]
+
+
+def stop_ray(daemons: list) -> None:
+    """SIGKILL the daemons ``start_ray`` returned and every process under them (the raylets' workers)."""
+    import psutil
+
+    procs = []
+    for p in daemons:
+        try:
+            procs += [p, *p.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            pass
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=20)

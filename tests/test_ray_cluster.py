@@ -14,7 +14,7 @@ import time
 import pytest
 import yaml
 from conftest import REPO
-from raytest import RAY, SMALL, free_port
+from raytest import SMALL, free_port, start_ray, stop_ray
 
 pytestmark = pytest.mark.slow
 
@@ -26,13 +26,13 @@ def two_nodes(tmp_path_factory):
     env.pop("RAY_ADDRESS", None)
     port = free_port()
     temp = tmp_path_factory.mktemp("ray")
-    common = ["--num-cpus=1", "--disable-usage-stats", f"--temp-dir={temp}"]
-    head = [RAY, "start", "--head", f"--port={port}", "--dashboard-host=127.0.0.1", *common]
-    subprocess.run(head, env=env, check=True, capture_output=True, timeout=120)
-    worker = [RAY, "start", f"--address=127.0.0.1:{port}", *common]
-    subprocess.run(worker, env=env, check=True, capture_output=True, timeout=120)
-    yield f"127.0.0.1:{port}", env
-    subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+    common = ["--num-cpus=1", "--disable-usage-stats"]
+    daemons = start_ray(["--head", f"--port={port}", "--dashboard-host=127.0.0.1", *common], env, temp)
+    try:
+        daemons += start_ray([f"--address=127.0.0.1:{port}", *common], env, temp, f"127.0.0.1:{port}")
+        yield f"127.0.0.1:{port}", env
+    finally:  # by id: the session's shared Ray (conftest.ray_head) keeps running
+        stop_ray(daemons)
 
 
 def cluster_file(tmp_path, address: str) -> str:

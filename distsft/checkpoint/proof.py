@@ -188,6 +188,8 @@ def _lora_reference(ckpt: Path, weights: dict[str, Any], dtype: Any, trust_remot
     tied = bool(getattr(base.config, "tie_word_embeddings", False))
     reference = get_peft_model(base, peft_config(cfg.lora, extra, tied))
     _missing, unexpected = reference.load_state_dict(weights, strict=False)
+    # what trains only: a QLoRA checkpoint also holds the frozen 4-bit base's quantisation state
+    unexpected = [k for k in unexpected if "lora_" in k or "modules_to_save" in k]
     trained = {n for n, p in reference.named_parameters() if p.requires_grad}
     absent = sorted(trained - set(weights))
     return reference, f"{(unexpected or absent)[:3]}" if unexpected or absent else ""

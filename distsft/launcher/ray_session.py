@@ -62,9 +62,6 @@ class RaySession:
             # Ray makes its session directory world-writable and its logs (runtime envs included) readable by
             # all; inside a directory of our own (0700) no other user of the machine reaches them.
             self._temp = tempfile.mkdtemp(prefix=TEMP_PREFIX)
-            # Ray Train's preemption watcher (one more actor process to start beside the workers) follows an
-            # autoscaler's node drains; an instance of this machine's own has none.
-            os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
             ray.init(
                 num_cpus=cluster.num_cpus,
                 dashboard_host=cluster.dashboard_host,

@@ -222,7 +222,9 @@ def load_model(
     from distsft.model import packed_masks
 
     packed_masks.install(model)  # the few models that build masks without position ids (gpt-oss)
-    grown = bool(vocab_size) and vocab_size > model.get_input_embeddings().weight.shape[0]
+    weight = model.get_input_embeddings().weight
+    rows = getattr(weight, "ds_shape", weight.shape)[0]  # under zero.Init the local shape is 0: partitioned
+    grown = bool(vocab_size) and vocab_size > rows
     if grown:
         model.resize_token_embeddings(vocab_size, mean_resizing=True)
     if lora is not None and lora.r > 0:
