@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import secrets
 import sys
 import tempfile
 from pathlib import Path
@@ -54,52 +53,16 @@ def cli(capsys):
     return run
 
 
-@pytest.fixture(scope="session")
-def ray_head(tmp_path_factory):
-    """One Ray instance for the whole session's in-process launches (4 CPUs: 4 workers at most; no
-    dashboard): started once with ``ray start``, its processes found by its own temporary directory and
-    stopped by id at the end."""
-    import socket
-
-    from raytest import start_ray, stop_ray
-
-    temp = tmp_path_factory.mktemp("ray-head")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}  # it listens beyond loopback
-    args = ["--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=4", "--include-dashboard=false"]
-    daemons = start_ray([*args, "--disable-usage-stats"], {**os.environ, **auth}, temp)
-    try:
-        yield f"127.0.0.1:{port}", auth, daemons
-    finally:
-        stop_ray(daemons)
-
-
 @pytest.fixture(scope="module")
-def ray_instance(ray_head):
-    """The session's Ray, connected for one test module's in-process launches and disconnected after."""
+def ray_instance():
+    """A local Ray instance shared by one test module's in-process launches (4 CPUs: 4 workers at most; no
+    dashboard). Per module, not per session: an idle instance left up through the multi-host tests slows
+    their replacement hosts' start past its timeout on 2 cores."""
     import ray
 
-    address, auth, daemons = ray_head
-    # a head someone stopped would make ray.init wait for it until its timeout: say so at once
-    assert all(p.is_running() for p in daemons), "the session's Ray head is gone (a test ran `ray stop`?)"
-    saved = {k: os.environ.get(k) for k in auth}
-    from ray._private.authentication_test_utils import reset_auth_token_state  # Ray reads them once
-
-    os.environ.update(auth)
-    reset_auth_token_state()
-    ray.init(address=address, logging_level="WARNING")
-    try:
-        yield
-    finally:
-        ray.shutdown()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        reset_auth_token_state()
+    ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
+    yield
+    ray.shutdown()
 
 
 def python_exe() -> str:
