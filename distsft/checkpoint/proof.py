@@ -166,13 +166,12 @@ def _lora_reference(ckpt: Path, weights: dict[str, Any], dtype: Any, trust_remot
     """The base the checkpoint names, under adapters made as the run made them (``model/lora.py`` from the
     run's config, not from any adapter file), holding the checkpoint's trained weights; and what of those
     did not fit ('' when all did)."""
-    from peft import get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     from distsft.config import build_config
     from distsft.model.loading import NO_HUB_KERNELS
-    from distsft.model.lora import adapter_base, embedding_modules, peft_config
+    from distsft.model.lora import adapter_base, apply_lora
 
     hf_logging.disable_progress_bar()
     cfg = build_config(checkpoint.read_manifest(ckpt)["config"])
@@ -184,9 +183,7 @@ def _lora_reference(ckpt: Path, weights: dict[str, Any], dtype: Any, trust_remot
     grown = vocab > base.get_input_embeddings().weight.shape[0]
     if grown:  # the trained rows come from the checkpoint (its embedding layers trained whole)
         base.resize_token_embeddings(vocab, mean_resizing=False)
-    extra = embedding_modules(base) if grown else []
-    tied = bool(getattr(base.config, "tie_word_embeddings", False))
-    reference = get_peft_model(base, peft_config(cfg.lora, extra, tied))
+    reference = apply_lora(base, cfg.lora, quantized=False, seed=cfg.train.seed, train_embeddings=grown)
     _missing, unexpected = reference.load_state_dict(weights, strict=False)
     # what trains only: a QLoRA checkpoint also holds the frozen 4-bit base's quantisation state
     unexpected = [k for k in unexpected if "lora_" in k or "modules_to_save" in k]
