@@ -79,8 +79,9 @@ class Hosts:
             _ip("-n", ns, "link", "set", host_end, "up")
             _ip("-n", ns, "link", "set", "lo", "up")
             (Path("/etc/netns") / ns / self.private.name).mkdir(parents=True)
-            for d in ("home", "tmp", "cache", "ray"):
+            for d in ("home", "tmp", "cache"):
                 (self.dir(i) / d).mkdir(parents=True, exist_ok=True)
+            self.ray_dir(i).mkdir()
 
     def _netns(self, name: str) -> None:
         _ip("netns", "add", name)
@@ -94,6 +95,12 @@ class Hosts:
 
     def dir(self, i: int) -> Path:
         return self.root / f"h{i}"
+
+    def ray_dir(self, i: int) -> Path:
+        """Ray's temp dir on host ``i``: short, as Ray's own /tmp/ray is. Its socket paths must fit
+        AF_UNIX's 107 bytes: under pytest's base temp, a second node on the same host (``plasma_store.1``
+        beside the first's) with a five-digit head pid ran one byte over, and that ``ray start`` failed."""
+        return Path("/tmp") / f"{self.tag}-ray{i}"
 
     @property
     def address(self) -> str:
@@ -129,10 +136,10 @@ class Hosts:
         head = ["--head", f"--port={PORT}", "--dashboard-host=127.0.0.1"]
         where = head if i == 0 else [f"--address={self.address}"]
         cmd = [RAY, "start", *where, f"--node-ip-address={self.ip(i)}", f"--num-cpus={cpus}",
-               f"--temp-dir={self.dir(i) / 'ray'}", "--object-store-memory=300000000",
+               f"--temp-dir={self.ray_dir(i)}", "--object-store-memory=300000000",
                "--disable-usage-stats"]  # fmt: skip
         run = self.run(i, cmd, env=self.env(i, **env), capture_output=True, text=True, timeout=180)
-        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+        assert run.returncode == 0, f"ray start on {self.ip(i)} failed: " + "\n".join(run.stderr.splitlines()[-6:])
 
     def pids(self, i: int) -> list[int]:
         out = subprocess.run(["ip", "netns", "pids", self.ns(i)], capture_output=True, text=True, timeout=30)
@@ -165,6 +172,8 @@ class Hosts:
             subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
             shutil.rmtree(Path("/etc/netns") / name, ignore_errors=True)
         shutil.rmtree(self.private, ignore_errors=True)
+        for i in range(self.n):
+            shutil.rmtree(self.ray_dir(i), ignore_errors=True)
 
 
 def cluster_file(tmp_path: Path, hosts: Hosts, **extra) -> str:

@@ -144,8 +144,15 @@ def test_a_stopped_rank_then_hosts_killed_one_replaced_one_not_every_step_once_a
         env={"DISTSFT_STALL_AT": f"1:3:{stall},1:3:{first},1:5:{second}"},
     )  # fmt: skip
     seen: dict[str, float] = {}
+    failed: list[BaseException] = []
 
     def kill_hosts() -> None:
+        try:
+            _kill_hosts()
+        except BaseException as e:  # the thread's failure (a replacement that did not start) is the test's
+            failed.append(e)
+
+    def _kill_hosts() -> None:
         _wait(stall)
         seen["stall"] = stall.stat().st_mtime
         log = out / "logs" / "rank-0.log"
@@ -167,6 +174,7 @@ def test_a_stopped_rank_then_hosts_killed_one_replaced_one_not_every_step_once_a
     poll = threading.Thread(target=_step_times, args=(out, times), daemon=True)
     poll.start()
     run = launch(hosts, out, cluster, timeout=900)
+    assert not failed, f"the host killer failed: {failed[0]!r}"
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     loss, weights = differences(host_reference, out)
     restarts = [line for line in run.stdout.splitlines() if line.startswith("restart ")]
