@@ -290,3 +290,24 @@ def test_the_end_of_run_loss_is_a_mean_over_the_last_steps_not_one_noisy_step():
     assert s["train_loss_window"] == pytest.approx((0.25 * 900 + 2.33 * 10) / 910)
     line = format_summary(s).splitlines()[1]
     assert "train loss 0.2729 (token-weighted mean of the last 10 steps)" in line and "2.33" not in line
+
+
+def test_named_eval_sets_show_on_their_step_and_in_the_summary_even_without_a_default_set():
+    """``data.evals`` alone (no eval_fraction or eval_path): the eval steps still print, each set's loss
+    by its name, and the summary gives each set's last and best loss with its step."""
+    from distsft.metrics.summary import format_summary
+
+    out = io.StringIO()
+    p = Progress(total_steps=10, start_step=0, log_every=4, mode="auto", out=out)
+    recs = [record(s, **({"eval_loss/chat": 2.0 - s / 10, "eval_loss/code": 1.0 + s / 10} if s % 3 == 0 else {}))
+            for s in range(1, 11)]  # fmt: skip
+    for r in recs:
+        p(r)
+    p.close()
+    lines = out.getvalue().splitlines()
+    assert [ln.split()[1] for ln in lines] == ["3/10", "4/10", "6/10", "8/10", "9/10", "10/10"]
+    assert "eval_loss/chat 1.7000  eval_loss/code 1.3000" in lines[0]
+    s = summarize(recs)
+    assert "final_eval_loss" not in s and s["named_evals"]["code"] == {"final": 1.9, "best": 1.3, "best_step": 3}
+    summary = format_summary(s).splitlines()[1]
+    assert "eval chat 1.1000 (best 1.1000 at step 9); eval code 1.9000 (best 1.3000 at step 3)" in summary

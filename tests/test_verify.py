@@ -20,6 +20,7 @@ def verify(cli, tmp_path, *args: str) -> tuple[int, str, list[dict]]:
     tiny = [a for s in TINY for a in ("--set", s)]  # before the test's own: a later --set wins
     code, stdout, err = cli("verify", "--local", "--out", str(out), "--steps", "2", *tiny, *args)
     assert "Traceback" not in err, err
+    print(f"\n$ distsft verify {' '.join(args)}\n{stdout}")  # the lines a user sees, for -s and failures
     return code, stdout, json.loads((out / "verify.json").read_text())
 
 

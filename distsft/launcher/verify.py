@@ -122,11 +122,11 @@ def check_masks(cfg: Config, rows: int) -> Outcome:
         return Outcome("masks", "skipped", "raw text (data.template: none): every token is learnt by design")
     report = attest(first_rows(cfg.data, rows), load_tokenizer(cfg.model), cfg.data)
     total = sum(report.supervised.values())
-    roles = ", ".join(f"{r} {n} ({n / max(total, 1):.1%})" for r, n in report.supervised.most_common())
+    roles = ", ".join(f"{r} {n} ({n / max(total, 1):.1%})" for r, n in report.supervised.most_common()) or "none"
     figures = report.as_dict()
     if report.findings:
         more = f" (and {len(report.findings) - 1} more rows)" if len(report.findings) > 1 else ""
-        return Outcome("masks", "FAIL", f"{report.findings[0]}{more}; supervised tokens: {roles}", figures)
+        return Outcome("masks", "FAIL", f"{report.findings[0]}{more}; supervised tokens by role: {roles}", figures)
     if not total:
         return Outcome("masks", "FAIL", f"the first {report.rows} rows learn no token at all", figures)
     return Outcome("masks", "pass", f"{report.rows} rows; supervised tokens by role: {roles}", figures)

@@ -78,13 +78,18 @@ def format_record(rec: dict[str, Any], total_steps: int | None) -> str:
     ]
     if rec.get("mfu") is not None:
         parts.append(f"mfu {rec['mfu']:.1%}")
-    if "eval_loss" in rec:
-        parts.append(f"eval_loss {rec['eval_loss']:.4f}")
+    parts += [f"{key} {value:.4f}" for key, value in eval_losses(rec).items()]
     return "  ".join(parts)
 
 
+def eval_losses(rec: dict[str, Any]) -> dict[str, float]:
+    """The record's eval losses: ``eval_loss`` (the default held-out set) and each named set's
+    ``eval_loss/<name>``, in that order."""
+    return {k: v for k, v in rec.items() if (k == "eval_loss" or k.startswith("eval_loss/")) and v is not None}
+
+
 def should_print(rec: dict[str, Any], total_steps: int | None, log_every: int) -> bool:
-    return rec["step"] % log_every == 0 or rec["step"] == total_steps or "eval_loss" in rec
+    return rec["step"] % log_every == 0 or rec["step"] == total_steps or bool(eval_losses(rec))
 
 
 class Progress:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from distsft.metrics.display import format_duration
+from distsft.metrics.display import eval_losses, format_duration
 
 LOSS_WINDOW = 10
 """The end-of-run training loss is the token-weighted mean of this many last steps: one step's loss is one
@@ -45,6 +45,17 @@ def summarize(records: list[dict[str, Any]], start_step: int = 0) -> dict[str, A
         best = min(evals, key=lambda r: r["eval_loss"])
         out.update(final_eval_loss=evals[-1]["eval_loss"], best_eval_loss=best["eval_loss"])
         out["best_eval_step"] = best["step"]
+    named = sorted({k for r in records for k in eval_losses(r) if k != "eval_loss"})
+    if named:  # each named eval set (data.evals): its last loss and its best, as checkpoint.best_by reads them
+        out["named_evals"] = {}
+        for key in named:
+            seen = [r for r in records if r.get(key) is not None]
+            best = min(seen, key=lambda r: r[key])
+            out["named_evals"][key.split("/", 1)[1]] = {
+                "final": seen[-1][key],
+                "best": best[key],
+                "best_step": best["step"],
+            }
     return out
 
 
@@ -78,6 +89,8 @@ def format_summary(s: dict[str, Any], heading: str = "done") -> str:
         loss = "  train loss -"
     if "final_eval_loss" in s:
         loss += f"; eval loss {s['final_eval_loss']:.4f} (best {s['best_eval_loss']:.4f} at step {s['best_eval_step']})"
+    for name, e in s.get("named_evals", {}).items():
+        loss += f"; eval {name} {e['final']:.4f} (best {e['best']:.4f} at step {e['best_step']})"
     lines.append(loss)
     for label, key in (("model", "final_dir"), ("checkpoint", "checkpoint"), ("loss curve", "loss_plot")):
         if s.get(key):
