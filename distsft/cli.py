@@ -250,9 +250,13 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     from distsft.harness.compare import table
     from distsft.harness.runner import HarnessOptions, benchmark
     from distsft.host import write_atomic
+    from distsft.model.generate import check_model_dir
     from distsft.model.lora import adapter_base, is_adapter_dir
 
+    check_model_dir(args.model)  # both models before either runs: a bad --base fails now, not after --model's tasks
     base = args.base
+    if base is not None:
+        check_model_dir(base, "--base")
     if base is None and is_adapter_dir(args.model):
         base = adapter_base(args.model)
         print(f"base: {base} (the adapter's)", file=sys.stderr)

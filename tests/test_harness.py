@@ -224,6 +224,8 @@ def test_user_errors_are_one_line(cli, tmp_path, models, monkeypatch):
         ("--tasks", "no_file", "--include-path", str(hub)): f"data file {hub / 'nowhere.jsonl'} not found",
         ("--limit", "3"): "--limit go with --tasks",
         ("--tasks", "distsft_support_mc", "--set", "train.lr=1"): "--config/--set choose the loss evaluation's",
+        # before --model's tasks run (they once did, then this failed)
+        ("--tasks", "distsft_support_mc", "--base", "demo"): "--base demo: not a model directory",
     }
     for args, message in cases.items():
         code, _, err = cli("eval", "--model", str(base), *args)

@@ -40,6 +40,14 @@ def generate(
     return greedy_reply(model, tokenizer, ids, max_new_tokens)
 
 
+def check_model_dir(model_dir: str, flag: str = "--model") -> None:
+    """A finished model directory or a LoRA adapter's: refused in one line before any work."""
+    from distsft.model.lora import is_adapter_dir
+
+    if not is_adapter_dir(model_dir) and not (Path(model_dir) / "config.json").is_file():
+        raise DistsftError(f"{flag} {model_dir}: not a model directory (no config.json nor adapter_config.json)")
+
+
 def load_for_inference(
     model_dir: str, trust_remote_code: bool = False, tokenizer_dir: str | None = None
 ) -> tuple[Any, Any]:
@@ -54,8 +62,7 @@ def load_for_inference(
     from distsft.model.lora import adapter_base, is_adapter_dir, with_adapter
 
     adapter = is_adapter_dir(model_dir)
-    if not adapter and not (Path(model_dir) / "config.json").is_file():
-        raise DistsftError(f"--model {model_dir}: not a model directory (no config.json nor adapter_config.json)")
+    check_model_dir(model_dir)
     try:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or model_dir, trust_remote_code=trust_remote_code)
         base = adapter_base(model_dir) if adapter else model_dir
