@@ -148,25 +148,22 @@ def test_a_stopped_rank_then_hosts_killed_one_replaced_one_not_every_step_once_a
 
     def kill_hosts() -> None:
         try:
-            _kill_hosts()
+            _wait(stall)
+            seen["stall"] = stall.stat().st_mtime
+            log = out / "logs" / "rank-0.log"
+            while not first.exists() and "stacks" not in seen:
+                if log.is_file() and "most recent call first" in log.read_text():
+                    seen["stacks"] = time.time() - seen["stall"]
+                time.sleep(0.2)
+            _wait(first)
+            seen["kill-1"] = time.time()
+            hosts.kill(1)  # the stalled rank's host: raylet, workers, everything
+            hosts.start_ray(2)  # the replacement
+            _wait(second)
+            seen["kill-2"] = time.time()
+            hosts.kill(2)
         except BaseException as e:  # the thread's failure (a replacement that did not start) is the test's
             failed.append(e)
-
-    def _kill_hosts() -> None:
-        _wait(stall)
-        seen["stall"] = stall.stat().st_mtime
-        log = out / "logs" / "rank-0.log"
-        while not first.exists() and "stacks" not in seen:
-            if log.is_file() and "most recent call first" in log.read_text():
-                seen["stacks"] = time.time() - seen["stall"]
-            time.sleep(0.2)
-        _wait(first)
-        seen["kill-1"] = time.time()
-        hosts.kill(1)  # the stalled rank's host: raylet, workers, everything
-        hosts.start_ray(2)  # the replacement
-        _wait(second)
-        seen["kill-2"] = time.time()
-        hosts.kill(2)
 
     killer = threading.Thread(target=kill_hosts, daemon=True)
     killer.start()

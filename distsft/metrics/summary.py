@@ -40,22 +40,16 @@ def summarize(records: list[dict[str, Any]], start_step: int = 0) -> dict[str, A
         tokens_in = sum(r["tokens"] for r in last)
         out["train_loss_window"] = sum(r["loss"] * r["tokens"] for r in last) / max(tokens_in, 1)
         out["train_loss_window_steps"] = len(last)
-    evals = [r for r in records if r.get("eval_loss") is not None]
-    if evals:
-        best = min(evals, key=lambda r: r["eval_loss"])
-        out.update(final_eval_loss=evals[-1]["eval_loss"], best_eval_loss=best["eval_loss"])
-        out["best_eval_step"] = best["step"]
-    named = sorted({k for r in records for k in eval_losses(r) if k != "eval_loss"})
-    if named:  # each named eval set (data.evals): its last loss and its best, as checkpoint.best_by reads them
-        out["named_evals"] = {}
-        for key in named:
-            seen = [r for r in records if r.get(key) is not None]
-            best = min(seen, key=lambda r: r[key])
-            out["named_evals"][key.split("/", 1)[1]] = {
-                "final": seen[-1][key],
-                "best": best[key],
-                "best_step": best["step"],
-            }
+    ends = {}  # each eval set's last loss, and its best with the step: the default one and data.evals' names
+    for key in sorted({k for r in records for k in eval_losses(r)}):
+        seen = [r for r in records if r.get(key) is not None]
+        best = min(seen, key=lambda r: r[key])
+        ends[key] = {"final": seen[-1][key], "best": best[key], "best_step": best["step"]}
+    if "eval_loss" in ends:
+        e = ends.pop("eval_loss")
+        out.update(final_eval_loss=e["final"], best_eval_loss=e["best"], best_eval_step=e["best_step"])
+    if ends:
+        out["named_evals"] = {key.split("/", 1)[1]: e for key, e in ends.items()}
     return out
 
 
